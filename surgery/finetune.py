@@ -1,0 +1,257 @@
+"""Fine-tuning baselines: cross-entropy and plain SGD on the exemplars, returned as a dense :class:`Edit`.
+
+The paper compares its rank-one rewrite with two fine-tuning baselines (DESIGN.md section 3): train the
+edited layer's weight alone (``scope="local"``), or every parameter from the edited layer to the output
+(``scope="global"``), on the transformed exemplars with the target label. Plain SGD, no momentum, no
+weight decay, 400 steps at lr 1e-4 by default; the model stays in eval mode, so BN uses its running
+statistics.
+
+:func:`finetune` never modifies the model: it trains copies of the chosen parameters through
+:func:`torch.func.functional_call` and returns their change as an edit, which
+:func:`surgery.apply.apply_edit` puts into the model and reverts exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import (
+    check_images,
+    check_label_range,
+    check_labels,
+    check_logits,
+    require_eval,
+    resolve_device,
+)
+from .edit import Edit, tensor_sha256
+from .editable import EditableLayer
+from .errors import SurgeryError
+from .layers import get_layer
+
+__all__ = ["finetune", "suffix_parameters", "SCOPES"]
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("local", "global")
+
+
+def suffix_parameters(
+    model: nn.Module, layer: str | EditableLayer, example_input: torch.Tensor
+) -> list[str]:
+    """Names of the parameters from ``layer`` to the output, found from the forward order.
+
+    Runs one forward pass on ``example_input`` (no grad) with pre-hooks on every module, and keeps the
+    parameters owned directly (``recurse=False``) by every module whose first forward call started at
+    or after the first call of the layer's module. Modules that started earlier are left out: those
+    that ran only before the layer, and enclosing modules still running when the layer started (the
+    model itself, a ``Sequential`` or block containing the layer). Parameters such modules own
+    directly are therefore never included, even when they are used after the layer (e.g. a
+    projection matrix held by the top-level model); they are logged. Modules that never ran, or that
+    were called without ``__call__`` (``module.forward(x)``), are left out too.
+
+    Args:
+        model: the model, in any mode (the pass runs without gradients).
+        layer: the edited layer or its module name.
+        example_input: one batch the model accepts, e.g. a single image ``(1, 3, H, W)``.
+
+    Returns:
+        Parameter names in ``model.named_parameters()`` order; the layer's own weight is among them.
+    """
+    layer = get_layer(model, layer)
+    modules = list(model.named_modules())
+    starts: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    clock = [0]
+
+    def pre_hook(mod: nn.Module, _args: object) -> None:
+        starts.setdefault(id(mod), clock[0])
+        clock[0] += 1
+
+    def post_hook(mod: nn.Module, _args: object, _out: object) -> None:
+        ends[id(mod)] = clock[0]
+        clock[0] += 1
+
+    handles = []
+    try:
+        for _, mod in modules:
+            handles.append(mod.register_forward_pre_hook(pre_hook))
+            handles.append(mod.register_forward_hook(post_hook))
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+
+    t0 = starts.get(id(layer.module))
+    if t0 is None:
+        raise SurgeryError(
+            f"layer {layer.name!r} did not run in the forward pass, so no parameters follow it; "
+            "is it used by model.forward?"
+        )
+    selected: set[int] = set()
+    for name, mod in modules:
+        t = starts.get(id(mod))
+        if t is None:
+            continue
+        own = list(mod.named_parameters(recurse=False))
+        if t >= t0:
+            selected.update(id(p) for _, p in own)
+        elif own and ends.get(id(mod), -1) > t0:
+            logger.info(
+                "module %s encloses %s and owns parameters directly (%s); they are not counted as "
+                "after the layer",
+                name or "<model>", layer.name, ", ".join(n for n, _ in own),
+            )
+    return [n for n, p in model.named_parameters() if id(p) in selected]
+
+
+def _batches(n: int, batch_size: int | None, steps: int):
+    """Index tensors of the minibatch of each step: everything, or ``batch_size`` cycling in order."""
+    if batch_size is None or batch_size >= n:
+        full = torch.arange(n)
+        for _ in range(steps):
+            yield full
+        return
+    for step in range(steps):
+        start = (step * batch_size) % n
+        yield torch.arange(start, start + batch_size) % n
+
+
+def finetune(
+    model: nn.Module,
+    layer: str | EditableLayer,
+    images: torch.Tensor,
+    labels: int | Sequence[int] | torch.Tensor,
+    *,
+    scope: str = "local",
+    steps: int = 400,
+    lr: float = 1e-4,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Edit:
+    """Fine-tune on ``images`` with cross-entropy and plain SGD; return the change as a dense edit.
+
+    The model must be in eval mode (BN uses running statistics) and is not modified: copies of the
+    trained parameters go through :func:`torch.func.functional_call`, every other parameter and every
+    buffer is read from the model. Each step is ``p -= lr * grad`` (SGD without momentum or weight
+    decay) on the mean cross-entropy of one batch.
+
+    Args:
+        model: a classifier returning logits ``(N, classes)``, in eval mode.
+        layer: the edited layer or its module name.
+        images: transformed exemplars, a float tensor ``(N, 3, H, W)`` already preprocessed for the
+            model (paths are not accepted yet).
+        labels: target class of each image, ``(N,)``, or one int for all of them.
+        scope: ``"local"`` trains only the layer's weight; ``"global"`` every parameter from the layer
+            to the output (see :func:`suffix_parameters`).
+        steps: number of SGD steps.
+        lr: learning rate.
+        batch_size: ``None`` for full-batch steps; otherwise minibatches of this size taken in order,
+            cycling over the images.
+        device: where to compute; the model must already be there. Defaults to the model's device.
+        progress: show a tqdm progress bar over the steps.
+
+    Returns:
+        An :class:`Edit` with method ``"finetune"``, ``deltas`` (trained minus original, in each
+        parameter's dtype, on CPU), ``base_fingerprints`` and ``info["loss_before"/"loss_after"]``
+        (mean cross-entropy over all images).
+
+    Raises:
+        SurgeryError: on a bad scope, steps, lr or batch size, a model in training mode, empty or
+            non-finite images, labels out of range, or a loss that becomes non-finite.
+    """
+    if scope not in SCOPES:
+        raise SurgeryError(f"scope must be one of {', '.join(map(repr, SCOPES))}; got {scope!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise SurgeryError(f"steps must be a non-negative int; got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
+        raise SurgeryError(f"lr must be a positive finite number; got {lr!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise SurgeryError(f"batch_size must be a positive int or None; got {batch_size!r}")
+    require_eval(model, "finetune")
+    layer = get_layer(model, layer)
+    dev = resolve_device(model, device)
+    images = check_images(images).to(dev)
+    n = images.shape[0]
+    y = check_labels(labels, n).to(dev)
+
+    eval_size = batch_size or n
+
+    def loss_over_all(overrides: dict[str, torch.Tensor]) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, n, eval_size):
+                batch = images[i : i + eval_size]
+                logits = check_logits(torch.func.functional_call(model, overrides, (batch,)))
+                if i == 0:
+                    check_label_range(y, logits.shape[1])
+                total += F.cross_entropy(logits, y[i : i + eval_size], reduction="sum").item()
+        return total / n
+
+    loss_before = loss_over_all({})
+    if scope == "local":
+        names = [layer.param_name]
+    else:
+        names = suffix_parameters(model, layer, images[:1])
+    params = dict(model.named_parameters())
+    originals = {name: params[name].detach() for name in names}
+    trainable = {name: p.clone().requires_grad_(True) for name, p in originals.items()}
+    # every other parameter enters detached: no graph through them, no .grad written into the model
+    frozen = {name: p.detach() for name, p in params.items() if name not in trainable}
+    logger.info(
+        "finetune %s (%s): %d parameter tensor(s), %d values, %d step(s) at lr %g",
+        layer.name, scope, len(names), sum(p.numel() for p in originals.values()), steps, lr,
+    )
+
+    batches = _batches(n, batch_size, steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=steps, desc=f"finetune {layer.name} ({scope})", unit="step")
+    leaves = list(trainable.values())
+    with torch.enable_grad():
+        for step, idx in enumerate(batches):
+            idx = idx.to(dev)
+            logits = torch.func.functional_call(model, {**frozen, **trainable}, (images[idx],))
+            loss = F.cross_entropy(check_logits(logits), y[idx])
+            if not torch.isfinite(loss):
+                raise SurgeryError(
+                    f"the fine-tuning loss became {loss.item()} at step {step}; lower lr (now {lr:g})"
+                )
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(leaves, grads):
+                    if g is not None:
+                        p.add_(g, alpha=-lr)
+    for name, p in trainable.items():
+        if not torch.isfinite(p).all():
+            raise SurgeryError(f"fine-tuning made {name!r} non-finite; lower lr (now {lr:g})")
+
+    loss_after = loss_over_all({**frozen, **{k: v.detach() for k, v in trainable.items()}})
+    deltas = {
+        name: (trainable[name].detach().to(torch.float64) - originals[name].to(torch.float64))
+        .to(originals[name].dtype)
+        .cpu()
+        for name in names
+    }
+    logger.info("finetune %s: loss %.4g -> %.4g", layer.name, loss_before, loss_after)
+    return Edit(
+        layer=layer.name,
+        method="finetune",
+        hparams={
+            "scope": scope,
+            "steps": steps,
+            "lr": float(lr),
+            "batch_size": batch_size,
+            "loss": "cross_entropy",
+        },
+        deltas=deltas,
+        base_fingerprints={name: tensor_sha256(p) for name, p in originals.items()},
+        info={"loss_before": loss_before, "loss_after": loss_after, "n_images": n},
+    )
