@@ -47,8 +47,9 @@ def residual_block_rule(name: str, block: nn.Module) -> Iterator[EditableLayer]:
         return act(x + context["identity"])
 
     conv_name = join(name, f"conv{last}")
-    steps = ["conv", f"bn{last}", *(("se",) if any(m is getattr(block, "se", None) for m in extras) else ()),
-             "+identity", type(act).__name__.lower()]
+    se = getattr(block, "se", None)
+    has_se = isinstance(se, nn.Module) and not isinstance(se, nn.Identity)
+    steps = ["conv", f"bn{last}", *(["se"] if has_se else []), "+identity", type(act).__name__.lower()]
     yield EditableLayer(
         name=conv_name,
         module=conv,
@@ -60,6 +61,7 @@ def residual_block_rule(name: str, block: nn.Module) -> Iterator[EditableLayer]:
         block=" -> ".join(steps),
         family="resnet",
         eval_modules=(bn, *extras, *((block.downsample,) if has_down else ())),
+        channelwise=not has_se,  # squeeze-excite mixes channels through its global pooling
     )
 
 

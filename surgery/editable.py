@@ -63,6 +63,8 @@ class EditableLayer:
         key_channel_dim: the channel axis of keys (1 for NCHW maps, -1 for tokens/channels-last).
         value_channel_dim: the channel axis of values.
         eval_modules: modules whose train/eval mode changes ``block_forward``; they must be in eval mode.
+        channelwise: True when ``post`` acts on each output channel separately (BN, ReLU, pooling,
+            residual add, layer-scale); the fast solver relies on it. Squeeze-excite breaks it.
     """
 
     name: str
@@ -77,6 +79,7 @@ class EditableLayer:
     key_channel_dim: int = 1
     value_channel_dim: int = 1
     eval_modules: tuple[nn.Module, ...] = ()
+    channelwise: bool = True
 
     @property
     def weight(self) -> nn.Parameter:

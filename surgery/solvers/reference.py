@@ -1,0 +1,62 @@
+"""The reference solver: what the paper's authors ran.
+
+Adam on the full weight, projected back onto ``W + lam (x) u`` every ``project_every`` steps and after
+the last one. Slow, and early-stopped: its result depends on ``lr`` and ``steps``, which act as
+regularization.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .problem import EditProblem
+
+__all__ = ["solve_reference"]
+
+logger = logging.getLogger(__name__)
+
+
+def solve_reference(
+    problem: EditProblem,
+    *,
+    steps: int = 20_000,
+    lr: float = 1e-4,
+    restrict_rank: bool = True,
+    project_every: int = 10,
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """Run Adam on the full weight.
+
+    Returns:
+        ``(lam, info)`` when ``restrict_rank``; otherwise ``(dense_delta, info)``. ``info`` holds the
+        final objective (``ridge`` is not part of the reference objective), steps and seconds.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    w0 = problem.weight0
+    weight = w0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([weight], lr=lr)
+    start = time.perf_counter()
+    lam = None
+    for step in tqdm(range(steps), desc=f"reference {problem.layer.name}", disable=not progress):
+        opt.zero_grad(set_to_none=True)
+        loss = problem.loss_value(problem.forward(weight))
+        loss.backward()
+        opt.step()
+        last = step == steps - 1
+        if restrict_rank and ((step + 1) % project_every == 0 or last):
+            with torch.no_grad():
+                lam = problem.projection(weight)
+                weight.copy_(problem.weight_for(lam))
+    with torch.no_grad():
+        final = float(problem.loss_value(problem.forward(weight)))
+    info = {"objective": final, "steps": steps, "seconds": time.perf_counter() - start}
+    logger.info("reference solver on %s: objective %.6g after %d steps", problem.layer.name, final, steps)
+    if restrict_rank:
+        assert lam is not None
+        return lam.detach(), info
+    return (weight.detach() - w0), info
