@@ -1,0 +1,276 @@
+"""``rewrite``: compute the rank-one edit that maps a transformed concept onto the original one.
+
+Keys are read from the transformed exemplars just before the layer, values from the originals at the
+end of the layer's block; the direction ``u`` comes from the key statistics and the exemplar keys
+inside the concept mask; a solver finds the coefficients ``lam`` of ``W' = W + lam (x) u``. The model
+is not modified: apply the returned :class:`Edit` with :func:`surgery.apply_edit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ._checks import model_device, require_eval
+from .data import ImageLike, Transform, load_images, load_masks
+from .direction import flatten_keys, key_weights, rank_one_direction
+from .edit import Edit, tensor_sha256
+from .editable import EditableLayer
+from .errors import SurgeryError
+from .layers import get_layer
+from .solvers import EditProblem, solve_fast, solve_reference, value_weights
+from .stats import KeyStats
+
+__all__ = ["rewrite", "prepare_problem", "SOLVERS"]
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("fast", "reference")
+_REFERENCE_STEPS = 20_000
+_REFERENCE_LR = 1e-4
+_FAST_MAX_ITER = 100
+
+Images = ImageLike | Sequence[ImageLike]
+
+
+def _moment(stats: KeyStats | torch.Tensor, layer: EditableLayer) -> torch.Tensor:
+    if isinstance(stats, KeyStats):
+        if stats.layer != layer.name:
+            raise SurgeryError(
+                f"the key statistics were collected at {stats.layer!r}, not at {layer.name!r}; "
+                f"collect them for this layer with surgery.collect_key_stats(model, {layer.name!r}, data)"
+            )
+        moment = stats.moment()
+    elif isinstance(stats, torch.Tensor):
+        moment = stats
+    else:
+        raise SurgeryError(
+            "stats must be a KeyStats (surgery.collect_key_stats) or an (n, n) second-moment tensor, "
+            f"got {type(stats).__name__}"
+        )
+    n = layer.weight.shape[1]
+    if tuple(moment.shape) != (n, n):
+        raise SurgeryError(
+            f"the key statistics are {tuple(moment.shape)} but {layer.name!r} has {n} input channels"
+        )
+    return moment
+
+
+def _load_exemplars(
+    model: nn.Module,
+    originals: Images,
+    transformed: Images,
+    masks: Any,
+    transform: Transform | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def load(images: Images, what: str) -> torch.Tensor:
+        tf = transform
+        if tf is None and not isinstance(images, torch.Tensor):
+            from .models import preprocess
+
+            tf = preprocess(model)
+        try:
+            return load_images(images, tf)
+        except SurgeryError as e:
+            raise SurgeryError(f"{what}: {e}") from None
+
+    x = load(originals, "originals")
+    x2 = load(transformed, "transformed")
+    if x.shape != x2.shape:
+        raise SurgeryError(
+            f"originals {tuple(x.shape)} and transformed images {tuple(x2.shape)} must have the same "
+            "shape: one transformed copy per original, at the same size"
+        )
+    m = None if masks is None else load_masks(masks, size=tuple(x.shape[-2:]))
+    if m is not None and m.shape[0] != x.shape[0]:
+        raise SurgeryError(f"{m.shape[0]} masks for {x.shape[0]} exemplars: give one mask per exemplar")
+    return x, x2, m
+
+
+def prepare_problem(
+    model: nn.Module,
+    layer: str | EditableLayer,
+    originals: Images,
+    transformed: Images,
+    masks: Any = None,
+    *,
+    stats: KeyStats | torch.Tensor,
+    loss: Literal["l1", "l2"] = "l1",
+    use_mask: bool = False,
+    ridge: float = 0.0,
+    ntrain: int | None = None,
+    rank: int = 1,
+    transform: Transform | None = None,
+) -> EditProblem:
+    """Capture keys and values, compute the direction ``u``, and return the problem a solver takes."""
+    layer = get_layer(model, layer)
+    require_eval(model, "rewrite")
+    x, x2, m = _load_exemplars(model, originals, transformed, masks, transform)
+    if use_mask:
+        if m is None:
+            raise SurgeryError("use_mask=True needs masks: pass one mask per exemplar, or use_mask=False")
+        if not (m.flatten(1).sum(1) > 0).all():
+            raise SurgeryError(
+                "a mask is all zero, so with use_mask=True its exemplar would weigh nothing; "
+                "check the masks cover the concept"
+            )
+    n_ex = x.shape[0]
+    if ntrain is None:
+        ntrain = n_ex
+    if not 1 <= ntrain <= n_ex:
+        raise SurgeryError(f"ntrain must be between 1 and the number of exemplars ({n_ex}), got {ntrain}")
+    moment = _moment(stats, layer)
+
+    device = model_device(model)
+    dtype = layer.weight.dtype
+    io_t = layer.capture(model, x2.to(device, dtype))
+    io_o = layer.capture(model, x.to(device, dtype))
+
+    # The direction uses every concept exemplar; the key/value pairs only the first `ntrain`.
+    weights = key_weights(None if m is None else m.to(device), io_t.keys, layer.key_channel_dim)
+    u = rank_one_direction(
+        moment.to(device), flatten_keys(io_t.keys, layer.key_channel_dim), weights, rank=rank
+    )
+    values = io_o.values[:ntrain]
+    loss_weights = None
+    if use_mask:
+        assert m is not None
+        loss_weights = value_weights(m[:ntrain].to(device), values, layer.value_channel_dim)
+    return EditProblem(
+        layer=layer,
+        keys=io_t.keys[:ntrain],
+        values=values,
+        context={k: v[:ntrain] for k, v in io_t.context.items()},
+        u=u.to(dtype),
+        weights=loss_weights,
+        loss=loss,
+        ridge=ridge,
+    )
+
+
+def rewrite(
+    model: nn.Module,
+    layer: str | EditableLayer,
+    originals: Images,
+    transformed: Images,
+    masks: Any = None,
+    *,
+    stats: KeyStats | torch.Tensor,
+    solver: Literal["fast", "reference"] = "fast",
+    loss: Literal["l1", "l2"] = "l1",
+    use_mask: bool = False,
+    restrict_rank: bool = True,
+    ridge: float = 0.0,
+    steps: int | None = None,
+    lr: float | None = None,
+    ntrain: int | None = None,
+    rank: int = 1,
+    transform: Transform | None = None,
+    progress: bool = False,
+) -> Edit:
+    """Compute the edit of ``layer`` that makes ``model`` see ``transformed`` as it sees ``originals``.
+
+    The model is not modified.
+
+    Args:
+        model: the classifier, in eval mode.
+        layer: the editable layer's module name (see ``surgery.editable_layers``).
+        originals: images ``(N, 3, H, W)``, or paths / PIL images (preprocessed with ``transform``,
+            by default the model's own preprocessing).
+        transformed: the same images with the concept transformed.
+        masks: ``(N, 1, H, W)`` in ``[0, 1]`` (or PNG paths): where the concept is. They weight the
+            exemplar keys that define the direction and, with ``use_mask``, the loss.
+        stats: second moment of the layer's keys (``surgery.collect_key_stats``).
+        solver: ``"fast"`` (per-channel Gauss-Newton) or ``"reference"`` (Adam, as the paper).
+        loss: ``"l1"`` (the paper's) or ``"l2"``.
+        use_mask: weight the loss by the mask; the paper found editing without it works better.
+        restrict_rank: reference solver only; ``False`` optimizes the whole weight (an ablation).
+        ridge: fast solver only; adds ``ridge * ||lam||^2`` to make the edit weaker.
+        steps: reference: Adam steps (20,000); fast: the most Gauss-Newton iterations (50).
+        lr: reference solver only (1e-4).
+        ntrain: use only the first ``ntrain`` exemplars as key/value pairs (all define the direction).
+        rank: number of directions.
+        transform: preprocessing for path / PIL inputs.
+        progress: a progress bar for the reference solver.
+
+    Returns:
+        An :class:`Edit` with factors ``lam``, ``u`` (or a dense delta when ``restrict_rank=False``).
+    """
+    if solver not in SOLVERS:
+        raise SurgeryError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "fast":
+        if lr is not None:
+            raise SurgeryError("lr applies to solver='reference' only; the fast solver has no learning rate")
+        if not restrict_rank:
+            raise SurgeryError(
+                "restrict_rank=False (the full-weight ablation) needs solver='reference'"
+            )
+    elif ridge:
+        raise SurgeryError("ridge applies to solver='fast'; the reference solver is regularized by lr and steps")
+    if steps is not None and steps < 1:
+        raise SurgeryError(f"steps must be at least 1, got {steps}")
+
+    start = time.perf_counter()
+    problem = prepare_problem(
+        model,
+        layer,
+        originals,
+        transformed,
+        masks,
+        stats=stats,
+        loss=loss,
+        use_mask=use_mask,
+        ridge=ridge,
+        ntrain=ntrain,
+        rank=rank,
+        transform=transform,
+    )
+    layer = problem.layer
+    hparams: dict[str, Any] = {
+        "solver": solver,
+        "loss": loss,
+        "use_mask": use_mask,
+        "restrict_rank": restrict_rank,
+        "rank": rank,
+        "ntrain": int(problem.keys.shape[0]),
+    }
+    if solver == "fast":
+        max_iter = steps or _FAST_MAX_ITER
+        lam, info = solve_fast(problem, max_iter=max_iter)
+        hparams.update(ridge=ridge, max_iter=max_iter)
+        result: torch.Tensor | None = lam
+    else:
+        steps = steps or _REFERENCE_STEPS
+        lr = _REFERENCE_LR if lr is None else lr
+        result, info = solve_reference(
+            problem, steps=steps, lr=lr, restrict_rank=restrict_rank, progress=progress
+        )
+        hparams.update(steps=steps, lr=lr)
+    with torch.no_grad():
+        zero = torch.zeros(problem.lam_shape, dtype=problem.u.dtype, device=problem.u.device)
+        info["objective_before"] = float(problem.objective(zero))
+    info["seconds_total"] = time.perf_counter() - start
+    fingerprint = {layer.param_name: tensor_sha256(layer.weight)}
+    if solver == "reference" and not restrict_rank:
+        return Edit(
+            layer=layer.name,
+            method="rewrite",
+            hparams=hparams,
+            deltas={layer.param_name: result.detach().cpu()},
+            base_fingerprints=fingerprint,
+            info=info,
+        )
+    return Edit(
+        layer=layer.name,
+        method="rewrite",
+        hparams=hparams,
+        lam=result.detach().cpu(),
+        u=problem.u.detach().cpu(),
+        base_fingerprints=fingerprint,
+        info=info,
+    )
