@@ -4,23 +4,49 @@ The method of "Editing a classifier by rewriting its prediction rules" (Santurka
 2021). See the README for a quick-start.
 """
 
+__version__ = "0.1.0"
+
+from .apply import EditHandle, apply_edit, edited, list_edits, revert_edit
+from .edit import Edit
+from .edit_file import load_edit
 from .editable import EditableLayer, LayerIO, Site
-from .errors import LayerNotFoundError, ModelLoadError, SurgeryError, UnsupportedModelError
+from .errors import (
+    EditFormatError,
+    IncompatibleEditError,
+    LayerNotFoundError,
+    ModelLoadError,
+    SurgeryError,
+    SurgeryWarning,
+    UnsupportedModelError,
+)
+from .finetune import finetune
 from .hooks import StopForward, Trace, TraceDict, get_module, trace, trace_dict
 from .layers import LayerInfo, describe_layers, editable_layers, get_layer
-
-__version__ = "0.1.0"
+from .metrics import EditReport, errors_corrected, evaluate_edit, predict
+from .rewrite import rewrite
+from .stats import KeyStats, collect_key_stats
 
 __all__ = [
     "__version__",
-    # hooks
-    "trace",
-    "trace_dict",
-    "Trace",
-    "TraceDict",
-    "StopForward",
-    "get_module",
-    # layers
+    # the method
+    "rewrite",
+    "collect_key_stats",
+    "KeyStats",
+    "finetune",
+    # edits
+    "Edit",
+    "load_edit",
+    "apply_edit",
+    "revert_edit",
+    "edited",
+    "list_edits",
+    "EditHandle",
+    # evaluation
+    "errors_corrected",
+    "evaluate_edit",
+    "predict",
+    "EditReport",
+    # layers and hooks
     "editable_layers",
     "get_layer",
     "describe_layers",
@@ -28,9 +54,18 @@ __all__ = [
     "LayerInfo",
     "LayerIO",
     "Site",
+    "trace",
+    "trace_dict",
+    "Trace",
+    "TraceDict",
+    "StopForward",
+    "get_module",
     # errors
     "SurgeryError",
+    "EditFormatError",
+    "IncompatibleEditError",
     "LayerNotFoundError",
     "ModelLoadError",
     "UnsupportedModelError",
+    "SurgeryWarning",
 ]

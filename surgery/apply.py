@@ -1,128 +1,253 @@
-"""Patch a loaded model with an :class:`Edit` in place, and take the patch off again.
+"""Patch a loaded model with edits in place, and take them off again (PEFT's merge / unmerge).
 
-``apply_edit`` keeps a copy of the original bytes of every parameter it changes, so reverting through
-the returned handle restores them exactly. ``edited`` is a context manager that always restores.
+``apply_edit`` checks everything before it touches a weight: the parameter exists, shapes and dtypes
+fit, the architecture matches, and the new values are finite. It keeps a copy of the original bytes of
+every parameter it changes, so reverting through the returned handle restores them exactly; several
+edits stack and can be reverted in any order (the remaining ones are re-applied on the original bytes).
+Reverting an edit from a file, in a fresh process without a handle, subtracts its update and reports
+whether the result matches the base fingerprint recorded in the file.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .edit import Edit, tensor_sha256
-from .errors import SurgeryError
+from .edit import Edit, architecture_id, tensor_sha256
+from .errors import IncompatibleEditError, SurgeryError, SurgeryWarning
 
-__all__ = ["EditHandle", "apply_edit", "revert_edit", "edited", "list_edits"]
+__all__ = ["EditHandle", "apply_edit", "revert_edit", "edited", "list_edits", "as_edit"]
 
 logger = logging.getLogger(__name__)
 
-_REGISTRY_ATTR = "_surgery_edits"
+_STATE_ATTR = "_surgery_edit_state"
+EditSource = Edit | str | os.PathLike
 
 
 @dataclass(eq=False)
 class EditHandle:
-    """What :func:`apply_edit` returns: the edit, its strength, and the original parameter bytes."""
+    """What :func:`apply_edit` returns; pass it to :func:`revert_edit` to take the edit off exactly."""
 
     edit: Edit
     alpha: float
-    originals: dict[str, torch.Tensor] = field(repr=False)
+    edit_id: str
     active: bool = True
 
+    def __repr__(self) -> str:
+        state = "active" if self.active else "reverted"
+        return f"EditHandle({self.edit!r}, alpha={self.alpha}, {state})"
 
-def _handles(model: nn.Module) -> list[EditHandle]:
-    handles = model.__dict__.get(_REGISTRY_ATTR)
-    if handles is None:
-        handles = []
-        model.__dict__[_REGISTRY_ATTR] = handles  # not a submodule/buffer: invisible to state_dict
-    return handles
+
+@dataclass
+class _State:
+    """Per-model bookkeeping, kept in the model's ``__dict__`` (invisible to ``state_dict``)."""
+
+    handles: list[EditHandle] = field(default_factory=list)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # bytes before any active edit
+
+
+def _state(model: nn.Module) -> _State:
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = _State()
+        model.__dict__[_STATE_ATTR] = state
+    return state
+
+
+def as_edit(source: EditSource) -> Edit:
+    """An :class:`Edit` from an ``Edit`` or the path of an edit file."""
+    if isinstance(source, Edit):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        from .edit_file import load_edit
+
+        return load_edit(Path(source))
+    raise TypeError(f"expected an Edit or the path of an edit file, got {type(source).__name__}")
 
 
 def _parameter(model: nn.Module, name: str) -> torch.Tensor:
     try:
         return model.get_parameter(name)
     except AttributeError:
-        raise SurgeryError(
-            f"model {type(model).__name__} has no parameter {name!r}; was the edit made for another "
-            "architecture? Check the names with dict(model.named_parameters())"
+        near = [n for n, _ in model.named_parameters() if n.rsplit(".", 2)[-2:] == name.rsplit(".", 2)[-2:]][:3]
+        hint = f" Parameters with a similar name: {near}." if near else ""
+        raise IncompatibleEditError(
+            f"the model ({type(model).__name__}) has no parameter {name!r}, so the edit was made for "
+            f"another architecture.{hint}"
         ) from None
 
 
-def apply_edit(model: nn.Module, edit: Edit, *, alpha: float = 1.0) -> EditHandle:
-    """Add ``alpha`` times the edit's update to the model's weights, in place.
+def _combine(p: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``p + alpha * delta`` computed in float64 and rounded once to ``p``'s dtype."""
+    return (p.detach().to(torch.float64) + alpha * delta.detach().to(p.device, torch.float64)).to(p.dtype)
 
-    Every parameter is checked (exists, same shape, finite update) before any is changed.
-    """
-    deltas = edit.parameter_deltas()
-    planned: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for name, delta in deltas.items():
+
+def _plan(model: nn.Module, edit: Edit, alpha: float, sign: float = 1.0) -> dict[str, torch.Tensor]:
+    """New values of every parameter the edit changes; raises before anything is modified."""
+    if not math.isfinite(alpha):
+        raise SurgeryError(f"alpha must be a finite number, got {alpha}")
+    here = architecture_id(model)
+    if edit.architecture and edit.architecture != here:
+        raise IncompatibleEditError(
+            f"the edit was made for architecture {edit.architecture!r} but the model is {here!r}; "
+            "apply it to a model of the same architecture"
+        )
+    planned: dict[str, torch.Tensor] = {}
+    for name, delta in edit.parameter_deltas().items():
         p = _parameter(model, name)
         if tuple(delta.shape) != tuple(p.shape):
-            raise SurgeryError(
-                f"edit update for {name!r} has shape {tuple(delta.shape)} but the model's parameter has "
-                f"{tuple(p.shape)}; the edit was made for a different architecture"
+            raise IncompatibleEditError(
+                f"the edit's update of {name!r} has shape {tuple(delta.shape)} but the model's parameter has "
+                f"{tuple(p.shape)}; the edit was made for another architecture"
             )
-        new = (p.detach().to(torch.float64) + alpha * delta.detach().to(p.device, torch.float64)).to(p.dtype)
+        base = edit.base.get(name, {})
+        dtype = str(p.dtype).removeprefix("torch.")
+        if base.get("dtype", dtype) != dtype:
+            raise IncompatibleEditError(
+                f"the edit was made on {base['dtype']} weights but {name!r} is {dtype}; convert the model "
+                f"(e.g. model.to(torch.{base['dtype']})) before applying it"
+            )
+        new = _combine(p, delta, sign * alpha)
         if not torch.isfinite(new).all():
             raise SurgeryError(f"applying the edit would put non-finite values into {name!r}; nothing was changed")
-        planned.append((p, new))
-    expected = edit.base_fingerprints
-    for name, p in zip(deltas, (p for p, _ in planned)):
-        if name in expected and expected[name] != tensor_sha256(p):
-            logger.warning("parameter %s differs from the weights the edit was made on", name)
-    originals = {name: p.detach().clone() for name, (p, _) in zip(deltas, planned)}
+        planned[name] = new
+    return planned
+
+
+def _content_id(edit: Edit) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"{edit.layer}\0{edit.method}".encode())
+    for name, t in sorted(edit.parameter_deltas().items()):
+        h.update(name.encode())
+        h.update(tensor_sha256(t).encode())
+    return h.hexdigest()
+
+
+def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict: bool = False) -> EditHandle:
+    """Add ``alpha`` times the edit's update to the model's weights, in place.
+
+    Args:
+        model: the model to patch.
+        edit: an :class:`Edit` or the path of an edit file.
+        alpha: strength; 1 applies the edit as computed.
+        strict: raise instead of warning when the model's weights differ from those the edit was made on.
+
+    Returns:
+        An :class:`EditHandle` for :func:`revert_edit`.
+
+    Raises:
+        IncompatibleEditError: missing parameter, other shape, dtype or architecture (or, with
+            ``strict``, other weights). Nothing is changed.
+        EditFormatError: a bad edit file.
+    """
+    edit = as_edit(edit)
+    planned = _plan(model, edit, alpha)
+    state = _state(model)
+    for name in planned:
+        expected = edit.base.get(name, {}).get("sha256")
+        current = state.base.get(name, _parameter(model, name))
+        if expected and tensor_sha256(current) != expected:
+            message = (
+                f"{name!r} differs from the weights the edit was made on (another checkpoint or a fine-tuned "
+                "copy?); the edit may not do what it did there"
+            )
+            if strict:
+                raise IncompatibleEditError(message + "; pass strict=False to apply it anyway")
+            warnings.warn(message, SurgeryWarning, stacklevel=2)
+    edit_id = _content_id(edit)
+    if any(h.edit_id == edit_id for h in state.handles):
+        warnings.warn(
+            f"this edit of {edit.layer!r} is already applied to the model; applying it again stacks it",
+            SurgeryWarning,
+            stacklevel=2,
+        )
     with torch.no_grad():
-        for p, new in planned:
+        for name, new in planned.items():
+            p = _parameter(model, name)
+            state.base.setdefault(name, p.detach().clone())
             p.copy_(new)
-    handle = EditHandle(edit=edit, alpha=alpha, originals=originals)
-    _handles(model).append(handle)
+    handle = EditHandle(edit=edit, alpha=float(alpha), edit_id=edit_id)
+    state.handles.append(handle)
+    logger.info("applied %r (alpha=%g)", edit, alpha)
     return handle
 
 
-def revert_edit(model: nn.Module, handle: EditHandle) -> None:
-    """Restore the exact bytes the parameters had before ``handle``'s edit was applied.
-
-    Only the most recent of several edits touching the same parameter restores exact bytes; reverting
-    an older one subtracts its update instead.
-    """
-    handles = _handles(model)
-    if not handle.active or handle not in handles:
-        raise SurgeryError("this edit handle is not active on this model (already reverted?)")
-    later = handles[handles.index(handle) + 1 :]
-    touched_later = {n for h in later for n in h.originals}
-    with torch.no_grad():
-        for name, original in handle.originals.items():
-            p = _parameter(model, name)
-            if name in touched_later:
-                d = handle.edit.parameter_deltas()[name].to(p.device, torch.float64)
-                p.copy_((p.to(torch.float64) - handle.alpha * d).to(p.dtype))
-                for h in later:  # later edits now sit on the restored base
-                    if name in h.originals:
-                        h.originals[name] = (h.originals[name].to(torch.float64) - handle.alpha * d.to(h.originals[name].device)).to(p.dtype)
-                        break
-            else:
-                p.copy_(original)
+def _revert_handle(model: nn.Module, handle: EditHandle) -> None:
+    state = _state(model)
+    if not handle.active or handle not in state.handles:
+        raise SurgeryError("this edit handle is not active on this model (already reverted, or another model)")
+    state.handles.remove(handle)
     handle.active = False
-    handles.remove(handle)
+    with torch.no_grad():
+        for name in handle.edit.parameter_deltas():
+            p = _parameter(model, name)
+            value = state.base[name]
+            remaining = [h for h in state.handles if name in h.edit.parameter_deltas()]
+            for h in remaining:  # re-apply, in order, the edits that stay, on the original bytes
+                value = _combine(value, h.edit.parameter_deltas()[name], h.alpha)
+            p.copy_(value)
+            if not remaining:
+                del state.base[name]
+
+
+def revert_edit(model: nn.Module, target: EditHandle | EditSource, *, alpha: float = 1.0) -> bool:
+    """Take an edit off the model.
+
+    Through a handle (or an edit that is active on this model) the original bytes are restored exactly.
+    An edit that this model has no handle for (say, applied in another process) is subtracted, and the
+    result is compared with the base fingerprint recorded in the edit.
+
+    Returns:
+        True when every reverted parameter now has exactly its recorded base bytes (always, through a
+        handle); False when the subtraction left rounding differences (logged as a warning).
+    """
+    if isinstance(target, EditHandle):
+        _revert_handle(model, target)
+        return True
+    edit = as_edit(target)
+    edit_id = _content_id(edit)
+    active = [h for h in _state(model).handles if h.edit_id == edit_id]
+    if active:
+        _revert_handle(model, active[-1])
+        return True
+    planned = _plan(model, edit, alpha, sign=-1.0)
+    with torch.no_grad():
+        for name, new in planned.items():
+            _parameter(model, name).copy_(new)
+    expected = edit.base_fingerprints
+    exact = all(tensor_sha256(_parameter(model, n)) == expected.get(n) for n in planned)
+    if not exact:
+        logger.warning(
+            "reverted %r by subtraction; the weights differ from the recorded originals by rounding "
+            "(or the edit was applied to other weights)",
+            edit,
+        )
+    return exact
 
 
 def list_edits(model: nn.Module) -> list[EditHandle]:
-    """The handles of the edits applied to ``model``, oldest first."""
-    return list(_handles(model))
+    """Handles of the edits active on ``model``, oldest first."""
+    return list(_state(model).handles)
 
 
 @contextmanager
-def edited(model: nn.Module, *edits: Edit, alpha: float = 1.0) -> Iterator[nn.Module]:
-    """Apply ``edits`` for the duration of a ``with`` block and always restore the model."""
+def edited(model: nn.Module, *edits: EditSource, alpha: float = 1.0, strict: bool = False) -> Iterator[nn.Module]:
+    """Apply ``edits`` for the duration of a ``with`` block; the model is always restored exactly."""
     applied: list[EditHandle] = []
     try:
         for e in edits:
-            applied.append(apply_edit(model, e, alpha=alpha))
+            applied.append(apply_edit(model, e, alpha=alpha, strict=strict))
         yield model
     finally:
         for h in reversed(applied):
-            revert_edit(model, h)
+            _revert_handle(model, h)

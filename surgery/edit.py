@@ -9,14 +9,18 @@ parameter name.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import SurgeryError
 
-__all__ = ["Edit", "tensor_sha256", "rank_one_delta"]
+__all__ = ["Edit", "tensor_sha256", "rank_one_delta", "architecture_id", "base_record"]
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -35,6 +39,33 @@ def rank_one_delta(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rm...,rn->mn...", lam, u)
 
 
+def architecture_id(model: nn.Module) -> str:
+    """A name for the model's architecture: timm's ``pretrained_cfg`` architecture when known, the CLIP
+    image tower's class for open_clip models, else the model's class with its module."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("architecture"):
+        return f"timm:{cfg['architecture']}"
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, nn.Module) and (
+        type(model).__module__.startswith("open_clip") or type(model).__name__ == "ZeroShotClassifier"
+    ):
+        return f"open_clip:{type(visual).__name__}"
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def base_record(params: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Shape, dtype and SHA-256 of the original bytes of each parameter an edit will change."""
+    return {
+        name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "sha256": tensor_sha256(p)}
+        for name, p in params.items()
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class Edit:
     """A weight update of one editable layer.
@@ -46,7 +77,11 @@ class Edit:
         lam: ``(rank, m, kh, kw)`` for convs, ``(rank, m)`` for Linear layers; ``None`` for dense edits.
         u: ``(rank, n)``, unit rows along the input-channel axis; ``None`` for dense edits.
         deltas: dense updates by parameter name, for methods without factors.
-        base_fingerprints: SHA-256 of the original bytes of every parameter the edit changes.
+        base: for every parameter the edit changes, its ``shape``, ``dtype`` and the ``sha256`` of its
+            original bytes (see :func:`base_record`).
+        architecture: the model's architecture id (:func:`architecture_id`).
+        description: free text.
+        created: UTC time of creation, ISO 8601.
         info: free-form results (objective, norms, timings).
     """
 
@@ -56,7 +91,10 @@ class Edit:
     lam: torch.Tensor | None = None
     u: torch.Tensor | None = None
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    base_fingerprints: dict[str, str] = field(default_factory=dict)
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)
+    architecture: str | None = None
+    description: str = ""
+    created: str = field(default_factory=_now)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +104,11 @@ class Edit:
             raise SurgeryError("an Edit needs factors (lam, u) or dense deltas")
         if self.lam is not None:
             rank_one_delta(self.lam[:, :1], self.u[:, :1])  # shape check only, cheap
+
+    @property
+    def base_fingerprints(self) -> dict[str, str]:
+        """SHA-256 of the original bytes of every parameter the edit changes."""
+        return {name: rec["sha256"] for name, rec in self.base.items() if "sha256" in rec}
 
     @property
     def param(self) -> str:
@@ -98,6 +141,19 @@ class Edit:
         """``weight + alpha * delta`` in ``weight``'s dtype, without modifying ``weight``."""
         d = self.delta().to(device=weight.device)
         return (weight.detach().to(d.dtype) + alpha * d).to(weight.dtype)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the edit as one safetensors file (see :mod:`surgery.edit_file`)."""
+        from .edit_file import save_edit
+
+        save_edit(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Edit:
+        """Read an edit file written by :meth:`save`; raises :class:`EditFormatError` on a bad file."""
+        from .edit_file import load_edit
+
+        return load_edit(path)
 
     def __repr__(self) -> str:
         what = f"rank {self.rank}" if self.factored else f"dense, {len(self.deltas)} parameter(s)"

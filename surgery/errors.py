@@ -11,6 +11,9 @@ __all__ = [
     "LayerNotFoundError",
     "UnsupportedModelError",
     "ModelLoadError",
+    "EditFormatError",
+    "IncompatibleEditError",
+    "SurgeryWarning",
 ]
 
 
@@ -31,3 +34,15 @@ class UnsupportedModelError(SurgeryError):
 
 class ModelLoadError(SurgeryError):
     """A model spec, checkpoint or set of pretrained weights could not be loaded."""
+
+
+class EditFormatError(SurgeryError):
+    """An edit file is not a valid model-surgery edit (truncated, corrupted, foreign or hostile)."""
+
+
+class IncompatibleEditError(SurgeryError):
+    """An edit does not fit the model or checkpoint it is applied to (names, shapes, dtypes, architecture)."""
+
+
+class SurgeryWarning(UserWarning):
+    """Something works but may not do what you expect (e.g. an edit applied to other weights)."""

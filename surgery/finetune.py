@@ -28,7 +28,7 @@ from ._checks import (
     require_eval,
     resolve_device,
 )
-from .edit import Edit, tensor_sha256
+from .edit import Edit, architecture_id, base_record
 from .editable import EditableLayer
 from .errors import SurgeryError
 from .layers import get_layer
@@ -159,7 +159,7 @@ def finetune(
 
     Returns:
         An :class:`Edit` with method ``"finetune"``, ``deltas`` (trained minus original, in each
-        parameter's dtype, on CPU), ``base_fingerprints`` and ``info["loss_before"/"loss_after"]``
+        parameter's dtype, on CPU), ``base`` (shapes, dtypes, fingerprints) and ``info["loss_before"/"loss_after"]``
         (mean cross-entropy over all images).
 
     Raises:
@@ -252,6 +252,7 @@ def finetune(
             "loss": "cross_entropy",
         },
         deltas=deltas,
-        base_fingerprints={name: tensor_sha256(p) for name, p in originals.items()},
+        base=base_record(originals),
+        architecture=architecture_id(model),
         info={"loss_before": loss_before, "loss_after": loss_after, "n_images": n},
     )

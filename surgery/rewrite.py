@@ -19,7 +19,7 @@ from torch import nn
 from ._checks import model_device, require_eval
 from .data import ImageLike, Transform, load_images, load_masks
 from .direction import flatten_keys, key_weights, rank_one_direction
-from .edit import Edit, tensor_sha256
+from .edit import Edit, architecture_id, base_record
 from .editable import EditableLayer
 from .errors import SurgeryError
 from .layers import get_layer
@@ -255,22 +255,14 @@ def rewrite(
         zero = torch.zeros(problem.lam_shape, dtype=problem.u.dtype, device=problem.u.device)
         info["objective_before"] = float(problem.objective(zero))
     info["seconds_total"] = time.perf_counter() - start
-    fingerprint = {layer.param_name: tensor_sha256(layer.weight)}
-    if solver == "reference" and not restrict_rank:
-        return Edit(
-            layer=layer.name,
-            method="rewrite",
-            hparams=hparams,
-            deltas={layer.param_name: result.detach().cpu()},
-            base_fingerprints=fingerprint,
-            info=info,
-        )
-    return Edit(
+    provenance = dict(
         layer=layer.name,
         method="rewrite",
         hparams=hparams,
-        lam=result.detach().cpu(),
-        u=problem.u.detach().cpu(),
-        base_fingerprints=fingerprint,
+        base=base_record({layer.param_name: layer.weight}),
+        architecture=architecture_id(model),
         info=info,
     )
+    if solver == "reference" and not restrict_rank:
+        return Edit(deltas={layer.param_name: result.detach().cpu()}, **provenance)
+    return Edit(lam=result.detach().cpu(), u=problem.u.detach().cpu(), **provenance)

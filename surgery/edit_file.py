@@ -1,0 +1,259 @@
+"""Edits as files: one safetensors file with the factors and string metadata (format version 1).
+
+Tensors:
+    ``<param>.lambda`` ``(rank, m, *kernel)`` and ``<param>.u`` ``(rank, n)`` for factored edits, or
+    ``<param>.delta`` (the parameter's shape) for each parameter of a dense edit.
+Metadata (every value a string; JSON where noted):
+    ``format`` = ``model-surgery/edit``, ``format_version`` = ``1``, ``library_version``, ``kind``
+    (``factored`` | ``dense``), ``method``, ``layer``, ``params`` (JSON list), ``base`` (JSON: for each
+    parameter its ``shape``, ``dtype`` and ``sha256`` of the original bytes), ``hparams`` (JSON),
+    ``architecture``, ``description``, ``created`` (ISO 8601, UTC), ``info`` (JSON).
+
+Reading validates everything before building an :class:`Edit`: header size, JSON, metadata types,
+tensor names, dtypes, shapes against the recorded base shapes, and finiteness. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .edit import Edit
+from .errors import EditFormatError, SurgeryError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_edit", "load_edit", "read_edit_metadata", "MAX_HEADER_BYTES"]
+
+FORMAT = "model-surgery/edit"
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 1 << 20  # real edit headers are a few KB; refuse anything beyond 1 MiB
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_REQUIRED = ("format", "format_version", "kind", "method", "layer", "params", "base", "hparams")
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _tensors_of(edit: Edit) -> dict[str, torch.Tensor]:
+    if edit.factored:
+        return {f"{edit.param}.lambda": edit.lam, f"{edit.param}.u": edit.u}  # type: ignore[dict-item]
+    return {f"{name}.delta": d for name, d in edit.deltas.items()}
+
+
+def save_edit(edit: Edit, path: str | os.PathLike[str]) -> None:
+    """Write ``edit`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    from . import __version__
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _tensors_of(edit).items()}
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise SurgeryError(f"refusing to save {name}: it must be a finite floating-point tensor")
+    params = list(edit.parameter_deltas()) if not edit.factored else [edit.param]
+    missing = [p for p in params if p not in edit.base]
+    if missing:
+        raise SurgeryError(
+            f"the edit has no base record (shape, dtype, fingerprint) for {missing}; edits made by "
+            "rewrite() and finetune() have one"
+        )
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "kind": "factored" if edit.factored else "dense",
+        "method": edit.method,
+        "layer": edit.layer,
+        "params": json.dumps(params),
+        "base": json.dumps({p: edit.base[p] for p in params}),
+        "hparams": json.dumps(_json_safe(edit.hparams), sort_keys=True),
+        "architecture": edit.architecture or "",
+        "description": edit.description,
+        "created": edit.created,
+        "info": json.dumps(_json_safe(edit.info), sort_keys=True),
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse and check the safetensors header ourselves before the library touches the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise EditFormatError(f"{path} is not an edit file: it is {size} bytes long (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise EditFormatError(
+                    f"{path} has a bad header length ({n} bytes for a {size}-byte file); it is truncated, "
+                    "corrupted, or not a model-surgery edit"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise EditFormatError(f"cannot read edit file {path}: {e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EditFormatError(f"{path} has a header that is not valid JSON; the file is corrupted") from None
+    if not isinstance(header, dict):
+        raise EditFormatError(f"{path} has a header that is not a JSON object; the file is corrupted")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise EditFormatError(
+            f"{path} has no string metadata; it is a safetensors file but not a model-surgery edit"
+        )
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in _FLOAT_DTYPES:
+            raise EditFormatError(f"{path}: tensor {name!r} must have a floating-point dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise EditFormatError(f"{path}: tensor {name!r} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise EditFormatError(f"{path}: tensor {name!r} has invalid data offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise EditFormatError(
+            f"{path} is {size} bytes but its header describes {8 + n + end}; the file is truncated or corrupted"
+        )
+    return header
+
+
+def _loads(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise EditFormatError(f"{path}: metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise EditFormatError(f"{path}: metadata {key!r} must be a JSON {kind.__name__}")
+    return value
+
+
+def read_edit_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The checked string metadata of an edit file, without loading its tensors."""
+    path = Path(path)
+    meta = _read_header(path)["__metadata__"]
+    if meta.get("format") != FORMAT:
+        raise EditFormatError(f"{path} is a safetensors file but not a model-surgery edit (format {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EditFormatError(
+            f"{path} uses edit format version {meta.get('format_version')!r}; this library reads version "
+            f"{FORMAT_VERSION}. Upgrade model-surgery to read it"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise EditFormatError(f"{path} lacks required metadata {missing}")
+    return meta
+
+
+def _check_base(base: dict, params: list, path: Path) -> None:
+    for p in params:
+        rec = base.get(p)
+        if not (
+            isinstance(rec, dict)
+            and isinstance(rec.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in rec["shape"])
+            and isinstance(rec.get("dtype"), str)
+            and isinstance(rec.get("sha256"), str)
+        ):
+            raise EditFormatError(f"{path}: the base record of {p!r} must have shape, dtype and sha256")
+
+
+def load_edit(path: str | os.PathLike[str]) -> Edit:
+    """Read and validate an edit file; raises :class:`EditFormatError` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise EditFormatError(f"edit file {path} does not exist")
+    meta = read_edit_metadata(path)
+    params = _loads(meta, "params", path, list)
+    if not params or not all(isinstance(p, str) for p in params):
+        raise EditFormatError(f"{path}: metadata 'params' must list parameter names")
+    base = _loads(meta, "base", path, dict)
+    _check_base(base, params, path)
+    hparams = _loads(meta, "hparams", path, dict)
+    info = _loads(meta, "info", path, dict) if "info" in meta else {}
+    kind = meta["kind"]
+    if kind == "factored":
+        if len(params) != 1:
+            raise EditFormatError(f"{path}: a factored edit changes exactly one parameter")
+        expected = {f"{params[0]}.lambda", f"{params[0]}.u"}
+    elif kind == "dense":
+        expected = {f"{p}.delta" for p in params}
+    else:
+        raise EditFormatError(f"{path}: unknown edit kind {kind!r} (expected 'factored' or 'dense')")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != expected:
+                raise EditFormatError(
+                    f"{path} holds tensors {sorted(names)} but its metadata calls for {sorted(expected)}"
+                )
+            tensors = {name: f.get_tensor(name) for name in names}
+    except EditFormatError:
+        raise
+    except Exception as e:  # the safetensors parser's own checks
+        raise EditFormatError(f"{path} is not a valid safetensors file: {e}") from None
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise EditFormatError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    common = dict(
+        layer=meta["layer"],
+        method=meta["method"],
+        hparams=hparams,
+        base={p: base[p] for p in params},
+        architecture=meta.get("architecture") or None,
+        description=meta.get("description", ""),
+        created=meta.get("created", ""),
+        info=info,
+    )
+    if kind == "factored":
+        p = params[0]
+        lam, u = tensors[f"{p}.lambda"], tensors[f"{p}.u"]
+        shape = base[p]["shape"]
+        if not (
+            len(shape) >= 2
+            and u.ndim == 2
+            and lam.ndim == len(shape)
+            and lam.shape[0] == u.shape[0] >= 1
+            and lam.shape[1] == shape[0]
+            and u.shape[1] == shape[1]
+            and list(lam.shape[2:]) == shape[2:]
+        ):
+            raise EditFormatError(
+                f"{path}: factors lambda {tuple(lam.shape)} and u {tuple(u.shape)} do not fit the parameter "
+                f"shape {tuple(shape)} recorded in the file"
+            )
+        if p != (f"{meta['layer']}.weight" if meta["layer"] else "weight"):
+            raise EditFormatError(f"{path}: parameter {p!r} is not the weight of layer {meta['layer']!r}")
+        return Edit(lam=lam, u=u, **common)
+    for p in params:
+        if list(tensors[f"{p}.delta"].shape) != base[p]["shape"]:
+            raise EditFormatError(f"{path}: delta of {p!r} does not have the recorded shape {base[p]['shape']}")
+    return Edit(deltas={p: tensors[f"{p}.delta"] for p in params}, **common)
