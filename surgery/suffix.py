@@ -1,0 +1,140 @@
+"""The network after a site: run only the rest of a model from a tensor captured there.
+
+Evaluating many candidate edits of one layer over a test set does not need the part of the network
+before the layer: cache the keys (and the block's context) once, recompute the block's value with each
+candidate weight, and run only the suffix. :func:`network_suffix` cuts the model with ``torch.fx`` at a
+module's output (the module is kept whole as a leaf), keeping every node downstream of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from torch import fx, nn
+
+from .editable import EditableLayer, Site
+from .errors import UnsupportedModelError
+from .hooks import get_module
+
+__all__ = ["network_suffix", "NetworkSuffix", "suffix_logits"]
+
+logger = logging.getLogger(__name__)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    """timm's own untraceable modules and functions, when timm is already imported."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+class _LeafAt(fx.Tracer):
+    """Trace through everything except standard leaves, timm's no-trace modules and the cut module."""
+
+    def __init__(self, cut: str) -> None:
+        self.leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
+        self.cut = cut
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (
+            qualname == self.cut
+            or isinstance(m, self.leaf_types)
+            or super().is_leaf_module(m, qualname)
+        )
+
+
+class NetworkSuffix(nn.Module):
+    """``model`` from the output of module ``site`` on: ``suffix(value) == model(x)``."""
+
+    def __init__(self, graph_module: fx.GraphModule, site: str) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.site = site
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(value)
+
+
+def network_suffix(model: nn.Module, site: str | Site | EditableLayer) -> NetworkSuffix:
+    """The part of ``model`` after module ``site``'s output (or input), or an editable layer's value site.
+
+    The suffix shares the model's parameters (nothing is copied), so it sees edits applied to them.
+
+    Raises:
+        UnsupportedModelError: the model cannot be traced by ``torch.fx``, the module is called more
+            than once, or a later part of the network also reads tensors from before the cut.
+    """
+    if isinstance(site, EditableLayer):
+        site = site.value_site
+    port = "output"
+    if isinstance(site, Site):
+        port, site = site.port, site.module
+    get_module(model, site)
+    try:
+        graph = _LeafAt(site).trace(model)
+    except Exception as e:  # fx raises many kinds of errors on untraceable code
+        raise UnsupportedModelError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); evaluate with full "
+            "forward passes instead"
+        ) from None
+    cut_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == site]
+    if len(cut_nodes) != 1:
+        raise UnsupportedModelError(
+            f"module {site!r} is called {len(cut_nodes)} times in the traced forward; a suffix needs exactly one"
+        )
+    cut = cut_nodes[0]
+    if port == "input" and len(cut.all_input_nodes) != 1:
+        raise UnsupportedModelError(f"module {site!r} takes several inputs; cut at its output instead")
+    downstream: set[fx.Node] = {cut}
+    for node in graph.nodes:  # nodes are in topological order
+        if any(a in downstream for a in node.all_input_nodes):
+            downstream.add(node)
+    # Nodes the suffix needs that are not downstream must not depend on the model's input.
+    depends_on_input: set[fx.Node] = {n for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if any(a in depends_on_input for a in node.all_input_nodes):
+            depends_on_input.add(node)
+    new = fx.Graph()
+    value = new.placeholder("value")
+    env: dict[fx.Node, fx.Node] = {cut.all_input_nodes[0]: value} if port == "input" else {cut: value}
+
+    def copy(node: fx.Node, reader: fx.Node) -> fx.Node:
+        """Copy ``node`` and, recursively, the constants it is computed from."""
+        if node not in env:
+            if node not in downstream and node in depends_on_input:
+                raise UnsupportedModelError(
+                    f"{reader.name} after {site!r} also reads {node.name}, computed before the cut; "
+                    "the network cannot be split there"
+                )
+            for a in node.all_input_nodes:
+                copy(a, node)
+            env[node] = new.node_copy(node, lambda x: env[x])
+        return env[node]
+
+    output = None
+    for node in graph.nodes:
+        if node.op == "output":
+            output = node
+        elif node in downstream and node not in env:
+            copy(node, node)
+    assert output is not None
+    if not all(a in env for a in output.all_input_nodes):
+        raise UnsupportedModelError(f"the model's output does not depend on {site!r}")
+    new.node_copy(output, lambda x: env[x])
+    new.lint()
+    return NetworkSuffix(fx.GraphModule(model, new), site)
+
+
+def suffix_logits(
+    suffix: NetworkSuffix,
+    layer: EditableLayer,
+    keys: torch.Tensor,
+    weight: torch.Tensor,
+    context: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Model outputs from cached ``keys`` (and context) with ``weight`` in place of the layer's."""
+    return suffix(layer.block_forward(keys, weight, context))
