@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,10 @@ def get_layer(model: nn.Module, name: str | EditableLayer) -> EditableLayer:
     for layer in layers:
         if layer.name == name:
             return layer
-    close = [l.name for l in layers if name.split(".")[0] in l.name][-5:]
+    names = [l.name for l in layers]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6) or [
+        n for n in names if name.split(".")[0] in n
+    ][-5:]
     hint = f" Editable layers near it: {', '.join(close)}." if close else ""
     raise LayerNotFoundError(
         f"{name!r} is not an editable layer of {type(model).__name__}.{hint} "
