@@ -395,6 +395,7 @@ def accumulate_key_sums(
     *,
     device: torch.device | str | None = None,
     progress: Any = None,
+    allow_empty: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Sum ``k k^T`` and count the key vectors of ``layer`` over ``batches``, one stopped forward each.
 
@@ -407,6 +408,7 @@ def accumulate_key_sums(
         batches: image batches, moved to ``device`` and cast to the model's float dtype.
         device: where to run; default the model's.
         progress: an optional tqdm-like object, ``update(n_images)`` after each batch.
+        allow_empty: return zeros and a count of 0 for no batches (a rank with an empty shard).
 
     Returns:
         ``(sum, count)``: float64 ``n x n`` on ``device``, and the number of key vectors.
@@ -432,8 +434,41 @@ def accumulate_key_sums(
             if progress is not None:
                 progress.update(int(batch.shape[0]))
     if total is None or count == 0:
+        if allow_empty:
+            n = layer.weight.shape[1]
+            return torch.zeros(n, n, dtype=torch.float64, device=device), 0
         raise SurgeryError("no images to collect key statistics from: the data is empty")
     return total, count
+
+
+def _process_group() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when a torch.distributed process group with several ranks is running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def shard(data: Any, rank: int, world: int, max_images: int | None = None) -> Any:
+    """This rank's part of ``data``: images ``rank, rank + world, ...`` of the first ``max_images``.
+
+    Tensors and map-style datasets are split here. DataLoaders and other iterables are taken to be
+    this rank's shard already (give them a ``DistributedSampler``), and cannot take ``max_images``.
+    """
+    from torch.utils.data import Dataset, IterableDataset, Subset
+
+    if isinstance(data, torch.Tensor):
+        return data[:max_images][rank::world]
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+        n = len(data) if max_images is None else min(len(data), max_images)
+        return Subset(data, range(rank, n, world))
+    if max_images is not None:
+        raise SurgeryError(
+            "under torch.distributed, max_images applies to tensors and datasets that collect_key_stats "
+            "splits itself; for a DataLoader, limit the images in its DistributedSampler instead"
+        )
+    return data
 
 
 def cache_path(
@@ -483,6 +518,7 @@ def collect_key_stats(
     cache_dir: str | os.PathLike[str] | None = None,
     dataset_id: str | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> KeyStats:
     """The uncentered second moment of ``layer``'s keys over every image and position of ``data``.
 
@@ -504,6 +540,10 @@ def collect_key_stats(
         dataset_id: id of ``data`` for the cache; found automatically for tensors and ImageFolders,
             needed for other datasets and iterables (else nothing is cached).
         progress: show a tqdm progress bar.
+        distributed: under an initialized ``torch.distributed`` process group (``None``: whenever one
+            is running), every rank reads its shard (see :func:`shard`), the float64 sums and counts
+            are combined with ``all_reduce``, every rank returns the same statistics, and only rank 0
+            writes the cache.
 
     Returns:
         The :class:`KeyStats`, with ``sum`` on the CPU.
@@ -521,8 +561,20 @@ def collect_key_stats(
     if dataset_id is None:
         dataset_id = data_id(data, max_images)
 
-    batches = iter_batches(data, batch_size=batch_size, max_images=max_images)
-    first, batches = _peek(batches)
+    group = _process_group() if distributed is not False else None
+    if distributed and group is None:
+        raise SurgeryError(
+            "distributed=True needs an initialized torch.distributed process group with several ranks "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    local = data if group is None else shard(data, *group, max_images)
+    local_max = max_images if group is None else None
+
+    # One image gives the key dtype; the fingerprint depends on the weights only. Peeking keeps
+    # one-shot iterables intact; a rank with an empty shard (of a tensor or dataset) looks at `data`.
+    first, batches = _peek(iter_batches(local, batch_size=batch_size, max_images=local_max))
+    if first is None and group is not None:
+        first = next(iter_batches(data, batch_size=1, max_images=1), None)
     if first is None:
         raise SurgeryError("no images to collect key statistics from: the data is empty")
     fingerprint, key_dtype = _fingerprint_and_dtype(model, layer, _prepare(first[:1], device, dtype))
@@ -546,16 +598,27 @@ def collect_key_stats(
                 "max_images": max_images,
             }
             cached = _load_cached(path, expected)
-            if cached is not None:
-                return cached
+            if _all_ranks(cached is not None, group, device):
+                return cached  # type: ignore[return-value]
 
     from tqdm import tqdm
 
-    total = count_images(data, max_images)
+    total = count_images(local, local_max)
+    rank = 0 if group is None else group[0]
     with tqdm(
-        total=total, unit="img", desc=f"key stats {layer.name}", disable=not progress, leave=False
+        total=total,
+        unit="img",
+        desc=f"key stats {layer.name}" + (f" [rank {rank}]" if group else ""),
+        disable=not progress,
+        leave=False,
     ) as bar:
-        s, count = accumulate_key_sums(model, layer, batches, device=device, progress=bar)
+        s, count = accumulate_key_sums(
+            model, layer, batches, device=device, progress=bar, allow_empty=group is not None
+        )
+    if group is not None:
+        s, count = _all_reduce_sums(s, count, device)
+        if count == 0:
+            raise SurgeryError("no images to collect key statistics from: the data is empty")
     stats = KeyStats(layer.name, s.cpu(), count, key_dtype, dataset_id, fingerprint, max_images)
     logger.info(
         "key statistics of %s: %d key vectors of %d channels (%s)",
@@ -564,7 +627,7 @@ def collect_key_stats(
         stats.n,
         key_dtype,
     )
-    if path is not None:
+    if path is not None and rank == 0:
         try:
             stats.save(path)
         except OSError as e:
@@ -572,6 +635,35 @@ def collect_key_stats(
         else:
             logger.info("cached key statistics of %s in %s", layer.name, path)
     return stats
+
+
+def _all_ranks(flag: bool, group: tuple[int, int] | None, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (just ``flag`` without a process group)."""
+    if group is None:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=_reduce_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_reduce_sums(s: torch.Tensor, count: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Add the float64 sums and the counts of every rank; every rank gets the totals."""
+    import torch.distributed as dist
+
+    where = _reduce_device(device)
+    total = s.to(where, torch.float64)
+    n = torch.tensor([count], dtype=torch.int64, device=where)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    dist.all_reduce(n, op=dist.ReduceOp.SUM)
+    return total, int(n.item())
 
 
 def _load_cached(path: Path, expected: dict[str, Any]) -> KeyStats | None:
