@@ -1,0 +1,1 @@
+"""Benchmarks of model-surgery: the concept testbed, efficacy (the paper's tables) and speed."""

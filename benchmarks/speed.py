@@ -1,0 +1,292 @@
+"""Speed: the fast solver, key statistics, suffix evaluation and edit files, side by side with what they
+replace, as ratios measured in one run.
+
+    python -m benchmarks.speed --quick            # ~10 minutes on 2 CPU cores
+    python -m benchmarks.speed                    # the reference solver runs its full 20,000 steps
+    python -m benchmarks.speed --device cuda
+
+Prints a markdown table and writes JSON (and the table) to ``benchmarks/results/``. Weights are random
+(timing does not depend on them); BN statistics are randomized so that every block matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import surgery
+from surgery.rewrite import prepare_problem
+from surgery.solvers import solve_fast, solve_reference
+from surgery.stats import collect_key_stats
+from surgery.suffix import network_suffix, suffix_logits
+
+logger = logging.getLogger("benchmarks.speed")
+
+RESULTS = Path(__file__).parent / "results"
+REFERENCE_STEPS = 20_000
+CASES = {
+    "vgg16_bn features.40": (lambda: torchvision.models.vgg16_bn(), "features.40"),
+    "resnet50 layer4.1.conv3": (lambda: torchvision.models.resnet50(), "layer4.1.conv3"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_side_by_side(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 3
+) -> dict[str, float]:
+    """Median wall time of each function, measured in alternating rounds so that drifts in the
+    machine's load hit every function alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def build(case: str, device: torch.device) -> tuple[nn.Module, surgery.EditableLayer]:
+    """A randomly initialized model of ``case`` with non-trivial BN statistics, in eval mode."""
+    factory, layer_name = CASES[case]
+    torch.manual_seed(0)
+    model = factory()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    model = model.eval().to(device)
+    return model, surgery.get_layer(model, layer_name)
+
+
+def exemplar(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image and a copy whose lower half (the "floor") is replaced."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, size, size, generator=g)
+    x2 = x.clone()
+    x2[:, :, size // 2 :] = torch.randn(1, 3, size - size // 2, size, generator=g)
+    return x.to(device), x2.to(device)
+
+
+def bench_solver(case: str, device: torch.device, *, quick: bool, size: int) -> dict:
+    """Fast vs reference on the same keys, values and u (one exemplar, L1 loss)."""
+    model, layer = build(case, device)
+    x, x2 = exemplar(size, device)
+    data = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(2))
+    stats = collect_key_stats(model, layer, data.to(device), batch_size=4, progress=False)
+    problem = prepare_problem(model, layer, x, x2, stats=stats, loss="l1")
+    _sync(device)
+    start = time.perf_counter()
+    _, fast_info = solve_fast(problem)
+    _sync(device)
+    fast_s = time.perf_counter() - start
+    steps = 2_000 if quick else REFERENCE_STEPS
+    _, ref_info = solve_reference(problem, steps=steps, progress=True)
+    per_step = ref_info["seconds"] / steps
+    ref_full_s = per_step * REFERENCE_STEPS
+    return {
+        "case": case,
+        "fast_seconds": fast_s,
+        "fast_objective": fast_info["objective"],
+        "objective_before": fast_info["objective_before"],
+        "reference_steps_run": steps,
+        "reference_seconds_run": ref_info["seconds"],
+        "reference_objective": ref_info["objective"],
+        "reference_seconds_per_step": per_step,
+        "reference_seconds_20000": ref_full_s,
+        "reference_20000_measured": not quick,
+        "speedup_vs_20000_steps": ref_full_s / fast_s,
+        "fast_objective_no_worse": fast_info["objective"] <= ref_info["objective"],
+    }
+
+
+def bench_stats(case: str, device: torch.device, *, size: int, n_images: int, batch: int) -> dict:
+    """collect_key_stats vs a forward that stops at the key site (the limit) vs a full forward."""
+    model, layer = build(case, device)
+    data = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def stats() -> None:
+        collect_key_stats(model, layer, data, batch_size=batch, progress=False)
+
+    def stop_at_site() -> None:
+        with torch.no_grad():
+            for i in range(0, n_images, batch):
+                with surgery.trace(model, layer.key_site.module, retain_input=True, retain_output=False, stop=True):
+                    model(data[i : i + batch])
+
+    def full() -> None:
+        with torch.no_grad():
+            for i in range(0, n_images, batch):
+                model(data[i : i + batch])
+
+    t = timed_side_by_side({"stats": stats, "limit": stop_at_site, "full": full}, device)
+    ips = {k: n_images / v for k, v in t.items()}
+    return {
+        "case": case,
+        "images": n_images,
+        "images_per_second": ips,
+        "stats_vs_limit": ips["stats"] / ips["limit"],
+        "stats_vs_full_forward": ips["stats"] / ips["full"],
+    }
+
+
+def bench_suffix(case: str, device: torch.device, *, size: int, n_images: int, batch: int) -> dict:
+    """Evaluating one candidate weight: cached keys + the network suffix vs full forward passes."""
+    model, layer = build(case, device)
+    data = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(4)).to(device)
+    suffix = network_suffix(model, layer)
+    cached = [layer.capture(model, data[i : i + batch]) for i in range(0, n_images, batch)]
+    candidate = layer.weight.detach() * 1.01
+    original = layer.weight.detach().clone()
+
+    def with_suffix() -> None:
+        with torch.no_grad():
+            for io in cached:
+                suffix_logits(suffix, layer, io.keys, candidate, io.context)
+
+    def with_full_forward() -> None:
+        with torch.no_grad():
+            layer.weight.copy_(candidate)
+            for i in range(0, n_images, batch):
+                model(data[i : i + batch])
+            layer.weight.copy_(original)
+
+    t = timed_side_by_side({"suffix": with_suffix, "full": with_full_forward}, device)
+    t_suffix, t_full = t["suffix"], t["full"]
+    return {"case": case, "images": n_images, "suffix_seconds": t_suffix, "full_seconds": t_full, "speedup": t_full / t_suffix}
+
+
+def bench_files(case: str, device: torch.device) -> dict:
+    """Edit file size vs the dense layer; apply / revert time vs a plain copy of the weight."""
+    model, layer = build(case, device)
+    w = layer.weight
+    lam = torch.randn(1, w.shape[0], *w.shape[2:]) * 1e-3
+    u = torch.nn.functional.normalize(torch.randn(1, w.shape[1]), dim=1)
+    edit = surgery.Edit(
+        layer=layer.name,
+        method="rewrite",
+        lam=lam,
+        u=u,
+        base=surgery.edit.base_record({layer.param_name: w}),
+        architecture=surgery.edit.architecture_id(model),
+    )
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "edit.safetensors")
+        edit.save(path)
+        size = os.path.getsize(path)
+    other = w.detach().clone()
+
+    def apply_revert() -> None:
+        surgery.revert_edit(model, surgery.apply_edit(model, edit))
+
+    def plain_copy() -> None:
+        with torch.no_grad():
+            w.copy_(other)
+
+    t = timed_side_by_side({"apply": apply_revert, "copy": plain_copy}, device, repeats=5)
+    t_apply, t_copy = t["apply"], t["copy"]
+    return {
+        "case": case,
+        "edit_bytes": size,
+        "dense_bytes": w.numel() * w.element_size(),
+        "size_ratio": w.numel() * w.element_size() / size,
+        "apply_revert_seconds": t_apply,
+        "plain_copy_seconds": t_copy,
+        "apply_revert_vs_copy": t_apply / t_copy,
+    }
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables."""
+    lines = [
+        f"Speed, {results['device']} ({results['mode']} run, torch {results['torch']}, {results['threads']} threads)",
+        "",
+        "| solver | fast (s) | reference, 20,000 steps (s) | speed-up | objective fast / reference |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["solver"]:
+        ref = f"{r['reference_seconds_20000']:.1f}" + ("" if r["reference_20000_measured"] else " (est.)")
+        lines.append(
+            f"| {r['case']} | {r['fast_seconds']:.2f} | {ref} | {r['speedup_vs_20000_steps']:.0f}x | "
+            f"{r['fast_objective']:.4g} / {r['reference_objective']:.4g} ({r['reference_steps_run']} steps) |"
+        )
+    lines += ["", "| statistics | stats img/s | stop-at-site img/s | full forward img/s | vs limit | vs full |", "|---|---|---|---|---|---|"]
+    for r in results["stats"]:
+        i = r["images_per_second"]
+        lines.append(
+            f"| {r['case']} | {i['stats']:.1f} | {i['limit']:.1f} | {i['full']:.1f} | "
+            f"{r['stats_vs_limit']:.2f} | {r['stats_vs_full_forward']:.2f} |"
+        )
+    lines += ["", "| candidate evaluation | suffix (s) | full forward (s) | speed-up |", "|---|---|---|---|"]
+    for r in results["suffix"]:
+        lines.append(f"| {r['case']} ({r['images']} images) | {r['suffix_seconds']:.2f} | {r['full_seconds']:.2f} | {r['speedup']:.1f}x |")
+    lines += ["", "| edit file | file | dense layer | smaller by | apply+revert / plain copy |", "|---|---|---|---|---|"]
+    for r in results["files"]:
+        lines.append(
+            f"| {r['case']} | {r['edit_bytes'] / 1024:.1f} KB | {r['dense_bytes'] / 2**20:.1f} MB | "
+            f"{r['size_ratio']:.0f}x | {r['apply_revert_vs_copy']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2,000 reference steps, timed per step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=32, help="images for the statistics and evaluation")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    results: dict = {
+        "mode": "quick" if args.quick else "full",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "size": args.size,
+    }
+    for key, fn in (
+        ("files", lambda c: bench_files(c, device)),
+        ("stats", lambda c: bench_stats(c, device, size=args.size, n_images=args.images, batch=args.batch)),
+        ("suffix", lambda c: bench_suffix(c, device, size=args.size, n_images=args.images, batch=args.batch)),
+        ("solver", lambda c: bench_solver(c, device, quick=args.quick, size=args.size)),
+    ):
+        results[key] = []
+        for case in CASES:
+            logger.info("%s: %s", key, case)
+            results[key].append(fn(case))
+    table = markdown(results)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"speed-{results['mode']}-{device.type}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
