@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,22 +91,34 @@ def _combine(p: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor
     return (p.detach().to(torch.float64) + alpha * delta.detach().to(p.device, torch.float64)).to(p.dtype)
 
 
-def _plan(model: nn.Module, edit: Edit, alpha: float, sign: float = 1.0) -> dict[str, torch.Tensor]:
-    """New values of every parameter the edit changes; raises before anything is modified."""
-    if not math.isfinite(alpha):
-        raise SurgeryError(f"alpha must be a finite number, got {alpha}")
+def _check_architecture(model: nn.Module, edit: Edit) -> None:
     here = architecture_id(model)
     if edit.architecture and edit.architecture != here:
+        same_class = edit.architecture.split("@")[0] == here.split("@")[0]
+        detail = " (the same class with other layers, like resnet18 and resnet34)" if same_class else ""
         raise IncompatibleEditError(
-            f"the edit was made for architecture {edit.architecture!r} but the model is {here!r}; "
-            "apply it to a model of the same architecture"
+            f"the edit was made for architecture {edit.architecture!r} but the model is {here!r}{detail}; "
+            "apply it to a model of the same architecture (if you are sure the layer is the same, set "
+            "edit.architecture = None to skip this check)"
         )
+
+
+def plan_update(
+    lookup: Callable[[str], torch.Tensor], edit: Edit, alpha: float, sign: float = 1.0, where: str = "the model"
+) -> dict[str, torch.Tensor]:
+    """New values of every parameter the edit changes, from their current values ``lookup(name)``.
+
+    Shared by the in-memory model and checkpoints on disk: checks alpha, shapes, dtypes and finiteness
+    and raises before anything is modified; ``lookup`` raises for a missing name.
+    """
+    if not math.isfinite(alpha):
+        raise SurgeryError(f"alpha must be a finite number, got {alpha}")
     planned: dict[str, torch.Tensor] = {}
     for name, delta in edit.parameter_deltas().items():
-        p = _parameter(model, name)
+        p = lookup(name)
         if tuple(delta.shape) != tuple(p.shape):
             raise IncompatibleEditError(
-                f"the edit's update of {name!r} has shape {tuple(delta.shape)} but the model's parameter has "
+                f"the edit's update of {name!r} has shape {tuple(delta.shape)} but {where}'s parameter has "
                 f"{tuple(p.shape)}; the edit was made for another architecture"
             )
         base = edit.base.get(name, {})
@@ -121,6 +133,30 @@ def _plan(model: nn.Module, edit: Edit, alpha: float, sign: float = 1.0) -> dict
             raise SurgeryError(f"applying the edit would put non-finite values into {name!r}; nothing was changed")
         planned[name] = new
     return planned
+
+
+def _plan(model: nn.Module, edit: Edit, alpha: float, sign: float = 1.0) -> dict[str, torch.Tensor]:
+    """New values of every parameter of ``model`` the edit changes; raises before anything is modified."""
+    if not math.isfinite(alpha):
+        raise SurgeryError(f"alpha must be a finite number, got {alpha}")
+    _check_architecture(model, edit)
+    return plan_update(lambda name: _parameter(model, name), edit, alpha, sign)
+
+
+def check_base(
+    edit: Edit, originals: Mapping[str, torch.Tensor], strict: bool, stacklevel: int = 2, where: str = "the model"
+) -> None:
+    """Warn (or, under ``strict``, raise) when ``originals`` differ from the weights the edit was made on."""
+    for name, current in originals.items():
+        expected = edit.base.get(name, {}).get("sha256")
+        if expected and tensor_sha256(current) != expected:
+            message = (
+                f"{name!r} in {where} differs from the weights the edit was made on (another checkpoint or a "
+                "fine-tuned copy?); the edit may not do what it did there"
+            )
+            if strict:
+                raise IncompatibleEditError(message + "; pass strict=False to apply it anyway")
+            warnings.warn(message, SurgeryWarning, stacklevel=stacklevel + 1)
 
 
 def _content_id(edit: Edit) -> str:
@@ -153,17 +189,7 @@ def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict
     edit = as_edit(edit)
     planned = _plan(model, edit, alpha)
     state = _state(model)
-    for name in planned:
-        expected = edit.base.get(name, {}).get("sha256")
-        current = state.base.get(name, _parameter(model, name))
-        if expected and tensor_sha256(current) != expected:
-            message = (
-                f"{name!r} differs from the weights the edit was made on (another checkpoint or a fine-tuned "
-                "copy?); the edit may not do what it did there"
-            )
-            if strict:
-                raise IncompatibleEditError(message + "; pass strict=False to apply it anyway")
-            warnings.warn(message, SurgeryWarning, stacklevel=2)
+    check_base(edit, {name: state.base.get(name, _parameter(model, name)) for name in planned}, strict)
     edit_id = _content_id(edit)
     if any(h.edit_id == edit_id for h in state.handles):
         warnings.warn(

@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stats_args(p.add_argument_group("key statistics with --data"))
     p.set_defaults(func=_cmd_edit)
+    from .cli_edits import add_commands
+
+    add_commands(sub)  # inspect, apply, revert
     return parser
 
 

@@ -39,9 +39,24 @@ def rank_one_delta(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rm...,rn->mn...", lam, u)
 
 
+def _layout_digest(model: nn.Module) -> str:
+    """Short SHA-256 of a model's module tree: every module's name and class, every parameter's name."""
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        cls = type(module)
+        h.update(f"{name}\0{cls.__module__}.{cls.__qualname__}\0".encode())
+        for pname, _ in module.named_parameters(recurse=False):
+            h.update(f"{pname}\0".encode())
+    return h.hexdigest()[:12]
+
+
 def architecture_id(model: nn.Module) -> str:
-    """A name for the model's architecture: timm's ``pretrained_cfg`` architecture when known, the CLIP
-    image tower's class for open_clip models, else the model's class with its module."""
+    """A name for the model's architecture.
+
+    timm's ``pretrained_cfg`` architecture when known (``timm:resnet50``); else the class (the CLIP image
+    tower's class for open_clip models) followed by ``@`` and a digest of the module tree, so that
+    models of one class with other layers (torchvision's resnet18 and resnet34) get different ids.
+    """
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("architecture"):
         return f"timm:{cfg['architecture']}"
@@ -49,9 +64,9 @@ def architecture_id(model: nn.Module) -> str:
     if isinstance(visual, nn.Module) and (
         type(model).__module__.startswith("open_clip") or type(model).__name__ == "ZeroShotClassifier"
     ):
-        return f"open_clip:{type(visual).__name__}"
+        return f"open_clip:{type(visual).__name__}@{_layout_digest(visual)}"
     cls = type(model)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}@{_layout_digest(model)}"
 
 
 def base_record(params: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -7,36 +7,55 @@ Metadata (every value a string; JSON where noted):
     ``format`` = ``model-surgery/edit``, ``format_version`` = ``1``, ``library_version``, ``kind``
     (``factored`` | ``dense``), ``method``, ``layer``, ``params`` (JSON list), ``base`` (JSON: for each
     parameter its ``shape``, ``dtype`` and ``sha256`` of the original bytes), ``hparams`` (JSON),
-    ``architecture``, ``description``, ``created`` (ISO 8601, UTC), ``info`` (JSON).
+    ``architecture``, ``description``, ``created`` (ISO 8601, UTC), ``info`` (JSON), ``file_sha256``.
+
+``file_sha256`` is the SHA-256 (hex) of the whole file's bytes with this value's own 64 hex digits
+replaced by 64 ASCII ``0``: a writer saves the file with 64 zeros there, hashes it, and writes the digest
+over the zeros. Any corrupted byte (in the header, a metadata string or a factor) is then detected.
 
 Reading validates everything before building an :class:`Edit`: header size, JSON, metadata types,
-tensor names, dtypes, shapes against the recorded base shapes, and finiteness. Nothing is unpickled.
+tensor names, the file checksum, dtypes, shapes against the recorded base shapes, and finiteness.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import struct
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from .edit import Edit
 from .errors import EditFormatError, SurgeryError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_edit", "load_edit", "read_edit_metadata", "MAX_HEADER_BYTES"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CHECKSUM_KEY",
+    "save_edit",
+    "load_edit",
+    "read_edit_metadata",
+    "MAX_HEADER_BYTES",
+    "atomic_write",
+]
 
 FORMAT = "model-surgery/edit"
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 1 << 20  # real edit headers are a few KB; refuse anything beyond 1 MiB
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-_REQUIRED = ("format", "format_version", "kind", "method", "layer", "params", "base", "hparams")
+CHECKSUM_KEY = "file_sha256"
+_CHECKSUM_PLACEHOLDER = "0" * 64
+_REQUIRED = ("format", "format_version", "kind", "method", "layer", "params", "base", "hparams", CHECKSUM_KEY)
 
 
 def _json_safe(value: Any) -> Any:
@@ -88,18 +107,87 @@ def save_edit(edit: Edit, path: str | os.PathLike[str]) -> None:
         "created": edit.created,
         "info": json.dumps(_json_safe(edit.info), sort_keys=True),
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
+    data = _checksummed(save_bytes(tensors, metadata={**metadata, CHECKSUM_KEY: _CHECKSUM_PLACEHOLDER}))
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise SurgeryError(
+            f"the edit's metadata takes {n} bytes, more than the {MAX_HEADER_BYTES} readers accept; shorten "
+            "its description, hparams or info"
+        )
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(Path(path), write)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a new file next to ``path``, then rename it to ``path``.
+
+    The temporary file is created with the usual permissions (``0o666`` less the umask) and removed if
+    anything fails, so ``path`` is either left as it was or replaced by a complete file.
+    """
+    folder = path.parent
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover
+        raise OSError(f"cannot create a temporary file in {folder}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def _checksum_span(header: bytes) -> tuple[int, int] | None:
+    """Where the 64 hex digits of ``file_sha256`` lie in the raw header bytes (None: not exactly once)."""
+    key = f'"{CHECKSUM_KEY}":"'.encode()
+    if header.count(key) != 1:
+        return None
+    start = header.index(key) + len(key)
+    if header[start + 64 : start + 65] != b'"' or not re.fullmatch(rb"[0-9a-f]{64}", header[start : start + 64]):
+        return None
+    return start, start + 64
+
+
+def _checksummed(data: bytes) -> bytes:
+    """A safetensors file (as bytes) written with the placeholder checksum, with the digest filled in."""
+    (n,) = struct.unpack("<Q", data[:8])
+    span = _checksum_span(data[8 : 8 + n])
+    if span is None:  # cannot happen with the metadata save_edit writes
+        raise SurgeryError("internal error: the edit file's checksum placeholder was not found")
+    digest = hashlib.sha256(data).hexdigest().encode()
+    return data[: 8 + span[0]] + digest + data[8 + span[1] :]
+
+
+def _verify_checksum(path: Path, n: int, recorded: str) -> None:
+    """Recompute ``file_sha256`` over the file and compare it with the recorded value."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8 + n)
+            span = _checksum_span(head[8:])
+            if span is None or head[8 + span[0] : 8 + span[1]].decode() != recorded:
+                raise EditFormatError(f"{path}: metadata {CHECKSUM_KEY!r} is malformed; the file is corrupted")
+            h = hashlib.sha256(head[: 8 + span[0]] + _CHECKSUM_PLACEHOLDER.encode() + head[8 + span[1] :])
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise EditFormatError(f"cannot read edit file {path}: {e}") from None
+    if h.hexdigest() != recorded:
+        raise EditFormatError(
+            f"{path} fails its checksum ({CHECKSUM_KEY}): the file was corrupted or modified after it was "
+            "written; get a fresh copy"
+        )
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and check the safetensors header ourselves before the library touches the file."""
     try:
         size = path.stat().st_size
@@ -143,7 +231,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise EditFormatError(
             f"{path} is {size} bytes but its header describes {8 + n + end}; the file is truncated or corrupted"
         )
-    return header
+    return header, n
 
 
 def _loads(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
@@ -159,7 +247,8 @@ def _loads(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
 def read_edit_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The checked string metadata of an edit file, without loading its tensors."""
     path = Path(path)
-    meta = _read_header(path)["__metadata__"]
+    header, n = _read_header(path)
+    meta = header["__metadata__"]
     if meta.get("format") != FORMAT:
         raise EditFormatError(f"{path} is a safetensors file but not a model-surgery edit (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -170,6 +259,7 @@ def read_edit_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise EditFormatError(f"{path} lacks required metadata {missing}")
+    _verify_checksum(path, n, meta[CHECKSUM_KEY])
     return meta
 
 

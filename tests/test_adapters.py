@@ -12,7 +12,6 @@ import torch
 import torchvision
 from torch import nn
 
-import surgery
 from surgery import EditableLayer, LayerNotFoundError, SurgeryError, editable_layers, get_layer
 from surgery.adapters import (
     CLIPAdapter,

@@ -1,0 +1,146 @@
+"""Hypothesis strategies: small editable models and random factored or dense edits of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from surgery.edit import Edit, architecture_id, base_record
+
+from .tiny_models import randomize_batchnorm
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How to build a small ``nn.Sequential``: the same recipe always builds the same weights."""
+
+    channels: tuple[int, ...]  # input channels, then each conv's output channels
+    kernels: tuple[int, ...]  # one per conv, 1 or 3
+    batchnorm: tuple[bool, ...]  # one per conv
+    bias: tuple[bool, ...]  # one per conv
+    classes: int
+    dtype: torch.dtype
+    seed: int
+
+    def build(self) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for c_in, c_out, k, bn, bias in zip(
+                self.channels, self.channels[1:], self.kernels, self.batchnorm, self.bias
+            ):
+                layers.append(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=bias))
+                if bn:
+                    layers.append(nn.BatchNorm2d(c_out))
+                layers.append(nn.ReLU())
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.channels[-1], self.classes)]
+            model = nn.Sequential(*layers)
+        randomize_batchnorm(model, self.seed)
+        return model.to(self.dtype).eval()
+
+
+@st.composite
+def model_recipes(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> ModelRecipe:
+    """Recipes of ``Conv2d [BatchNorm2d] ReLU`` blocks (1-3, kernels 1 or 3) then a Linear head."""
+    n = draw(st.integers(1, 3))
+    return ModelRecipe(
+        channels=tuple(draw(st.lists(st.integers(1, 6), min_size=n + 1, max_size=n + 1))),
+        kernels=tuple(draw(st.lists(st.sampled_from([1, 3]), min_size=n, max_size=n))),
+        batchnorm=tuple(draw(st.lists(st.booleans(), min_size=n, max_size=n))),
+        bias=tuple(draw(st.lists(st.booleans(), min_size=n, max_size=n))),
+        classes=draw(st.integers(1, 5)),
+        dtype=draw(st.sampled_from(dtypes)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def editable_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d and Linear modules."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+json_dicts = st.dictionaries(
+    st.text(max_size=8),
+    st.one_of(_json_scalars, st.lists(_json_scalars, max_size=3)),
+    max_size=4,
+)
+"""JSON-serializable dicts (no tuples, no NaN) that survive a JSON round trip unchanged."""
+
+
+@st.composite
+def _provenance(draw: st.DrawFn, model: nn.Module, layer: str, params: list[str], method: str) -> dict:
+    return dict(
+        layer=layer,
+        method=method,
+        hparams=draw(json_dicts),
+        base=base_record({p: model.get_parameter(p) for p in params}),
+        architecture=architecture_id(model),
+        description=draw(st.text(max_size=30)),
+        created=draw(st.sampled_from(["2026-01-02T03:04:05+00:00", ""]) | st.text(max_size=25)),
+        info=draw(json_dicts),
+    )
+
+
+def _scale(draw: st.DrawFn) -> float:
+    """A scale spread over several orders of magnitude (1e-4 to 1e2)."""
+    return 10.0 ** draw(st.floats(-4.0, 2.0))
+
+
+def _factor_dtype(draw: st.DrawFn, weight: torch.Tensor) -> torch.dtype:
+    return draw(st.sampled_from([torch.float32, torch.float64, weight.dtype]))
+
+
+@st.composite
+def factored_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) -> Edit:
+    """A factored edit (rank 1-3) of a Conv2d or Linear layer of ``model``, made on its current weights."""
+    layer = layer if layer is not None else draw(st.sampled_from(editable_layers(model)))
+    weight = model.get_parameter(f"{layer}.weight")
+    rank = draw(st.integers(1, 3))
+    dtype = _factor_dtype(draw, weight)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    m, n, *kernel = weight.shape
+    lam = (torch.randn(rank, m, *kernel, generator=g, dtype=torch.float64) * _scale(draw)).to(dtype)
+    u = torch.randn(rank, n, generator=g, dtype=torch.float64)
+    u = (u / u.norm(dim=1, keepdim=True)).to(dtype)
+    return Edit(lam=lam, u=u, **draw(_provenance(model, layer, [f"{layer}.weight"], "rewrite")))
+
+
+@st.composite
+def dense_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) -> Edit:
+    """A dense edit of a layer's weight (and, sometimes, its bias), made on its current weights."""
+    layer = layer if layer is not None else draw(st.sampled_from(editable_layers(model)))
+    module = model.get_submodule(layer)
+    params = [f"{layer}.weight"]
+    if getattr(module, "bias", None) is not None and draw(st.booleans()):
+        params.append(f"{layer}.bias")
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = _scale(draw)
+    deltas = {}
+    for p in params:
+        w = model.get_parameter(p)
+        deltas[p] = (torch.randn(w.shape, generator=g, dtype=torch.float64) * scale).to(_factor_dtype(draw, w))
+    return Edit(deltas=deltas, **draw(_provenance(model, layer, params, "finetune")))
+
+
+def edits(model: nn.Module, layer: str | None = None) -> st.SearchStrategy[Edit]:
+    """Factored (mostly) or dense edits of ``model``."""
+    return st.one_of(factored_edits(model, layer), factored_edits(model, layer), dense_edits(model, layer))
+
+
+def state_hashes(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of every parameter and buffer."""
+    from surgery.edit import tensor_sha256
+
+    return {name: tensor_sha256(t) for name, t in model.state_dict().items()}
