@@ -4,7 +4,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,13 +14,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Real Fashion-MNIST objects for the concept testbed, from Debian's dataset-fashion-mnist package.
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "Fashion-MNIST is missing: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) or set SURGERY_FASHION_MNIST"; \
+	  fi; \
+	fi
+
+demo: $(STAMP) data
 	$(BIN)/surgery demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) data
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
