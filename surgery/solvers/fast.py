@@ -21,6 +21,7 @@ import time
 import torch
 from torch.func import jvp, vmap
 
+from ..edit import rank_one_delta
 from ..errors import UnsupportedModelError
 from .problem import EditProblem
 
@@ -54,11 +55,15 @@ class FastSolver:
             self.z0 = layer.layer_forward(keys, problem.weight0)
             bias_only = layer.layer_forward(keys, torch.zeros_like(problem.weight0))
             designs = []
+            per_rank = self.taps // self.rank
             for t in range(self.taps):
-                basis = torch.zeros(self.rank, self.m, self.taps // self.rank, dtype=keys.dtype, device=keys.device)
-                basis[t // (self.taps // self.rank), :, t % (self.taps // self.rank)] = 1
-                response = layer.layer_forward(keys, problem.weight_for(basis.reshape(problem.lam_shape)) - problem.weight0) - bias_only
-                designs.append(response.narrow(self.zdim, 0, 1))  # identical for every channel
+                # the layer's response to the unit update at tap t, minus its bias: identical in every
+                # output channel, so one channel is kept
+                basis = torch.zeros(self.rank, self.m, per_rank, dtype=keys.dtype, device=keys.device)
+                basis[t // per_rank, :, t % per_rank] = 1
+                delta = rank_one_delta(basis.reshape(problem.lam_shape), problem.u)
+                response = layer.layer_forward(keys, delta) - bias_only
+                designs.append(response.narrow(self.zdim, 0, 1))
             self.designs = designs
         self.numel = problem.values.numel()
         w = problem.weights
