@@ -1,0 +1,116 @@
+"""Small classifiers for the concept testbed (80 px scenes, 20 classes), recognized by the adapters.
+
+Both networks keep four 2x down-samplings so that their deepest layers run at 10x10 and 5x5 on an
+80 px scene: there, most concept pixels lie in cells free of the object (see the testbed README),
+which is what an edit of a concept (not of the object) needs.
+
+``testbed_vgg`` is a torchvision :class:`~torchvision.models.vgg.VGG` (VGG adapter: each conv of
+``features`` is valued after BN -> ReLU [-> MaxPool]) with ``features`` from
+:func:`torchvision.models.vgg.make_layers`, global average pooling and one linear layer. At
+``width=w`` (the trained model: ``w=8``, channels 8..64)::
+
+    features.0   w   ch at 80x80 -> pool 40       features.15  8w ch at 10x10
+    features.4   2w  ch at 40x40 -> pool 20       features.18  8w ch at 10x10 -> pool 5
+    features.8   4w  ch at 20x20                  features.22  8w ch at 5x5
+    features.11  4w  ch at 20x20 -> pool 10       features.25  8w ch at 5x5
+
+Edit candidates: ``features.22`` and ``features.25`` (the deepest, keys and values at 5x5), and the
+higher-resolution ``features.15`` (10x10) and ``features.18`` (keys at 10x10; its value ends with
+the max-pool, 5x5, like the paper's VGG16 layer 12).
+
+``testbed_resnet`` is a timm :class:`~timm.models.resnet.ResNet` with BasicBlocks, one per stage,
+channels ``(w, 2w, 4w, 8w)`` (the trained model: ``w=12``), a "deep" stem of three 3x3 convs
+(stride 2, ending at ``w`` channels; timm's default stem has 64), no stem max-pool, so the
+stages run at 40, 20, 10 and 5 px, and ResNet-D shortcuts (``avg_down``: 2x2 average pool, then the
+1x1 conv), with ``bn2`` not zero-initialized. (The first version, with timm's default 1x1 stride-2
+shortcuts and zero-initialized ``bn2``, learned only the context: 99.6% on scenes with both
+preferred concepts, 0.5% with neither.) Edit candidates (ResNet adapter: ``conv2`` valued at the block output,
+``ReLU(bn2(conv2(k)) + identity)``): ``layer4.0.conv2`` (5x5) and ``layer3.0.conv2`` (10x10).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = [
+    "ARCHS",
+    "build_model",
+    "candidate_layers",
+    "testbed_resnet",
+    "testbed_vgg",
+    "vgg_cfg",
+]
+
+ARCHS = ("vgg", "resnet")
+
+
+def vgg_cfg(width: int = 16) -> list[int | str]:
+    """The ``make_layers`` config: 8 convs, 4 max-pools (80 -> 5 px), channels ``width .. 8*width``."""
+    w = width
+    return [w, "M", 2 * w, "M", 4 * w, 4 * w, "M", 8 * w, 8 * w, "M", 8 * w, 8 * w]
+
+
+def testbed_vgg(
+    num_classes: int = 20, width: int = 8, dropout: float = 0.0
+) -> nn.Module:
+    """A narrow VGG-BN (torchvision ``VGG``) with global average pooling and a linear head."""
+    from torchvision.models.vgg import VGG, make_layers
+
+    cfg = vgg_cfg(width)
+    model = VGG(
+        make_layers(cfg, batch_norm=True), num_classes=num_classes, init_weights=True
+    )
+    channels = int(cfg[-1])
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    # VGG.forward flattens after avgpool, so the head needs no Flatten.
+    head: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+    model.classifier = nn.Sequential(*head, nn.Linear(channels, num_classes))
+    nn.init.normal_(model.classifier[-1].weight, 0, 0.01)
+    nn.init.zeros_(model.classifier[-1].bias)
+    return model
+
+
+def testbed_resnet(num_classes: int = 20, width: int = 12) -> nn.Module:
+    """A timm ``ResNet`` of BasicBlocks ``[1, 1, 1, 1]``, channels ``(w, 2w, 4w, 8w)``, no stem pool."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(
+        block=BasicBlock,
+        layers=(1, 1, 1, 1),
+        num_classes=num_classes,
+        stem_width=max(width // 2, 1),
+        stem_type="deep",  # three 3x3 convs ending at `width` channels (the default stem has 64)
+        channels=(width, 2 * width, 4 * width, 8 * width),
+        avg_down=True,  # shortcuts average-pool before their 1x1 conv instead of dropping 3/4 of the pixels
+        zero_init_last=False,
+    )
+    # No stem max-pool: the last two stages run at 10x10 and 5x5 on an 80 px scene.
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(
+    arch: str, num_classes: int = 20, width: int | None = None
+) -> nn.Module:
+    """``testbed_vgg`` or ``testbed_resnet`` by name (``"vgg"`` / ``"resnet"``)."""
+    if arch == "vgg":
+        return testbed_vgg(num_classes, width or 8)
+    if arch == "resnet":
+        return testbed_resnet(num_classes, width or 12)
+    raise ValueError(
+        f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
+    )
+
+
+def candidate_layers(arch: str) -> dict[str, list[str]]:
+    """Natural edit candidates: ``{"deep": [...5x5 layers], "high_res": [...10x10 layers]}``."""
+    if arch == "vgg":
+        return {
+            "deep": ["features.22", "features.25"],
+            "high_res": ["features.15", "features.18"],
+        }
+    if arch == "resnet":
+        return {"deep": ["layer4.0.conv2"], "high_res": ["layer3.0.conv2"]}
+    raise ValueError(
+        f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
+    )

@@ -1,0 +1,457 @@
+"""Train the testbed classifiers on CPU, save them as safetensors with their config, reload them.
+
+    python -m benchmarks.testbed.train --arch all          # what made weights/*.safetensors
+
+Inputs are normalized with :func:`normalize` (per-channel ``MEAN`` / ``STD`` of training scenes,
+measured on 1,000 of them). Augmentation: horizontal flips of Fashion-MNIST scenes only (a mirrored
+digit is another shape). Optimizer: SGD with Nesterov momentum, weight decay, one-cycle schedule.
+
+A weights file holds the state dict and string metadata: ``config`` (the :class:`TrainConfig` as
+JSON, including the testbed's config key), ``val_accuracy``, ``context`` (validation accuracy by how
+many of a scene's two concepts the class prefers), ``train_seconds``, ``torch`` and ``timm``
+versions. :func:`load_trained` reuses a file only when its stored config equals the requested one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import ARCHS, build_model
+from .scenes import Testbed, TestbedConfig, TestbedData, make_dataset
+from .textures import CONCEPTS, REGIONS
+
+__all__ = [
+    "MEAN",
+    "STD",
+    "WEIGHTS_DIR",
+    "TrainConfig",
+    "context_accuracy",
+    "default_config",
+    "evaluate",
+    "load_trained",
+    "normalize",
+    "train",
+    "weights_path",
+]
+
+logger = logging.getLogger(__name__)
+
+MEAN = (0.46, 0.43, 0.37)
+STD = (0.28, 0.25, 0.27)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FORMAT = "testbed-classifier/1"
+
+# Per-architecture defaults, sized for ~6-8 minutes on one busy CPU core (see weights/README.md).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vgg": {"width": 8, "n_train": 15_000, "epochs": 4},
+    "resnet": {"width": 12, "n_train": 12_000, "epochs": 4},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained model. Two equal configs give the same weights."""
+
+    arch: str
+    width: int
+    n_train: int
+    epochs: int
+    seed: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    n_val: int = 2_000
+    flip: bool = True
+    testbed: str = dataclasses.field(default_factory=lambda: TestbedConfig().key())
+    testbed_seed: int = 0
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        d = json.loads(text)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+def default_config(arch: str, **overrides: Any) -> TrainConfig:
+    """The config that made ``weights/<arch>.safetensors``, with ``overrides`` (None values ignored)."""
+    if arch not in _DEFAULTS:
+        raise ValueError(
+            f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
+        )
+    fields = {
+        **_DEFAULTS[arch],
+        **{k: v for k, v in overrides.items() if v is not None},
+    }
+    return TrainConfig(arch=arch, **fields)
+
+
+def weights_path(arch: str, out_dir: str | Path | None = None) -> Path:
+    return Path(out_dir or WEIGHTS_DIR) / f"{arch}.safetensors"
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, 3, S, S)`` (or float in ``[0, 1]``) -> the float input the testbed models expect."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Predicted labels of uint8 images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [
+        model(normalize(images[i : i + batch_size])).argmax(1)
+        for i in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def context_accuracy(
+    data: TestbedData, predictions: torch.Tensor, testbed: Testbed | None = None
+) -> dict[str, dict[str, float]]:
+    """Accuracy by how many of a scene's concepts its class prefers: ``both``, ``one``, ``neither``.
+
+    Returns ``{group: {"accuracy": ..., "n": ...}}``. A model that uses context is less accurate on
+    ``neither`` than on ``both``.
+    """
+    tb = testbed or Testbed()
+    n_pref = torch.tensor(
+        [
+            sum(tb.prefers(int(y), CONCEPTS[int(c)]) for c in cs)
+            for y, cs in zip(data.labels, data.concepts)
+        ]
+    )
+    correct = predictions.cpu() == data.labels
+    groups = {"both": len(REGIONS), "one": 1, "neither": 0}
+    out: dict[str, dict[str, float]] = {}
+    for name, k in groups.items():
+        sel = n_pref == k
+        n = int(sel.sum())
+        out[name] = {
+            "accuracy": float(correct[sel].float().mean()) if n else float("nan"),
+            "n": n,
+        }
+    return out
+
+
+def evaluate(
+    model: nn.Module, data: TestbedData, testbed: Testbed | None = None
+) -> dict[str, Any]:
+    """Clean accuracy and :func:`context_accuracy` of ``model`` on ``data``."""
+    pred = predict(model, data.images)
+    return {
+        "accuracy": float((pred == data.labels).float().mean()),
+        "context": context_accuracy(data, pred, testbed),
+    }
+
+
+def _config_of(info: dict[str, str]) -> TrainConfig | None:
+    try:
+        return TrainConfig.from_json(info["config"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def train(
+    arch: str,
+    *,
+    n_train: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    config: TrainConfig | None = None,
+    num_threads: int = 1,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``arch`` ("vgg" / "resnet") on ``n_train`` testbed scenes; save ``<out_dir>/<arch>.safetensors``.
+
+    ``config`` replaces every other setting; else :func:`default_config` with the given ones. On a
+    2-core machine shared with other jobs one thread was faster than two. ``progress`` receives one
+    line per epoch. Returns the model (eval mode) and the saved metadata (decoded).
+    """
+    from safetensors.torch import save_file
+
+    cfg = config or default_config(
+        arch, n_train=n_train, epochs=epochs, seed=seed, **overrides
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        t0 = time.perf_counter()
+        tb_config = TestbedConfig()
+        if tb_config.key() != cfg.testbed:
+            raise ValueError(
+                f"config is for testbed {cfg.testbed}, this generator is {tb_config.key()}"
+            )
+        train_data = make_dataset(
+            cfg.n_train, "train", seed=cfg.testbed_seed, cache_dir=cache_dir
+        )
+        val_data = make_dataset(
+            cfg.n_val, "val", seed=cfg.testbed_seed, cache_dir=cache_dir
+        )
+        render_s = time.perf_counter() - t0
+        logger.info(
+            "testbed: rendered %d train + %d val scenes in %.1fs",
+            cfg.n_train,
+            cfg.n_val,
+            render_s,
+        )
+
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model = build_model(cfg.arch, width=cfg.width)
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+        opt = torch.optim.SGD(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=True,
+        )
+        steps_per_epoch = -(-cfg.n_train // cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        # Warm-up over 25% of the steps (at least 2), then cosine annealing.
+        if total_steps >= 4:
+            sched: Any = torch.optim.lr_scheduler.OneCycleLR(
+                opt,
+                max_lr=cfg.lr,
+                total_steps=total_steps,
+                pct_start=max(0.25, 2.0 / total_steps),
+            )
+        else:  # too few steps for a cycle
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        # Flip Fashion-MNIST items only: a mirrored digit is another shape.
+        flippable = train_data.labels < 10
+        t_train = time.perf_counter()
+        seen = 0
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = torch.randperm(cfg.n_train, generator=gen)
+            total_loss = 0.0
+            for i in range(0, cfg.n_train, cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                x = normalize(train_data.images[idx])
+                y = train_data.labels[idx]
+                if cfg.flip:
+                    flip = flippable[idx] & (torch.rand(len(idx), generator=gen) < 0.5)
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total_loss += float(loss.detach()) * len(idx)
+                seen += len(idx)
+            val = evaluate(model, val_data)
+            elapsed = time.perf_counter() - t_train
+            line = (
+                f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}: loss {total_loss / cfg.n_train:.3f}, "
+                f"val acc {val['accuracy']:.1%}, {seen / elapsed:.0f} img/s, {elapsed:.0f}s"
+            )
+            logger.info(line)
+            if progress is not None:
+                progress(line)
+        model.eval()
+        train_s = time.perf_counter() - t0
+        info: dict[str, Any] = {
+            "format": FORMAT,
+            "config": cfg.to_json(),
+            "val_accuracy": val["accuracy"],
+            "context": val["context"],
+            "train_seconds": round(train_s, 1),
+            "torch": torch.__version__,
+            "timm": _timm_version(),
+        }
+        path = weights_path(cfg.arch, out_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(
+            state,
+            str(path),
+            metadata={
+                k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()
+            },
+        )
+        logger.info(
+            "testbed: saved %s (val acc %.1f%%, %.0fs)",
+            path,
+            100 * val["accuracy"],
+            train_s,
+        )
+        return model, info
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timm_version() -> str:
+    try:
+        import timm
+
+        return timm.__version__
+    except ImportError:  # pragma: no cover - timm is a dependency of the resnet model
+        return "none"
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    """The decoded metadata of a weights file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    info: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            info[k] = v if k in ("config", "format", "torch", "timm") else json.loads(v)
+        except ValueError:
+            info[k] = v
+    return info
+
+
+def load_trained(
+    arch: str,
+    *,
+    train_if_missing: bool = True,
+    weights_dir: str | Path | None = None,
+    config: TrainConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained ``arch`` model (eval mode) and its metadata, reloaded when the stored config matches.
+
+    The requested config is ``config`` or :func:`default_config` with ``overrides`` (``n_train``,
+    ``epochs``, ``seed``, ...). When the file is missing or was trained with another config, the model
+    is retrained (and the file overwritten) if ``train_if_missing``, else :class:`FileNotFoundError`.
+    """
+    from safetensors.torch import load_file
+
+    cfg = config or default_config(arch, **overrides)
+    path = weights_path(arch, weights_dir)
+    reason = None
+    if not path.is_file():
+        reason = f"{path} does not exist"
+    else:
+        info = read_info(path)
+        stored = _config_of(info)
+        if stored != cfg:
+            diff = _diff(stored, cfg)
+            reason = f"{path} was trained with another config ({diff})"
+        else:
+            # Build on the meta device: VGG's __init__ would allocate and initialize a 25088x4096
+            # Linear (seconds) that the testbed head replaces anyway; the state dict fills everything.
+            with torch.device("meta"):
+                model = build_model(cfg.arch, width=cfg.width)
+            model = model.to_empty(device="cpu")
+            model.load_state_dict(load_file(str(path)))
+            model.eval()
+            logger.info(
+                "testbed: loaded %s (val acc %.1f%%)",
+                path,
+                100 * info.get("val_accuracy", float("nan")),
+            )
+            return model, info
+    if not train_if_missing:
+        raise FileNotFoundError(
+            f"no trained {arch} model: {reason}; run python -m benchmarks.testbed.train --arch {arch}"
+        )
+    logger.warning("testbed: retraining %s: %s", arch, reason)
+    return train(arch, config=cfg, out_dir=path.parent, progress=progress)
+
+
+def _diff(stored: TrainConfig | None, wanted: TrainConfig) -> str:
+    if stored is None:
+        return "no readable config"
+    a, b = dataclasses.asdict(stored), dataclasses.asdict(wanted)
+    return ", ".join(f"{k}: {a[k]!r} != {b[k]!r}" for k in b if a.get(k) != b[k])
+
+
+def _format_context(ctx: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['accuracy']:.1%} (n={v['n']})" for k, v in ctx.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.testbed.train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
+    p.add_argument("--epochs", type=int, default=None, help="default: per architecture")
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="training scenes (default: per architecture)",
+    )
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help=f"default: {WEIGHTS_DIR}")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=2_000,
+        help="test scenes for the final report (0: skip)",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for arch in ARCHS if args.arch == "all" else (args.arch,):
+        print(f"training {arch} ...", flush=True)
+        model, info = train(
+            arch,
+            n_train=args.n_train,
+            epochs=args.epochs,
+            seed=args.seed,
+            width=args.width,
+            out_dir=args.out_dir,
+            num_threads=args.threads,
+            progress=lambda line: print(line, flush=True),
+        )
+        print(
+            f"{arch}: val accuracy {info['val_accuracy']:.1%} in {info['train_seconds']:.0f}s"
+        )
+        print(
+            f"{arch}: val accuracy by preferred concepts: {_format_context(info['context'])}"
+        )
+        if args.n_test:
+            test = make_dataset(
+                args.n_test,
+                "test",
+                seed=TrainConfig.from_json(info["config"]).testbed_seed,
+            )
+            res = evaluate(model, test)
+            print(
+                f"{arch}: test accuracy {res['accuracy']:.1%}; by preferred concepts: {_format_context(res['context'])}"
+            )
+        print(f"{arch}: saved {weights_path(arch, args.out_dir)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
