@@ -1,0 +1,90 @@
+"""A tiny end-to-end run of the efficacy benchmark (benchmarks/efficacy.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from benchmarks import efficacy
+
+
+def _hashes(x: torch.Tensor) -> set[str]:
+    return {hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest() for img in x}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("efficacy")
+    seen = {"selection": set(), "test": set(), "n_select": 0}
+    select, match, evaluate = efficacy.select_strength, efficacy.select_by_concept_match, efficacy.evaluate_on_test
+
+    def spy_select(model, cands, val_images, *a, **kw):
+        seen["selection"] |= _hashes(val_images)
+        seen["n_select"] += 1
+        return select(model, cands, val_images, *a, **kw)
+
+    def spy_match(model, cands, images, *a, **kw):
+        seen["selection"] |= _hashes(images)
+        seen["n_select"] += 1
+        return match(model, cands, images, *a, **kw)
+
+    def spy_evaluate(model, cand, xv, logit0, y, correct0, prefer, test_idx, *a, **kw):
+        t = torch.as_tensor(test_idx)
+        for x in xv.values():
+            seen["test"] |= _hashes(x[t])
+        return evaluate(model, cand, xv, logit0, y, correct0, prefer, test_idx, *a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(efficacy, "select_strength", spy_select)
+    mp.setattr(efficacy, "select_by_concept_match", spy_match)
+    mp.setattr(efficacy, "evaluate_on_test", spy_evaluate)
+    try:
+        result = efficacy.main(["--tiny", "--out", str(out)])
+    finally:
+        mp.undo()
+    return out, result, seen
+
+
+def test_outputs_have_the_expected_keys(tiny_run):
+    out, _result, _ = tiny_run
+    for ext in ("json", "md", "png"):
+        assert (out / f"efficacy_tiny.{ext}").is_file()
+    data = json.loads((out / "efficacy_tiny.json").read_text())
+    assert data["mode"] == "tiny" and data["restricted_to_correct_originals"] is True
+    assert data["command"].startswith("python -m benchmarks.efficacy")
+    arch = data["archs"]["tiny"]
+    assert {"pairs", "pair_screen", "units", "summary", "clean_test_acc", "candidate_layers"} <= set(arch)
+    assert len(arch["pairs"]) == 1 and {"concept", "style", "hurt", "qualifies"} <= set(arch["pairs"][0])
+    assert len(arch["units"]) == 1
+    unit = arch["units"][0]
+    assert set(unit["methods"]) == {"edit", "reference", "finetune local", "finetune global", "edit label-free"}
+    for res in unit["methods"].values():
+        assert set(res["pct"]) == set(efficacy.GROUPS)
+        assert {"clean_acc_change_pp", "logit_shifts", "selection_table", "chosen"} <= set(res)
+    summary = arch["summary"]
+    assert "N=1/edit" in summary and "N=1/finetune global" in summary
+    row = summary["N=1/edit"]
+    assert set(efficacy.GROUPS) <= set(row) and "clean_acc_change_pp" in row
+    md = (out / "efficacy_tiny.md").read_text()
+    assert "| N | method |" in md and "other-nonprefer/same" in md
+
+
+def test_test_split_never_used_for_selection(tiny_run):
+    _, result, seen = tiny_run
+    for unit in result["archs"]["tiny"]["units"]:
+        val, test, ex = set(unit["val_idx"]), set(unit["test_idx"]), set(unit["exemplar_idx"])
+        assert val and test
+        assert not val & test and not ex & test and not ex & val
+        assert len(val) + len(test) + len(ex) == len(unit["pool_idx"])
+    assert seen["n_select"] >= 5 and seen["selection"] and seen["test"]
+    assert not seen["selection"] & seen["test"], "a test image was shown to the selection"
+
+
+def test_bootstrap_interval_contains_the_mean():
+    import numpy as np
+
+    lo, hi = efficacy.bootstrap_ci([0.0, 10.0, 20.0, 30.0], 500, np.random.default_rng(0))
+    assert lo <= 15.0 <= hi and lo >= 0.0 and hi <= 30.0

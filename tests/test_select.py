@@ -1,0 +1,161 @@
+"""surgery.select: choosing the strongest edit within a clean-accuracy budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.vgg import VGG
+
+from surgery import Edit, get_layer
+from surgery.edit import base_record
+from surgery.select import (
+    Candidate,
+    NoCandidateError,
+    select_by_concept_match,
+    select_strength,
+    strength_grid,
+)
+
+from .tiny_models import randomize_batchnorm
+
+LAYER = "features.4"
+
+
+def tiny_vgg(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    features = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+    )
+    model = VGG(features, num_classes=10, init_weights=False)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Linear(12, 10)
+    randomize_batchnorm(model, seed)
+    model.eval()
+    with torch.no_grad():  # standardize the pooled features so that predictions spread over the classes
+        f = model.avgpool(model.features(torch.randn(256, 3, 16, 16))).flatten(1)
+        mean, std = f.mean(0), f.std(0) + 1e-6
+        wc = torch.randn(10, 12) / std
+        model.classifier.weight.copy_(wc)
+        model.classifier.bias.copy_(-wc @ mean)
+    return model
+
+
+def dense_edit(model: nn.Module, delta: torch.Tensor, name: str) -> Edit:
+    layer = get_layer(model, LAYER)
+    return Edit(
+        layer=LAYER, method="test", hparams={"name": name}, deltas={layer.param_name: delta},
+        base=base_record({layer.param_name: layer.weight}),
+    )
+
+
+def predictions(model: nn.Module, x: torch.Tensor, edit: Edit | None = None, alpha: float = 1.0):
+    from surgery import edited
+
+    with torch.no_grad():
+        if edit is None:
+            return model(x).argmax(1)
+        with edited(model, edit, alpha=alpha):
+            return model(x).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """Candidates with known outcomes: B corrects every validation error, C breaks clean accuracy."""
+    model = tiny_vgg()
+    g = torch.Generator().manual_seed(1)
+    w = get_layer(model, LAYER).weight.detach()
+    direction = torch.randn(w.shape, generator=g)
+    b = dense_edit(model, 0.01 * w.norm() / direction.norm() * direction, "B")
+    pool = torch.randn(600, 3, 16, 16, generator=g)
+    base = predictions(model, pool)
+    changed = predictions(model, pool, b) != base
+    assert changed.sum() >= 10, "edit B must change some predictions"
+    val = pool[changed][:20]
+    val_labels = predictions(model, val, b)  # B's predictions are the "truth": it corrects everything
+    clean = pool[~changed][:200]
+    clean = torch.cat([clean, pool[changed][20:25]])  # B costs exactly 5 of 205 clean images
+    clean_labels = predictions(model, clean)  # the unedited model is 100% right on clean data
+    a = dense_edit(model, 1e-6 * direction, "A")  # changes nothing
+    c = dense_edit(model, 8.0 * b.delta(), "C")  # far too strong
+    drop_b = 100 * (predictions(model, clean, b) != clean_labels).double().mean().item()
+    drop_c = 100 * (predictions(model, clean, c) != clean_labels).double().mean().item()
+    assert drop_c > drop_b + 0.5
+    return {
+        "model": model, "a": a, "b": b, "c": c, "val": val, "val_labels": val_labels, "clean": clean,
+        "clean_labels": clean_labels, "drop_b": drop_b, "drop_c": drop_c,
+    }
+
+
+def test_known_winner_and_budget_exclusion(case):
+    budget = case["drop_b"] + 0.1
+    sel = select_strength(
+        case["model"], [case["a"], case["b"], case["c"]], case["val"], case["val_labels"],
+        clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=budget,
+    )
+    assert sel.index == 1 and sel.edit is case["b"]
+    a, b, c = sel.table
+    assert a.score == 0.0 and a.clean_drop == 0.0 and a.qualifies
+    assert b.score == 100.0 and b.errors_after == 0 and b.qualifies
+    assert b.clean_drop == pytest.approx(case["drop_b"])
+    assert not c.qualifies and c.clean_drop == pytest.approx(case["drop_c"])
+    assert sel.path == "suffix"
+    assert "chosen" in sel.to_markdown()
+    # with a budget below B's drop, A (the only one left) wins
+    sel2 = select_strength(
+        case["model"], [case["a"], case["b"], case["c"]], case["val"], case["val_labels"],
+        clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=case["drop_b"] / 2,
+    )
+    assert sel2.index == 0
+
+
+def test_suffix_path_equals_full_forward(case):
+    cands = [Candidate(case["b"], 0.5), Candidate(case["b"], 1.0), Candidate(case["c"], 0.3)]
+    kw = {"clean_images": case["clean"], "clean_labels": case["clean_labels"], "max_clean_drop": 100.0}
+    fast = select_strength(case["model"], cands, case["val"], case["val_labels"], **kw)
+    full = select_strength(case["model"], cands, case["val"], case["val_labels"], use_suffix=False, **kw)
+    assert fast.path == "suffix" and full.path == "full"
+    assert fast.index == full.index
+    for r1, r2 in zip(fast.table, full.table):
+        assert (r1.score, r1.errors_after, r1.clean_acc_after) == (r2.score, r2.errors_after, r2.clean_acc_after)
+    # and the logits themselves agree
+    from surgery.select import _Evaluator
+
+    ev = _Evaluator(case["model"], {"v": case["val"]}, batch_size=16, use_suffix=True)
+    ev_full = _Evaluator(case["model"], {"v": case["val"]}, batch_size=16, use_suffix=False)
+    torch.testing.assert_close(ev.logits(cands[0], "v"), ev_full.logits(cands[0], "v"), rtol=1e-4, atol=1e-5)
+
+
+def test_error_when_none_qualifies(case):
+    with pytest.raises(NoCandidateError, match="smallest drop was") as info:
+        select_strength(
+            case["model"], [case["c"], Candidate(case["c"], 2.0)], case["val"], case["val_labels"],
+            clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=0.0,
+        )
+    assert f"{case['drop_c']:.3f}" in str(info.value)
+    assert len(info.value.table) == 2
+
+
+def test_custom_score_and_strength_grid(case):
+    grid = strength_grid(case["b"], n=4, lo=0.125, hi=1.0)
+    assert [c.alpha for c in grid] == pytest.approx([0.125, 0.25, 0.5, 1.0])
+    # a score that prefers the weakest edit
+    sel = select_strength(
+        case["model"], grid, case["val"], case["val_labels"], clean_images=case["clean"],
+        clean_labels=case["clean_labels"], max_clean_drop=100.0, score=lambda l0, l1, y: -float((l1 - l0).abs().sum()),
+    )
+    assert sel.alpha == 0.125
+
+
+def test_concept_match_picks_the_matching_strength(case):
+    model = case["model"]
+    x = case["val"][:8]
+    masks = torch.ones(8, 16, 16)
+    grid = [Candidate(case["b"], a) for a in (1.0, 0.0, 0.5)]
+    # the "concept" images are the same images: the unedited activations match exactly at alpha 0
+    sel = select_by_concept_match(
+        model, grid, x, masks, x, masks, clean_images=case["clean"], max_clean_drop=100.0
+    )
+    assert sel.alpha == 0.0 and sel.result.extra["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert sel.table[0].extra["distance"] > sel.table[2].extra["distance"] > 0
