@@ -2,7 +2,8 @@
 
     surgery layers timm:resnet50              # table of editable layers
     surgery layers open_clip:RN50 --input-size 224
-    surgery demo                              # the real EfficientNet-Lite0 on real photos
+    surgery demo                              # edit the testbed VGG: snow on grass, vs fine-tuning
+    surgery demo --photos                     # the real EfficientNet-Lite0 on real photos
     surgery stats timm:resnet50 --layer layer3.1.conv3 --data val/ -o stats.safetensors
     surgery edit timm:resnet50 --layer layer3.1.conv3 --original x.png --transformed x2.png \\
         --stats stats.safetensors -o edit.safetensors
@@ -65,7 +66,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(top_k=args.top_k)
+    return run_demo(top_k=args.top_k, photos=args.photos, out_dir=args.out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-only", action="store_true", help="only layers valued at a block's end")
     p.set_defaults(func=_cmd_layers)
 
-    p = sub.add_parser("demo", help="the real EfficientNet-Lite0 on real photos, and its editable layers")
-    p.add_argument("--top-k", type=int, default=3, help="predictions shown per photo")
+    p = sub.add_parser(
+        "demo", help="edit a testbed classifier end to end and compare with fine-tuning (--photos: real weights)"
+    )
+    p.add_argument("--photos", action="store_true", help="the real EfficientNet-Lite0 on real photos instead")
+    p.add_argument("--top-k", type=int, default=3, help="predictions shown per photo (--photos)")
+    p.add_argument("--out", default="demo-output", help="folder for the edit file and the figure")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(

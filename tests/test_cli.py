@@ -60,7 +60,7 @@ def test_layers_errors_are_one_line(capsys, argv, message):
 
 
 def test_demo_runs_on_real_weights(capsys):
-    code, out, _ = run(capsys, "demo", "--top-k", "1")
+    code, out, _ = run(capsys, "demo", "--photos", "--top-k", "1")
     assert code == 0
     coffee = next(l for l in out.splitlines() if l.strip().startswith("coffee"))
     assert "espresso" in coffee
