@@ -91,21 +91,17 @@ def _step(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _predict(model, norm, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(norm(images[i : i + batch])).argmax(1) for i in range(0, len(images), batch)])
-
-
-def _pick_pair(model, testbed, norm, seed: int, n: int = 800) -> tuple[str, str]:
+def _pick_pair(model, testbed, seed: int, n: int = 800) -> tuple[str, str]:
     """The (concept, style) whose first variant hurts the most classes by >= 15 points (then the most)."""
     scenes = testbed.make_dataset(n, "val", seed=seed)
-    clean = _predict(model, norm, scenes.images) == scenes.labels
+    predict = testbed.train.predict
+    clean = predict(model, scenes.images) == scenes.labels
     best = None
     for concept in testbed.CONCEPTS:
         has = scenes.has_concept(concept)
         for style, variants in testbed.STYLES.items():
             restyled = testbed.make_dataset(n, "val", seed=seed, restyle={concept: (style, list(variants)[0])})
-            hit = _predict(model, norm, restyled.images) == scenes.labels
+            hit = predict(model, restyled.images) == scenes.labels
             drops = []
             for c in scenes.labels[has].unique():
                 sel = has & (scenes.labels == c)
@@ -135,7 +131,7 @@ def run_concept_demo(*, out_dir: str | Path = "demo-output", seed: int = 0) -> i
     names = testbed.CLASS_NAMES
 
     _step("finding a concept-style pair that hurts several classes (the paper's criterion)")
-    concept, style = _pick_pair(model, testbed, norm, seed)
+    concept, style = _pick_pair(model, testbed, seed)
     variants = list(testbed.STYLES[style])
     seen, held_out = variants[0], variants[1:]
 
@@ -145,7 +141,7 @@ def run_concept_demo(*, out_dir: str | Path = "demo-output", seed: int = 0) -> i
     other_snow = [testbed.make_dataset(3000, "test", seed=seed, restyle={concept: (style, v)}) for v in held_out]
     has = test.has_concept(concept)
     idx = has.nonzero().flatten()
-    clean_pred, snow_pred = _predict(model, norm, test.images), _predict(model, norm, snowy.images)
+    clean_pred, snow_pred = train_mod.predict(model, test.images), train_mod.predict(model, snowy.images)
     labels = test.labels
     hurt = []
     for c in range(len(names)):
