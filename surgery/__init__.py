@@ -24,7 +24,15 @@ from .hooks import StopForward, Trace, TraceDict, get_module, trace, trace_dict
 from .layers import LayerInfo, describe_layers, editable_layers, get_layer
 from .metrics import EditReport, errors_corrected, evaluate_edit, predict
 from .rewrite import rewrite
-from .select import Candidate, NoCandidateError, Selection, select_by_concept_match, select_strength, strength_grid
+from .select import (
+    CachedImages,
+    Candidate,
+    NoCandidateError,
+    Selection,
+    select_by_concept_match,
+    select_strength,
+    strength_grid,
+)
 from .stats import KeyStats, collect_key_stats
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "EditReport",
     # choosing the strength
     "select_strength",
+    "CachedImages",
     "select_by_concept_match",
     "strength_grid",
     "Candidate",

@@ -11,10 +11,12 @@ validation images of the transformed concept while the clean-accuracy drop stays
   activations on transformed images best match the concept's typical activations.
 - :func:`strength_grid`: one edit at several strengths ``alpha``.
 
-Candidates that edit one layer's weight only are evaluated fast: the keys (and block context) of the
-validation and clean images are captured once per layer, and only the block and the rest of the
-network run per candidate (:func:`surgery.suffix.network_suffix`). Other candidates, and models
-``torch.fx`` cannot split, fall back to full forward passes with the edit applied.
+Candidates are evaluated fast (:class:`CachedImages`): the keys (and block context) of the validation
+and clean images are captured once per layer, and only the block and the rest of the network run per
+candidate (:func:`surgery.suffix.network_suffix`), for every edit that changes only parameters after
+the keys (rank-one rewrites, local and most global fine-tuning). Other candidates, and models
+``torch.fx`` cannot split, fall back to full forward passes with the edit applied. Pass
+:class:`CachedImages` instead of tensors to reuse this work across calls.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from torch import nn
 from ._checks import check_images, check_labels, require_eval
 from .apply import edited
 from .edit import Edit
+from .editable import EditableLayer
 from .errors import SurgeryError, UnsupportedModelError
 from .layers import get_layer
 from .metrics import errors_corrected
 
 __all__ = [
+    "CachedImages",
     "Candidate",
     "CandidateResult",
     "NoCandidateError",
@@ -212,94 +216,191 @@ def _single_layer(edit: Edit) -> bool:
     return set(edit.parameter_deltas()) == {edit.param}
 
 
-class _Evaluator:
-    """Logits of image sets under candidate edits, from cached keys where possible."""
+@dataclass
+class _LayerCache:
+    """Keys and block context of a set of images at one layer, with the network after the block."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        sets: dict[str, torch.Tensor],
-        *,
-        batch_size: int,
-        use_suffix: bool,
-    ) -> None:
+    layer: EditableLayer
+    suffix: Any  # NetworkSuffix
+    keys: torch.Tensor
+    context: dict[str, torch.Tensor]
+    downstream: frozenset[str]  # parameters an edit may change and still be evaluated from these keys
+
+
+class CachedImages:
+    """Images evaluated under many candidate edits, with what does not change computed once.
+
+    Holds the unedited model's logits of ``images`` and, per edited layer (on first use), their keys and
+    block context (on CPU) and the network after the block (:func:`surgery.suffix.network_suffix`).
+    A candidate edit is then evaluated by running only its block and the rest of the network, when
+    every parameter it changes comes after the keys: a rank-one rewrite of the layer, local
+    fine-tuning, and global fine-tuning unless it changes a module the block's context comes from
+    (e.g. a ResNet shortcut's downsample). Other edits, and models ``torch.fx`` cannot split, are
+    evaluated with full forward passes (same numbers, slower).
+
+    Pass instances to :func:`select_strength` / :func:`select_by_concept_match` instead of image
+    tensors to reuse the work across calls; :meth:`subset` shares it with a subset of the images.
+    The model's weights must not change while an instance is in use (edits are applied only
+    temporarily, inside :meth:`logits`).
+
+    Args:
+        model: the classifier, in eval mode.
+        images: ``(N, 3, H, W)`` images preprocessed for the model.
+        batch_size: images per forward.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, *, batch_size: int = 128, name: str = "images") -> None:
+        require_eval(model, "CachedImages")
         self.model = model
-        self.sets = sets
+        self.images = check_images(images, name)
         self.batch_size = batch_size
-        self.use_suffix = use_suffix
-        self._layers: dict[str, Any] = {}
+        self._parent: CachedImages | None = None
+        self._index: torch.Tensor | None = None
+        self._logits0: torch.Tensor | None = None
+        self._layers: dict[str, _LayerCache | None] = {}
         self.device = next(model.parameters()).device
-        self.paths: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> CachedImages:
+        """The images at ``index``, sharing this instance's cached logits, keys and context."""
+        idx = torch.as_tensor(index, dtype=torch.long).flatten()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self)):
+            raise SurgeryError(f"subset index out of range for {len(self)} images")
+        sub = CachedImages.__new__(CachedImages)
+        sub.model, sub.batch_size, sub.device = self.model, self.batch_size, self.device
+        sub.images = self.images[idx]
+        sub._parent, sub._index = self, idx
+        sub._logits0, sub._layers = None, {}
+        return sub
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
         with torch.no_grad():
             for i in range(0, x.shape[0], self.batch_size):
                 outs.append(self.model(x[i : i + self.batch_size].to(self.device)).float().cpu())
-        return torch.cat(outs)
-
-    def base(self, what: str) -> torch.Tensor:
-        key = ("__base__", what)
-        if key not in self._layers:
-            self._layers[key] = self._full(self.sets[what])
-        return self._layers[key]
-
-    def _cache(self, layer_name: str) -> Any:
-        if layer_name in self._layers:
-            return self._layers[layer_name]
-        entry = None
-        try:
-            from .suffix import network_suffix
-
-            layer = get_layer(self.model, layer_name)
-            suffix = network_suffix(self.model, layer)
-            caps = {}
-            for what, x in self.sets.items():
-                parts = [
-                    layer.capture(self.model, x[i : i + self.batch_size].to(self.device))
-                    for i in range(0, x.shape[0], self.batch_size)
-                ]
-                caps[what] = parts
-            entry = (layer, suffix, caps)
-        except UnsupportedModelError as e:
-            logger.info("select: full forward passes for %s (%s)", layer_name, e)
-        self._layers[layer_name] = entry
-        return entry
-
-    def logits(self, cand: Candidate, what: str) -> torch.Tensor:
-        edit = cand.edit
-        entry = self._cache(edit.layer) if (self.use_suffix and _single_layer(edit)) else None
-        if entry is None:
-            self.paths.add("full")
-            with edited(self.model, edit, alpha=cand.alpha):
-                return self._full(self.sets[what])
-        self.paths.add("suffix")
-        layer, suffix, caps = entry
-        from .suffix import suffix_logits
-
-        w = edit.new_weight(layer.weight, cand.alpha)
-        with torch.no_grad():
-            return torch.cat(
-                [suffix_logits(suffix, layer, io.keys, w, io.context).float().cpu() for io in caps[what]]
-            )
-
-    def values(self, cand: Candidate, what: str) -> torch.Tensor:
-        """The edited layer's block output on set ``what`` (needs a single-layer edit)."""
-        if not _single_layer(cand.edit):
-            raise SurgeryError(f"{cand.name} changes more than one parameter; it has no single edited layer")
-        layer = get_layer(self.model, cand.edit.layer)
-        w = cand.edit.new_weight(layer.weight, cand.alpha)
-        out = []
-        with torch.no_grad():
-            x = self.sets[what]
-            for i in range(0, x.shape[0], self.batch_size):
-                io = layer.capture(self.model, x[i : i + self.batch_size].to(self.device))
-                out.append(layer.block_forward(io.keys, w, io.context).float().cpu())
-        return torch.cat(out)
+        return torch.cat(outs) if outs else torch.empty(0)
 
     @property
-    def path(self) -> str:
-        return "mixed" if len(self.paths) > 1 else (next(iter(self.paths)) if self.paths else "suffix")
+    def logits0(self) -> torch.Tensor:
+        """Logits of the unedited model."""
+        if self._logits0 is None:
+            if self._parent is not None:
+                self._logits0 = self._parent.logits0[self._index]
+            else:
+                self._logits0 = self._full(self.images)
+        return self._logits0
+
+    def layer_cache(self, layer_name: str) -> _LayerCache | None:
+        """Keys, context and suffix at ``layer_name``; ``None`` when the network cannot be split there."""
+        if layer_name not in self._layers:
+            if self._parent is not None:
+                parent = self._parent.layer_cache(layer_name)
+                entry = None if parent is None else _LayerCache(
+                    parent.layer, parent.suffix, parent.keys[self._index],
+                    {k: v[self._index] for k, v in parent.context.items()}, parent.downstream,
+                )
+            else:
+                entry = self._capture(layer_name)
+            self._layers[layer_name] = entry
+        return self._layers[layer_name]
+
+    def _capture(self, layer_name: str) -> _LayerCache | None:
+        from .finetune import suffix_parameters
+        from .suffix import network_suffix
+
+        layer = get_layer(self.model, layer_name)
+        try:
+            suffix = network_suffix(self.model, layer)
+        except UnsupportedModelError as e:
+            logger.info("CachedImages: full forward passes for %s (%s)", layer_name, e)
+            return None
+        keys, context = [], []
+        with torch.no_grad():
+            for i in range(0, len(self), self.batch_size):
+                io = layer.capture(self.model, self.images[i : i + self.batch_size].to(self.device))
+                keys.append(io.keys.cpu())
+                context.append({k: v.cpu() for k, v in io.context.items()})
+        downstream = set(suffix_parameters(self.model, layer, self.images[:1].to(self.device)))
+        # parameters of modules the context is read from: changing them makes the cached context stale
+        ctx_mods = [s.module for s in layer.context_sites.values()]
+        downstream = {
+            n for n in downstream if not any(m == "" or n.startswith(m + ".") for m in ctx_mods)
+        }
+        return _LayerCache(
+            layer, suffix, torch.cat(keys),
+            {k: torch.cat([c[k] for c in context]) for k in layer.context_sites}, frozenset(downstream),
+        )
+
+    def _suffix_logits(self, entry: _LayerCache, weight: torch.Tensor) -> torch.Tensor:
+        from .suffix import suffix_logits
+
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(self), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                ctx = {k: v[sl].to(self.device) for k, v in entry.context.items()}
+                outs.append(suffix_logits(entry.suffix, entry.layer, entry.keys[sl].to(self.device), weight, ctx).float().cpu())
+        return torch.cat(outs)
+
+    def path(self, candidate: Candidate, *, use_suffix: bool = True) -> str:
+        """``"suffix"`` when ``candidate`` is evaluated from the cached keys, else ``"full"``."""
+        edit = candidate.edit
+        entry = self.layer_cache(edit.layer) if use_suffix else None
+        if entry is None:
+            return "full"
+        if _single_layer(edit) or set(edit.parameter_deltas()) <= entry.downstream:
+            return "suffix"
+        return "full"
+
+    def logits(self, candidate: Candidate | None = None, *, use_suffix: bool = True) -> torch.Tensor:
+        """Logits with ``candidate`` applied (``None``: the unedited model's, cached)."""
+        if candidate is None:
+            return self.logits0
+        edit = candidate.edit
+        if self.path(candidate, use_suffix=use_suffix) == "suffix":
+            entry = self.layer_cache(edit.layer)
+            assert entry is not None
+            if _single_layer(edit):
+                return self._suffix_logits(entry, edit.new_weight(entry.layer.weight, candidate.alpha))
+            with edited(self.model, edit, alpha=candidate.alpha):
+                return self._suffix_logits(entry, entry.layer.weight)
+        with edited(self.model, edit, alpha=candidate.alpha):
+            return self._full(self.images)
+
+    def values(self, candidate: Candidate) -> torch.Tensor:
+        """The edited layer's block output under ``candidate`` (needs a single-layer edit)."""
+        if not _single_layer(candidate.edit):
+            raise SurgeryError(f"{candidate.name} changes more than one parameter; it has no single edited layer")
+        layer = get_layer(self.model, candidate.edit.layer)
+        w = candidate.edit.new_weight(layer.weight, candidate.alpha)
+        entry = self.layer_cache(candidate.edit.layer)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(self), self.batch_size):
+                if entry is not None:
+                    sl = slice(i, i + self.batch_size)
+                    keys = entry.keys[sl].to(self.device)
+                    ctx = {k: v[sl].to(self.device) for k, v in entry.context.items()}
+                else:
+                    io = layer.capture(self.model, self.images[i : i + self.batch_size].to(self.device))
+                    keys, ctx = io.keys, io.context
+                out.append(layer.block_forward(keys, w, ctx).float().cpu())
+        return torch.cat(out)
+
+
+def _cached(model: nn.Module, images: torch.Tensor | CachedImages, name: str, batch_size: int) -> CachedImages:
+    if isinstance(images, CachedImages):
+        if images.model is not model:
+            raise SurgeryError(f"{name} was cached for another model; build CachedImages(model, images) for this one")
+        return images
+    return CachedImages(model, images, batch_size=batch_size, name=name)
+
+
+def _path(images: CachedImages, cands: Sequence[Candidate], use_suffix: bool = True) -> str:
+    paths = {images.path(c, use_suffix=use_suffix) for c in cands}
+    return "mixed" if len(paths) > 1 else paths.pop()
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -327,14 +428,14 @@ def _choose(table: list[CandidateResult], max_clean_drop: float) -> int:
 def select_strength(
     model: nn.Module,
     candidates: Sequence[Candidate | Edit | tuple[Edit, float]],
-    val_images: torch.Tensor,
+    val_images: torch.Tensor | CachedImages,
     val_labels: int | Sequence[int] | torch.Tensor,
     *,
-    clean_images: torch.Tensor,
+    clean_images: torch.Tensor | CachedImages,
     clean_labels: int | Sequence[int] | torch.Tensor,
     max_clean_drop: float = 0.25,
     score: str | Score = "errors_corrected",
-    val_originals: torch.Tensor | None = None,
+    val_originals: torch.Tensor | CachedImages | None = None,
     batch_size: int = 128,
     use_suffix: bool = True,
 ) -> Selection:
@@ -351,9 +452,11 @@ def select_strength(
         candidates: :class:`Candidate` objects, :class:`~surgery.Edit` s (alpha 1), or ``(edit, alpha)``
             pairs; e.g. :func:`strength_grid`, or one rewrite per ridge or layer, or fine-tuning edits
             at several learning rates.
-        val_images: transformed validation images ``(N, 3, H, W)``, preprocessed for the model.
+        val_images: transformed validation images ``(N, 3, H, W)``, preprocessed for the model, or a
+            :class:`CachedImages` of them (reuses cached keys and logits across calls).
         val_labels: their true labels, or one int for all.
-        clean_images: clean images for the accuracy budget; clean_labels: their labels.
+        clean_images: clean images for the accuracy budget (or a :class:`CachedImages`);
+            clean_labels: their labels.
         max_clean_drop: the budget in percentage points (0.25 = a quarter of a point).
         score: ``"errors_corrected"`` (% errors corrected, :func:`surgery.errors_corrected`; counted only
             on images whose original was classified correctly when ``val_originals`` is given),
@@ -373,28 +476,26 @@ def select_strength(
     """
     require_eval(model, "select_strength")
     cands = _as_candidates(candidates)
-    val_images = check_images(val_images, "val_images")
-    y = check_labels(val_labels, val_images.shape[0], "val_labels").cpu()
-    clean_images = check_images(clean_images, "clean_images")
-    y_clean = check_labels(clean_labels, clean_images.shape[0], "clean_labels").cpu()
+    val = _cached(model, val_images, "val_images", batch_size)
+    y = check_labels(val_labels, len(val), "val_labels").cpu()
+    clean = _cached(model, clean_images, "clean_images", batch_size)
+    y_clean = check_labels(clean_labels, len(clean), "clean_labels").cpu()
     if max_clean_drop < 0:
         raise SurgeryError(f"max_clean_drop must be >= 0 percentage points; got {max_clean_drop}")
     if isinstance(score, str) and score not in ("errors_corrected", "accuracy"):
         raise SurgeryError(f"score must be 'errors_corrected', 'accuracy' or a callable; got {score!r}")
-    sets = {"val": val_images, "clean": clean_images}
-    ev = _Evaluator(model, sets, batch_size=batch_size, use_suffix=use_suffix)
     keep = torch.ones(len(y), dtype=torch.bool)
     if val_originals is not None:
-        val_originals = check_images(val_originals, "val_originals")
-        if val_originals.shape[0] != len(y):
+        originals = _cached(model, val_originals, "val_originals", batch_size)
+        if len(originals) != len(y):
             raise SurgeryError("val_originals must pair up with val_images")
-        keep = ev._full(val_originals).argmax(1) == y
-    val0, clean0 = ev.base("val"), ev.base("clean")
+        keep = originals.logits0.argmax(1) == y
+    val0, clean0 = val.logits0, clean.logits0
     acc0 = _accuracy(clean0, y_clean)
     wrong0 = val0.argmax(1) != y
     table = []
     for i, c in enumerate(cands):
-        val1, clean1 = ev.logits(c, "val"), ev.logits(c, "clean")
+        val1, clean1 = val.logits(c, use_suffix=use_suffix), clean.logits(c, use_suffix=use_suffix)
         acc1 = _accuracy(clean1, y_clean)
         drop = acc0 - acc1
         e0 = e1 = None
@@ -414,8 +515,9 @@ def select_strength(
             )
         )
         logger.debug("select: %s score %.2f drop %.3f", c.name, s, drop)
+    path = _path(clean, cands, use_suffix)
     idx = _choose(table, max_clean_drop)
-    return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=ev.path)
+    return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=path)
 
 
 def _masked_mean(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -433,12 +535,12 @@ def _masked_mean(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def select_by_concept_match(
     model: nn.Module,
     candidates: Sequence[Candidate | Edit | tuple[Edit, float]],
-    images: torch.Tensor,
+    images: torch.Tensor | CachedImages,
     masks: torch.Tensor,
     concept_images: torch.Tensor,
     concept_masks: torch.Tensor,
     *,
-    clean_images: torch.Tensor,
+    clean_images: torch.Tensor | CachedImages,
     clean_labels: int | Sequence[int] | torch.Tensor | None = None,
     max_clean_drop: float = 0.25,
     batch_size: int = 128,
@@ -460,16 +562,14 @@ def select_by_concept_match(
     """
     require_eval(model, "select_by_concept_match")
     cands = _as_candidates(candidates)
-    images = check_images(images, "images")
+    x = _cached(model, images, "images", batch_size)
     concept_images = check_images(concept_images, "concept_images")
-    clean_images = check_images(clean_images, "clean_images")
-    sets = {"x": images, "concept": concept_images, "clean": clean_images}
-    ev = _Evaluator(model, sets, batch_size=batch_size, use_suffix=True)
-    clean0 = ev.base("clean")
+    clean = _cached(model, clean_images, "clean_images", batch_size)
+    clean0 = clean.logits0
     y_clean = (
         clean0.argmax(1)
         if clean_labels is None
-        else check_labels(clean_labels, clean_images.shape[0], "clean_labels").cpu()
+        else check_labels(clean_labels, len(clean), "clean_labels").cpu()
     )
     acc0 = _accuracy(clean0, y_clean)
     targets: dict[str, torch.Tensor] = {}
@@ -480,11 +580,11 @@ def select_by_concept_match(
             vals = []
             with torch.no_grad():
                 for j in range(0, concept_images.shape[0], batch_size):
-                    vals.append(layer.capture(model, concept_images[j : j + batch_size].to(ev.device)).values.float().cpu())
+                    vals.append(layer.capture(model, concept_images[j : j + batch_size].to(x.device)).values.float().cpu())
             targets[c.edit.layer] = _masked_mean(torch.cat(vals), concept_masks)
         t = targets[c.edit.layer]
-        d = float((_masked_mean(ev.values(c, "x"), masks) - t).norm() / t.norm().clamp_min(1e-12))
-        acc1 = _accuracy(ev.logits(c, "clean"), y_clean)
+        d = float((_masked_mean(x.values(c), masks) - t).norm() / t.norm().clamp_min(1e-12))
+        acc1 = _accuracy(clean.logits(c), y_clean)
         drop = acc0 - acc1
         table.append(
             CandidateResult(
@@ -494,4 +594,4 @@ def select_by_concept_match(
             )
         )
     idx = _choose(table, max_clean_drop)
-    return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=ev.path)
+    return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=_path(clean, cands))

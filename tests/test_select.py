@@ -7,9 +7,12 @@ import torch
 from torch import nn
 from torchvision.models.vgg import VGG
 
-from surgery import Edit, get_layer
+import torchvision
+
+from surgery import Edit, SurgeryError, finetune, get_layer
 from surgery.edit import base_record
 from surgery.select import (
+    CachedImages,
     Candidate,
     NoCandidateError,
     select_by_concept_match,
@@ -120,11 +123,56 @@ def test_suffix_path_equals_full_forward(case):
     for r1, r2 in zip(fast.table, full.table):
         assert (r1.score, r1.errors_after, r1.clean_acc_after) == (r2.score, r2.errors_after, r2.clean_acc_after)
     # and the logits themselves agree
-    from surgery.select import _Evaluator
+    cached = CachedImages(case["model"], case["val"], batch_size=16)
+    assert cached.path(cands[0]) == "suffix" and cached.path(cands[0], use_suffix=False) == "full"
+    torch.testing.assert_close(cached.logits(cands[0]), cached.logits(cands[0], use_suffix=False), rtol=1e-4, atol=1e-5)
 
-    ev = _Evaluator(case["model"], {"v": case["val"]}, batch_size=16, use_suffix=True)
-    ev_full = _Evaluator(case["model"], {"v": case["val"]}, batch_size=16, use_suffix=False)
-    torch.testing.assert_close(ev.logits(cands[0], "v"), ev_full.logits(cands[0], "v"), rtol=1e-4, atol=1e-5)
+
+def test_cached_images_reused_across_calls_and_subsets(case):
+    """CachedImages (and subsets of them) give the same selection as plain tensors."""
+    model = case["model"]
+    cands = [Candidate(case["b"], 0.5), Candidate(case["b"], 1.0), Candidate(case["c"], 0.3)]
+    pool = torch.cat([case["val"], case["clean"]])
+    cached_pool = CachedImages(model, pool, batch_size=32)
+    cached_pool.logits(cands[0])  # fill the layer cache on the parent before taking subsets
+    n = len(case["val"])
+    val, clean = cached_pool.subset(range(n)), cached_pool.subset(range(n, len(pool)))
+    kw = {"clean_labels": case["clean_labels"], "max_clean_drop": case["drop_b"] + 0.01}
+    plain = select_strength(model, cands, case["val"], case["val_labels"], clean_images=case["clean"], **kw)
+    for _ in range(2):  # the second call reuses everything cached by the first
+        sel = select_strength(model, cands, val, case["val_labels"], clean_images=clean, **kw)
+        assert sel.index == plain.index == 1 and sel.path == "suffix"
+        assert [r.to_dict() for r in sel.table] == [r.to_dict() for r in plain.table]
+    torch.testing.assert_close(val.logits0, CachedImages(model, case["val"]).logits0)
+    assert val.layer_cache(LAYER).keys.shape[0] == n
+    with pytest.raises(SurgeryError, match="out of range"):
+        cached_pool.subset([len(pool)])
+    with pytest.raises(SurgeryError, match="another model"):
+        select_strength(tiny_vgg(1), cands, val, case["val_labels"], clean_images=clean, **kw)
+
+
+def test_cached_images_multi_parameter_edits():
+    """Global fine-tuning is evaluated from cached keys when it changes only parameters after them, and
+    with full forwards when it changes the module a residual block's context comes from."""
+    vgg = tiny_vgg(2)
+    x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ft = finetune(vgg, LAYER, x[:4], [1, 2, 3, 4], scope="global", steps=5, lr=0.05)
+    assert len(ft.parameter_deltas()) > 1
+    cached = CachedImages(vgg, x)
+    cand = Candidate(ft)
+    assert cached.path(cand) == "suffix"
+    torch.testing.assert_close(cached.logits(cand), cached.logits(cand, use_suffix=False), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(cached.logits(cand), cached.logits0)
+
+    resnet = randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
+    xr = torch.randn(6, 3, 32, 32)
+    cached = CachedImages(resnet, xr)
+    local = Candidate(finetune(resnet, "layer4.0.conv2", xr[:2], 1, scope="local", steps=2, lr=0.1))
+    glob = Candidate(finetune(resnet, "layer4.0.conv2", xr[:2], 1, scope="global", steps=2, lr=0.1))
+    assert any(k.startswith("layer4.0.downsample.") for k in glob.edit.parameter_deltas())
+    assert cached.path(local) == "suffix" and cached.path(glob) == "full"
+    for c in (local, glob):
+        torch.testing.assert_close(cached.logits(c), cached.logits(c, use_suffix=False), rtol=1e-4, atol=1e-4)
 
 
 def test_error_when_none_qualifies(case):
