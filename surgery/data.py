@@ -96,11 +96,12 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _check_image_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
-    """Validate a ``(N, 3, H, W)`` image batch: channels, float dtype, finite values."""
+def _check_image_tensor(t: torch.Tensor, what: str, *, rgb: bool = True) -> torch.Tensor:
+    """Validate a ``(N, 3, H, W)`` image batch (any ``C`` when not ``rgb``): float (uint8 is scaled to
+    ``[0, 1]``) and finite."""
     if t.ndim != 4:
         raise SurgeryError(f"{what} has shape {tuple(t.shape)}; expected (N, 3, H, W) or (3, H, W)")
-    if t.shape[1] != 3:
+    if rgb and t.shape[1] != 3:
         hint = (
             " It looks channels-last: use x.permute(0, 3, 1, 2)."
             if t.shape[-1] == 3
@@ -382,21 +383,10 @@ def _first(item: Any, what: str) -> torch.Tensor:
 
 
 def _check_batch(batch: torch.Tensor) -> torch.Tensor:
+    """A batch from a dataset or loader (any channel count): ``(N, C, H, W)`` floats, finite."""
     if batch.ndim == 3:
         batch = batch.unsqueeze(0)
-    if batch.ndim != 4:
-        raise SurgeryError(
-            f"a batch has shape {tuple(batch.shape)}; expected images (N, C, H, W)"
-        )
-    if not batch.is_floating_point():
-        if batch.dtype != torch.uint8:
-            raise SurgeryError(f"a batch has dtype {batch.dtype}; pass float images")
-        batch = batch.float().div_(255.0)
-    if not bool(torch.isfinite(batch).all()):
-        raise SurgeryError(
-            "a batch contains NaN or infinite values; fix the data or its preprocessing"
-        )
-    return batch
+    return _check_image_tensor(batch, "a batch", rgb=False)
 
 
 def _stack(samples: list[torch.Tensor], start: int) -> torch.Tensor:
