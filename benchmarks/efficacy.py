@@ -18,12 +18,14 @@ Protocol (issue 5, point 3), per architecture:
    paper's ``-mask``, the better one; one solve per candidate layer, then a strength grid ``alpha``
    applied at edit time), ``edit +mask``, ``reference`` (the Adam solver with a steps grid, on the
    first ``--reference-pairs`` pairs, N=3, first draw only), ``finetune local`` / ``finetune
-   global`` (plain SGD, the paper's (lr, steps) grid). Variants: ``edit multi-class`` (exemplars
+   global`` (plain SGD; ``FT_GRID``: the paper's three largest learning rates, 200 steps, deepest
+   candidate layer; ``--paper-ft-grid``: the paper's whole grid at every candidate layer). Variants: ``edit multi-class`` (exemplars
    drawn from up to 3 classes showing the concept; "target" = those classes), ``edit high-res``
    (the 10x10 candidate layers), ``edit label-free`` (the ``edit`` candidates, strength chosen
    without validation labels by :func:`surgery.select.select_by_concept_match`: edited activations
    of the unlabelled transformed validation images matched to the concept's mean activation on
-   clean training scenes).
+   clean training scenes). The variants cost as much as the main methods, so they run on N=3, first
+   draw of each pair only (``variant_ns``, ``variant_draws``).
 4. **Selection on validation only**: :func:`surgery.select.select_strength` on the validation images
    (exemplar variant, counted on images whose clean original was right, as the paper's code),
    among candidates whose clean-accuracy drop on clean ``val``-split scenes is at most 0.25 pp.
@@ -62,8 +64,9 @@ import torch
 from torch import nn
 
 import surgery
-from surgery import collect_key_stats, edited, errors_corrected, finetune, rewrite
+from surgery import collect_key_stats, errors_corrected, finetune, rewrite
 from surgery.select import (
+    CachedImages,
     Candidate,
     NoCandidateError,
     select_by_concept_match,
@@ -82,7 +85,12 @@ GROUPS = (
     "other-prefer/same", "other-prefer/held-out",
     "other-nonprefer/same", "other-nonprefer/held-out",
 )
+VARIANTS = ("edit multi-class", "edit high-res", "edit label-free")
 PAPER_FT_GRID = ((1e-2, 500), (1e-3, 500), (1e-4, 500), (1e-5, 800), (1e-6, 800))
+# The full run's grid: the paper's three largest learning rates, 200 full-batch steps each, at the deepest
+# candidate layer. The paper's whole grid at every layer costs ~20x more on 2 CPU cores; its two smallest
+# learning rates barely move the weights (at most +-0 errors corrected), so they never change a conclusion.
+FT_GRID = ((1e-2, 200), (1e-3, 200), (1e-4, 200))
 
 
 @dataclass
@@ -95,17 +103,19 @@ class Settings:
     pairs: int = 8
     ns: tuple[int, ...] = (1, 3, 10)
     draws: int = 5
-    alphas: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
-    ft_grid: tuple[tuple[float, int], ...] = PAPER_FT_GRID
-    reference_steps: tuple[int, ...] = (1000, 4000, 20000)
+    alphas: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+    ft_grid: tuple[tuple[float, int], ...] = FT_GRID
+    reference_steps: tuple[int, ...] = (1000, 4000)
     reference_pairs: int = 2
     methods: tuple[str, ...] = (
         "edit", "edit +mask", "reference", "finetune local", "finetune global",
         "edit multi-class", "edit high-res", "edit label-free",
     )
+    variant_ns: tuple[int, ...] = (3,)  # the variants run on these N ...
+    variant_draws: int = 1  # ... and this many draws (they cost as much as the main methods)
     concepts: tuple[str, ...] | None = None  # concepts screened for pairs (None: all)
     styles: tuple[str, ...] | None = None  # styles screened for pairs (None: all)
-    ft_last_layer_only: bool = False  # fine-tune only at the deepest candidate layer (quick mode)
+    ft_last_layer_only: bool = True  # fine-tune only at the deepest candidate layer
     fast_steps: int | None = None  # most Gauss-Newton iterations of the fast solver (None: library default)
     deadline: float | None = None  # time.time() after which no new unit starts (--max-minutes)
     max_clean_drop: float = 0.25
@@ -135,7 +145,7 @@ def settings_for(mode: str, arch: str, **over: Any) -> Settings:
             ft_grid=((1e-2, 5),), reference_steps=(20,), reference_pairs=1,
             methods=("edit", "reference", "finetune local", "finetune global", "edit label-free"),
             max_clean_drop=2.0, min_drop=15.0, min_hurt=3, n_stats=200, n_clean_val=200, n_test=400,
-            n_concept_ref=40, bootstrap=200, size=48, fast_steps=5,
+            n_concept_ref=40, bootstrap=200, size=48, fast_steps=5, variant_ns=(1,),
             concepts=("grass", "sand", "brick", "sky"), styles=("snow", "black-and-white"),
         )
     for k, v in over.items():
@@ -265,180 +275,194 @@ def finetune_candidates(model, layers, ex, s: Settings, scope: str) -> list[Cand
 
 
 # --------------------------------------------------------------------------- one pair
-def run_pair(model, tb, prep, pair, stats, layers, clean_val_x, clean_val_y, clean_test, concept_ref, s, rng, ref_ok):
+@dataclass
+class PairData:
+    """One concept-style pair's evaluation pool, cached for every candidate of every unit."""
+
+    concept: str
+    style: str
+    v_ex: int  # the exemplars' style variant
+    held: list[int]  # held-out variants
+    pool: torch.Tensor  # indices of test-split scenes showing the concept
+    y: torch.Tensor
+    x0: CachedImages  # clean pool scenes
+    xv: dict[int, CachedImages]  # pool scenes with the concept restyled, per variant
+    masks: torch.Tensor
+    prefer: torch.Tensor  # whether each pool scene's class prefers the concept
+    correct0: torch.Tensor  # the unedited model is right on the clean original
+    target: int
+
+
+def prepare_pair(model, tb, prep, pair, clean_test, s: Settings, rng: np.random.Generator) -> PairData:
     concept, style = pair["concept"], pair["style"]
     variants = list(range(len(STYLES[style])))
     v_ex = int(rng.integers(len(variants)))
-    held = [v for v in variants if v != v_ex]
-    has = clean_test.has_concept(concept)
-    pool = has.nonzero().flatten()
+    pool = clean_test.has_concept(concept).nonzero().flatten()
     specs = [clean_test.specs[i] for i in pool.tolist()]
     y = clean_test.labels[pool]
-    x0 = prep(clean_test.images[pool])
     xv = {}
     for v in variants:
         imgs, _ = tb.render_batch(specs, restyle={concept: (style, v)})
-        xv[v] = prep(imgs)
-    masks = clean_test.mask(concept)[pool].float()[:, None]
-    prefer = torch.tensor([tb.prefers(int(c), concept) for c in y])
-    logit0 = {v: logits_of(model, xv[v]) for v in variants}
-    correct0 = logits_of(model, x0).argmax(1) == y
-    clean_test_x = prep(clean_test.images)
-    clean_logits0 = logits_of(model, clean_test_x)
-    clean0 = clean_logits0.argmax(1)
-    acc_clean0 = 100.0 * (clean0 == clean_test.labels).double().mean().item()
-
+        xv[v] = CachedImages(model, prep(imgs), batch_size=256)
+    x0 = CachedImages(model, prep(clean_test.images[pool]), batch_size=256)
+    # the target class: one the transformation hurts (on clean val scenes), with enough pool scenes
     need = max(s.ns) + 2
     counts = torch.bincount(y, minlength=len(CLASS_NAMES))
-    eligible = [c for c in range(len(CLASS_NAMES)) if counts[c] >= need] or [int(counts.argmax())]
-    target = int(rng.choice(eligible))
-    units = []
-    for n in s.ns:
-        for d in range(s.draws):
-            if s.deadline is not None and time.time() > s.deadline:
-                logger.warning("time budget spent: skipping the remaining units of %s/%s", concept, style)
-                return units
-            tidx = (y == target).nonzero().flatten().numpy()
-            ex_idx = rng.choice(tidx, size=min(n, len(tidx)), replace=False)
-            multi_ex = None
-            present = [c for c in range(len(CLASS_NAMES)) if counts[c] >= 2]
-            if n > 1 and "edit multi-class" in s.methods:
-                classes = rng.choice(present, size=min(3, len(present), n), replace=False)
-                per = [classes[i % len(classes)] for i in range(n)]
-                chosen: list[int] = []
-                for c in per:
-                    cand = [i for i in (y == int(c)).nonzero().flatten().tolist() if i not in chosen]
-                    chosen.append(int(rng.choice(cand)))
-                multi_ex = np.array(chosen)
-            used = set(ex_idx.tolist()) | (set(multi_ex.tolist()) if multi_ex is not None else set())
-            rest = np.array([i for i in range(len(pool)) if i not in used])
-            perm = rng.permutation(rest)
-            n_val = round(s.val_fraction * len(perm))
-            val_idx, test_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    enough = [c for c in range(len(CLASS_NAMES)) if counts[c] >= need] or [int(counts.argmax())]
+    hurt = [h["class"] for h in pair["hurt"] if h["class"] in enough]
+    return PairData(
+        concept=concept, style=style, v_ex=v_ex, held=[v for v in variants if v != v_ex], pool=pool, y=y,
+        x0=x0, xv=xv, masks=clean_test.mask(concept)[pool].float()[:, None],
+        prefer=torch.tensor([tb.prefers(int(c), concept) for c in y]),
+        correct0=x0.logits0.argmax(1) == y, target=int(rng.choice(hurt or enough)),
+    )
 
-            def exemplars(idx):
-                t = torch.as_tensor(idx)
-                return {"x": x0[t], "x2": xv[v_ex][t], "m": masks[t], "y": y[t]}
 
-            ex = exemplars(ex_idx)
-            vt = torch.as_tensor(val_idx)
-            val = {"x": xv[v_ex][vt], "y": y[vt], "orig": x0[vt]}
-            unit = {
-                "concept": concept, "style": style, "variant": getattr(STYLES[style][v_ex], "name", str(STYLES[style][v_ex])),
-                "held_out_variants": [getattr(STYLES[style][v], "name", str(v)) for v in held],
-                "target": target, "n": n, "draw": d, "exemplar_idx": ex_idx.tolist(),
-                "val_idx": val_idx.tolist(), "test_idx": test_idx.tolist(), "pool_idx": pool.tolist(), "methods": {},
-            }
-            cache_cands: dict[str, list[Candidate]] = {}
-            for method in s.methods:
-                t0 = time.perf_counter()
-                if method == "reference" and not (ref_ok and n == (3 if 3 in s.ns else s.ns[0]) and d == 0):
-                    continue
-                if method == "edit multi-class" and multi_ex is None:
-                    continue
-                mex = exemplars(multi_ex) if method == "edit multi-class" else ex
-                lays = layers["high_res"] if method == "edit high-res" else layers["deep"]
-                if method == "edit label-free" and "edit" in cache_cands:
-                    cands = cache_cands["edit"]  # the same candidates; only the selection differs
-                elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free"):
-                    cands = edit_candidates(model, lays, stats, mex, s)
-                elif method == "edit +mask":
-                    cands = edit_candidates(model, lays, stats, mex, s, use_mask=True)
-                elif method == "reference":
-                    cands = reference_candidates(model, lays, stats, mex, s)
-                else:
-                    cands = finetune_candidates(model, lays, mex, s, method.split()[1])
-                cache_cands[method] = cands
-                try:
-                    if method == "edit label-free":
-                        ref = concept_ref[concept]
-                        sel = select_by_concept_match(
-                            model, cands, val["x"], masks[vt], ref["x"], ref["m"],
-                            clean_images=clean_val_x, clean_labels=clean_val_y, max_clean_drop=s.max_clean_drop,
-                        )
-                    else:
-                        sel = select_strength(
-                            model, cands, val["x"], val["y"], clean_images=clean_val_x, clean_labels=clean_val_y,
-                            max_clean_drop=s.max_clean_drop, val_originals=val["orig"],
-                        )
-                    chosen_c: Candidate | None = sel.candidate
-                    table = [r.to_dict() for r in sel.table]
-                except NoCandidateError as e:
-                    chosen_c, table = None, [r.to_dict() for r in e.table]
-                targets = {target} if method != "edit multi-class" else {int(c) for c in y[torch.as_tensor(multi_ex)]}
-                res = evaluate_on_test(model, chosen_c, xv, logit0, y, correct0, prefer, test_idx, v_ex, held, targets,
-                                       clean_test_x, clean_test.labels, acc_clean0, clean_logits0, has)
-                res["chosen"] = None if chosen_c is None else chosen_c.name
-                res["layer"] = None if chosen_c is None else chosen_c.edit.layer
-                res["alpha"] = None if chosen_c is None else chosen_c.alpha
-                res["n_candidates"] = len(cands)
-                res["selection_table"] = table
-                res["seconds"] = round(time.perf_counter() - t0, 2)
-                unit["methods"][method] = res
-                logger.info(
-                    "%s/%s N=%d draw %d %-18s %s  target %s other %s clean %+.2f (%.1fs)",
-                    concept, style, n, d, method, res["chosen"], fmt(res["pct"]["target/same"]),
-                    fmt(res["pct"]["other/same"]), res["clean_acc_change_pp"], res["seconds"],
+def draw_unit(pd: PairData, n: int, s: Settings, rng: np.random.Generator) -> dict:
+    """Exemplar indices (target class, and several classes) and the 30/70 validation/test split."""
+    y = pd.y
+    tidx = (y == pd.target).nonzero().flatten().numpy()
+    ex_idx = rng.choice(tidx, size=min(n, len(tidx)), replace=False)
+    multi_ex = None
+    counts = torch.bincount(y, minlength=len(CLASS_NAMES))
+    present = [c for c in range(len(CLASS_NAMES)) if counts[c] >= 2]
+    if n > 1 and "edit multi-class" in s.methods:
+        classes = rng.choice(present, size=min(3, len(present), n), replace=False)
+        chosen: list[int] = []
+        for i in range(n):
+            cand = [j for j in (y == int(classes[i % len(classes)])).nonzero().flatten().tolist() if j not in chosen]
+            chosen.append(int(rng.choice(cand)))
+        multi_ex = np.array(chosen)
+    used = set(ex_idx.tolist()) | (set(multi_ex.tolist()) if multi_ex is not None else set())
+    perm = rng.permutation(np.array([i for i in range(len(y)) if i not in used]))
+    n_val = round(s.val_fraction * len(perm))
+    return {"ex_idx": ex_idx, "multi_ex": multi_ex, "val_idx": np.sort(perm[:n_val]), "test_idx": np.sort(perm[n_val:])}
+
+
+def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clean_val_y, clean_test_c, clean_test,
+             concept_ref, s: Settings, rng: np.random.Generator, ref_ok: bool, pair_index: int) -> dict:
+    """Every method on one (pair, N, draw) unit: candidates, selection on validation, report on test."""
+    split = draw_unit(pd, n, s, rng)
+    ex_idx, multi_ex, val_idx, test_idx = split["ex_idx"], split["multi_ex"], split["val_idx"], split["test_idx"]
+
+    def exemplars(idx):
+        t = torch.as_tensor(idx)
+        return {"x": pd.x0.images[t], "x2": pd.xv[pd.v_ex].images[t], "m": pd.masks[t], "y": pd.y[t]}
+
+    ex = exemplars(ex_idx)
+    val_x, val_orig = pd.xv[pd.v_ex].subset(val_idx), pd.x0.subset(val_idx)
+    val_y = pd.y[torch.as_tensor(val_idx)]
+    unit = {
+        "pair": pair_index, "concept": pd.concept, "style": pd.style,
+        "variant": getattr(STYLES[pd.style][pd.v_ex], "name", str(pd.v_ex)),
+        "held_out_variants": [getattr(STYLES[pd.style][v], "name", str(v)) for v in pd.held],
+        "target": pd.target, "n": n, "draw": d, "exemplar_idx": ex_idx.tolist(),
+        "val_idx": val_idx.tolist(), "test_idx": test_idx.tolist(), "pool_idx": pd.pool.tolist(), "methods": {},
+    }
+    cache_cands: dict[str, list[Candidate]] = {}
+    for method in s.methods:
+        t0 = time.perf_counter()
+        if method == "reference" and not (ref_ok and n == (3 if 3 in s.ns else s.ns[0]) and d == 0):
+            continue
+        if method == "edit multi-class" and multi_ex is None:
+            continue
+        if method in VARIANTS and not (n in s.variant_ns and d < s.variant_draws):
+            continue
+        mex = exemplars(multi_ex) if method == "edit multi-class" else ex
+        lays = layers["high_res"] if method == "edit high-res" else layers["deep"]
+        if method == "edit label-free" and "edit" in cache_cands:
+            cands = cache_cands["edit"]  # the same candidates; only the selection differs
+        elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free"):
+            cands = edit_candidates(model, lays, stats, mex, s)
+        elif method == "edit +mask":
+            cands = edit_candidates(model, lays, stats, mex, s, use_mask=True)
+        elif method == "reference":
+            cands = reference_candidates(model, lays, stats, mex, s)
+        else:
+            cands = finetune_candidates(model, lays, mex, s, method.split()[1])
+        cache_cands[method] = cands
+        try:
+            if method == "edit label-free":
+                ref = concept_ref[pd.concept]
+                sel = select_by_concept_match(
+                    model, cands, val_x, pd.masks[torch.as_tensor(val_idx)], ref["x"], ref["m"],
+                    clean_images=clean_val, clean_labels=clean_val_y, max_clean_drop=s.max_clean_drop,
                 )
-            units.append(unit)
-    return units
+            else:
+                sel = select_strength(
+                    model, cands, val_x, val_y, clean_images=clean_val, clean_labels=clean_val_y,
+                    max_clean_drop=s.max_clean_drop, val_originals=val_orig,
+                )
+            chosen_c: Candidate | None = sel.candidate
+            table = [r.to_dict() for r in sel.table]
+        except NoCandidateError as e:
+            chosen_c, table = None, [r.to_dict() for r in e.table]
+        targets = {pd.target} if method != "edit multi-class" else {int(c) for c in pd.y[torch.as_tensor(multi_ex)]}
+        res = evaluate_on_test(chosen_c, pd, test_idx, targets, clean_test_c, clean_test)
+        res["chosen"] = None if chosen_c is None else chosen_c.name
+        res["layer"] = None if chosen_c is None else chosen_c.edit.layer
+        res["alpha"] = None if chosen_c is None else chosen_c.alpha
+        res["n_candidates"] = len(cands)
+        res["selection_table"] = table
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        unit["methods"][method] = res
+        logger.info(
+            "%s/%s N=%d draw %d %-18s %s  target %s other %s clean %+.2f (%.1fs)",
+            pd.concept, pd.style, n, d, method, res["chosen"], fmt(res["pct"]["target/same"]),
+            fmt(res["pct"]["other/same"]), res["clean_acc_change_pp"], res["seconds"],
+        )
+    return unit
 
 
 def fmt(x):
     return "n/a" if x is None else f"{x:+.0f}%"
 
 
-def evaluate_on_test(model, cand, xv, logit0, y, correct0, prefer, test_idx, v_ex, held, targets,
-                     clean_x, clean_y, acc_clean0, clean_logits0, clean_has) -> dict:
+def evaluate_on_test(cand: Candidate | None, pd: PairData, test_idx, targets: set[int], clean_test_c: CachedImages,
+                     clean_test) -> dict:
     """% errors corrected per group on the TEST indices, clean accuracy change, and logit shifts."""
     t = torch.as_tensor(test_idx)
+    y = pd.y
     is_target = torch.tensor([int(c) in targets for c in y])
     out: dict[str, Any] = {"pct": {}, "counts": {}}
-    logit1 = {}
-    for v in [v_ex, *held]:
-        if cand is None:
-            logit1[v] = logit0[v]
-        else:
-            with edited(model, cand.edit, alpha=cand.alpha):
-                logit1[v] = logits_of(model, xv[v][t])
+    logit0, logit1 = {}, {}
+    for v in [pd.v_ex, *pd.held]:
+        sub = pd.xv[v].subset(t)
+        logit0[v] = sub.logits0
+        logit1[v] = sub.logits(cand)
     base_masks = {
         "target": is_target, "other": ~is_target,
-        "other-prefer": ~is_target & prefer, "other-nonprefer": ~is_target & ~prefer,
+        "other-prefer": ~is_target & pd.prefer, "other-nonprefer": ~is_target & ~pd.prefer,
     }
+    yt = y[t]
     for g, gm in base_masks.items():
-        for which, vs in (("same", [v_ex]), ("held-out", held)):
-            e0 = e1 = 0
-            for v in vs:
-                keep = (gm & correct0)[t]
-                l0 = logit0[v][t]
-                l1 = logit1[v] if cand is not None else l0
-                e0 += int((l0.argmax(1) != y[t])[keep].sum())
-                e1 += int((l1.argmax(1) != y[t])[keep].sum())
+        keep = (gm & pd.correct0)[t]
+        for which, vs in (("same", [pd.v_ex]), ("held-out", pd.held)):
+            e0 = sum(int((logit0[v].argmax(1) != yt)[keep].sum()) for v in vs)
+            e1 = sum(int((logit1[v].argmax(1) != yt)[keep].sum()) for v in vs)
             pct = errors_corrected(e0, e1)
             out["pct"][f"{g}/{which}"] = None if math.isnan(pct) else pct
             out["counts"][f"{g}/{which}"] = [e0, e1]
     shifts = {}
+    clean_y = clean_test.labels
     if cand is None:
         out["clean_acc_change_pp"] = 0.0
     else:
-        with edited(model, cand.edit, alpha=cand.alpha):
-            clean1 = logits_of(model, clean_x)
-        acc1 = 100.0 * (clean1.argmax(1) == clean_y).double().mean().item()
-        out["clean_acc_change_pp"] = acc1 - acc_clean0
+        clean0, clean1 = clean_test_c.logits0, clean_test_c.logits(cand)
+        out["clean_acc_change_pp"] = 100.0 * (
+            (clean1.argmax(1) == clean_y).double().mean() - (clean0.argmax(1) == clean_y).double().mean()
+        ).item()
         # clean test scenes WITHOUT the concept: how much of the true class's logit the edit removes
         # (absolute, and relative to the true logit's margin over the runner-up before the edit)
-        l0c = clean_logits0[~clean_has]
-        d = (clean1[~clean_has] - l0c).gather(1, clean_y[~clean_has][:, None])[:, 0]
-        top2 = l0c.topk(2, dim=1).values
+        no = ~clean_test.has_concept(pd.concept)
+        d = (clean1[no] - clean0[no]).gather(1, clean_y[no][:, None])[:, 0]
+        top2 = clean0[no].topk(2, dim=1).values
         shifts["clean-no-concept"] = {
             "true_logit_change": d.mean().item(),
             "margin_before": (top2[:, 0] - top2[:, 1]).mean().item(),
         }
-    # logit shifts on test images (exemplar variant) of other classes: the true class's logit and
-    # the largest logit of a class preferring the concept
-    l0 = logit0[v_ex][t]
-    l1 = logit1[v_ex] if cand is not None else l0
-    yt = y[t]
+    # logit shifts on test images (exemplar variant) of other classes: the true class's logit
+    l0, l1 = logit0[pd.v_ex], logit1[pd.v_ex]
     for g in ("other-prefer", "other-nonprefer"):
         gm = base_masks[g][t]
         if gm.any():
@@ -482,6 +506,32 @@ def summarize(units: list[dict], s: Settings) -> dict:
     return out
 
 
+HEADLINE_METHODS = ("edit", "edit +mask", "finetune local", "finetune global")
+
+
+def headline(result: dict) -> str:
+    """The compact table of the README: mean % errors corrected [95% interval], main methods, per N."""
+    def cell(row: dict, g: str) -> str:
+        m = row[g]["mean"]
+        return "n/a" if m is None else f"{m:+.0f} [{row[g]['ci95'][0]:+.0f}, {row[g]['ci95'][1]:+.0f}]"
+
+    lines = [
+        "| model | N | method | units (no edit) | target, same | other, same | other, held-out | other preferring the concept | other not preferring | clean acc. (pp) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, a in result["archs"].items():
+        for key, row in a["summary"].items():
+            n, method = key.split("/", 1)
+            if method not in HEADLINE_METHODS:
+                continue
+            lines.append(
+                f"| {arch} | {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | {cell(row, 'target/same')} | "
+                f"{cell(row, 'other/same')} | {cell(row, 'other/held-out')} | {cell(row, 'other-prefer/same')} | "
+                f"{cell(row, 'other-nonprefer/same')} | {row['clean_acc_change_pp']['mean']:+.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# Efficacy benchmark ({result['mode']} run)",
@@ -494,6 +544,7 @@ def markdown(result: dict) -> str:
         "'no edit' = no setting qualified. 'same' = the exemplars' style variant, 'held-out' = the other variants."),
         "",
     ]
+    lines += ["## Headline (main methods)", "", headline(result), ""]
     for arch, a in result["archs"].items():
         lines += [f"## {arch}", ""]
         n_units = len(a["units"])
@@ -561,6 +612,27 @@ def figure(result: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- driver
+def dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_units(units: list[dict], ns: tuple[int, ...]) -> list[dict]:
+    """Every rank's units, in (pair, N, draw) order as one process makes them (all ranks get all)."""
+    import torch.distributed as dist
+
+    rank, world = dist_rank_world()
+    if world > 1:
+        parts: list[list[dict] | None] = [None] * world
+        dist.all_gather_object(parts, units)
+        units = [u for part in parts for u in (part or [])]
+    return sorted(units, key=lambda u: (u["pair"], ns.index(u["n"]), u["draw"]))
+
+
 def run_arch(arch: str, s: Settings, cache: Path) -> dict:
     rng = np.random.default_rng(s.seed)
     tb = Testbed(TestbedConfig(size=s.size), seed=s.seed)
@@ -585,15 +657,28 @@ def run_arch(arch: str, s: Settings, cache: Path) -> dict:
     for p in pairs:
         has = train.has_concept(p["concept"]).nonzero().flatten()[: s.n_concept_ref]
         concept_ref[p["concept"]] = {"x": train_x[has], "m": train.mask(p["concept"])[has].float()}
-    clean_val_x = prep(clean_val.images)
+    clean_val_c = CachedImages(model, prep(clean_val.images), batch_size=256)
+    clean_test_c = CachedImages(model, prep(clean_test.images), batch_size=256)
+    rank, world = dist_rank_world()
     units = []
     for i, p in enumerate(pairs):
+        if i % world != rank:  # pairs are dealt round-robin to the ranks of a torchrun job
+            continue
         if s.deadline is not None and time.time() > s.deadline:
             break
-        prng = np.random.default_rng([s.seed, i])
-        units += run_pair(model, tb, prep, p, stats, layers, clean_val_x, clean_val.labels, clean_test,
-                          concept_ref, s, prng, ref_ok=i < s.reference_pairs)
-    clean_acc = 100.0 * (logits_of(model, prep(clean_test.images)).argmax(1) == clean_test.labels).double().mean().item()
+        pd = prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, i]))
+        for n in s.ns:
+            for d in range(s.draws):
+                if s.deadline is not None and time.time() > s.deadline:
+                    logger.warning("time budget spent: skipping the remaining units of %s/%s", pd.concept, pd.style)
+                    break
+                units.append(run_unit(
+                    model, pd, n, d, stats, layers, clean_val_c, clean_val.labels, clean_test_c, clean_test,
+                    concept_ref, s, np.random.default_rng([s.seed, i, n, d]), i < s.reference_pairs, i,
+                ))
+        del pd
+    units = gather_units(units, s.ns)
+    clean_acc = 100.0 * (clean_test_c.logits0.argmax(1) == clean_test.labels).double().mean().item()
     return {
         "model_info": {k: v for k, v in info.items() if isinstance(v, (str, int, float, list, dict, bool))},
         "clean_test_acc": clean_acc,
@@ -618,24 +703,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ns", type=int, nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-clean-drop", type=float)
+    p.add_argument("--paper-ft-grid", action="store_true", help="the paper's whole fine-tuning grid at every layer (slow)")
     p.add_argument("--max-minutes", type=float, help="start no new (pair, N, draw) unit after this long")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     p.add_argument("--name", default=None, help="file stem (default efficacy[_quick|_tiny])")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only re-render an earlier run's markdown and figure")
     args = p.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        write_report(result, args.render.parent, args.render.stem)
+        return result
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("surgery.apply").setLevel(logging.WARNING)
     mode_name = "tiny" if args.tiny else "quick" if args.quick else "full"
     archs = ["tiny"] if args.tiny else (["vgg", "resnet"] if args.arch == "all" else [args.arch])
     s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
                      ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
+    if args.paper_ft_grid:
+        s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
     if args.max_minutes is not None:
         s.deadline = time.time() + 60 * args.max_minutes
-    args.out.mkdir(parents=True, exist_ok=True)
+    rank, world = init_distributed()
     cache = RESULTS / "efficacy_cache"
     stem = args.name or ("efficacy" if mode_name == "full" else f"efficacy_{mode_name}")
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     result = {
         "mode": mode_name,
-        "command": "python -m benchmarks.efficacy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"{launcher} -m benchmarks.efficacy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "processes": world,
         "settings": {k: v for k, v in asdict(s).items() if k not in ("arch", "deadline")},
         "surgery_version": surgery.__version__,
         "restricted_to_correct_originals": True,
@@ -644,11 +739,29 @@ def main(argv: list[str] | None = None) -> dict:
     for arch in archs:
         s.arch = arch
         result["archs"][arch] = run_arch(arch, s, cache)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
-    (args.out / f"{stem}.md").write_text(markdown(result) + f"\n![figure]({stem}.png)\n")
-    figure(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float))
+        write_report(result, args.out, stem)
     return result
+
+
+def write_report(result: dict, out: Path, stem: str) -> None:
+    """``<stem>.md`` and ``<stem>.png`` next to the JSON, and the markdown on stdout."""
+    (out / f"{stem}.md").write_text(markdown(result) + f"\n![figure]({stem}.png)\n")
+    figure(result, out / f"{stem}.png")
+    print(markdown(result))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun job described by the environment (gloo), if any: ``(rank, world size)``."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist_rank_world()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from .finetune import finetune
 from .hooks import StopForward, Trace, TraceDict, get_module, trace, trace_dict
 from .layers import LayerInfo, describe_layers, editable_layers, get_layer
 from .metrics import EditReport, errors_corrected, evaluate_edit, predict
+from .models import load_model
+from .probe import ProbeResult, probe
 from .rewrite import rewrite
 from .select import (
     CachedImages,
@@ -57,6 +59,11 @@ __all__ = [
     "EditReport",
     # choosing the strength
     "select_strength",
+    # finding rules
+    "probe",
+    "ProbeResult",
+    # models
+    "load_model",
     "CachedImages",
     "select_by_concept_match",
     "strength_grid",

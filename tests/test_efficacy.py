@@ -22,20 +22,20 @@ def tiny_run(tmp_path_factory):
     select, match, evaluate = efficacy.select_strength, efficacy.select_by_concept_match, efficacy.evaluate_on_test
 
     def spy_select(model, cands, val_images, *a, **kw):
-        seen["selection"] |= _hashes(val_images)
+        seen["selection"] |= _hashes(val_images.images)
         seen["n_select"] += 1
         return select(model, cands, val_images, *a, **kw)
 
     def spy_match(model, cands, images, *a, **kw):
-        seen["selection"] |= _hashes(images)
+        seen["selection"] |= _hashes(images.images)
         seen["n_select"] += 1
         return match(model, cands, images, *a, **kw)
 
-    def spy_evaluate(model, cand, xv, logit0, y, correct0, prefer, test_idx, *a, **kw):
+    def spy_evaluate(cand, pd, test_idx, *a, **kw):
         t = torch.as_tensor(test_idx)
-        for x in xv.values():
-            seen["test"] |= _hashes(x[t])
-        return evaluate(model, cand, xv, logit0, y, correct0, prefer, test_idx, *a, **kw)
+        for x in pd.xv.values():
+            seen["test"] |= _hashes(x.images[t])
+        return evaluate(cand, pd, test_idx, *a, **kw)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(efficacy, "select_strength", spy_select)
@@ -88,3 +88,52 @@ def test_bootstrap_interval_contains_the_mean():
 
     lo, hi = efficacy.bootstrap_ci([0.0, 10.0, 20.0, 30.0], 500, np.random.default_rng(0))
     assert lo <= 15.0 <= hi and lo >= 0.0 and hi <= 30.0
+
+
+def _same(a, b, path="$"):
+    """Equal JSON values; floats up to 1e-6 relative (sums over shards are added in another order)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys differ"
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _strip_timing(x):
+    if isinstance(x, dict):
+        return {k: _strip_timing(v) for k, v in x.items() if k not in ("seconds", "command", "processes")}
+    if isinstance(x, list):
+        return [_strip_timing(v) for v in x]
+    return x
+
+
+def test_torchrun_two_processes_give_the_same_report(tmp_path):
+    """The grid split across 2 torchrun processes (gloo) reports what one process reports."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    args = ["-m", "benchmarks.efficacy", "--tiny", "--pairs", "2", "--name", "grid"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *args, "--out", str(one)], check=True, env=env, cwd=root, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, "--out", str(two)],
+        env=env, cwd=root, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = json.loads((one / "grid.json").read_text())
+    b = json.loads((two / "grid.json").read_text())
+    assert a["processes"] == 1 and b["processes"] == 2 and b["command"].startswith("torchrun --nproc_per_node=2")
+    units = b["archs"]["tiny"]["units"]
+    assert [u["pair"] for u in units] == [0, 1], "both pairs ran, in order"
+    _same(_strip_timing(a), _strip_timing(b))
