@@ -36,6 +36,8 @@ from surgery.data import IMAGE_EXTENSIONS, ImageFolder, load_images
 from surgery.edit import Edit, tensor_sha256
 from surgery.errors import ModelLoadError, SurgeryError
 
+from ..random_weights import randomize_batchnorm
+
 __all__ = [
     "METHODS",
     "RANDOM_WEIGHTS_WARNING",
@@ -490,25 +492,6 @@ def snow_texture(size: int | tuple[int, int], seed: int = 0) -> torch.Tensor:
     flakes = (torch.rand(1, h, w, generator=g) > 0.985).float()
     tex = tex + 0.12 * flakes + 0.02 * torch.randn(3, h, w, generator=g)
     return tex.clamp(0.0, 1.0)
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial weights and running statistics (random-weight runs only).
-
-    open_clip's CLIP ResNets zero-init the last BN of each block, so an edit of ``conv3`` would change
-    nothing on a freshly built model (DESIGN.md section 5).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                if m.running_var is not None:
-                    m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                    m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model
 
 
 # --------------------------------------------------------------------------------------------------
