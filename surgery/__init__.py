@@ -7,6 +7,7 @@ The method of "Editing a classifier by rewriting its prediction rules" (Santurka
 __version__ = "0.1.0"
 
 from .apply import EditHandle, apply_edit, edited, list_edits, revert_edit
+from .concepts import load_mask, masks_from_segmentation, paste_texture, style_transfer
 from .edit import Edit
 from .edit_file import load_edit
 from .editable import EditableLayer, LayerIO, Site
@@ -59,7 +60,11 @@ __all__ = [
     "EditReport",
     # choosing the strength
     "select_strength",
-    # finding rules
+    # concepts and finding rules
+    "paste_texture",
+    "style_transfer",
+    "load_mask",
+    "masks_from_segmentation",
     "probe",
     "ProbeResult",
     # models

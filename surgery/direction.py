@@ -35,7 +35,8 @@ def inverse_sqrt(moment: torch.Tensor, *, eps: float | None = None) -> torch.Ten
         raise SurgeryError("the key second moment has NaN or inf entries; recollect the statistics")
     c = (c + c.T) / 2
     n = c.shape[0]
-    evals = torch.linalg.eigvalsh(c)
+    # one decomposition: adding eps * I shifts the eigenvalues and keeps the eigenvectors
+    evals, evecs = torch.linalg.eigh(c)
     top = float(evals[-1])
     if top <= 0:
         raise SurgeryError("the key second moment is zero: the statistics saw no non-zero keys")
@@ -48,8 +49,7 @@ def inverse_sqrt(moment: torch.Tensor, *, eps: float | None = None) -> torch.Ten
             eps,
         )
     if eps:
-        c = c + eps * torch.eye(n, dtype=c.dtype, device=c.device)
-    evals, evecs = torch.linalg.eigh(c)
+        evals = evals + eps
     evals = evals.clamp_min(_RCOND * float(evals[-1]))
     return (evecs * evals.rsqrt()) @ evecs.T
 
