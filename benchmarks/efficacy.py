@@ -578,36 +578,50 @@ def markdown(result: dict) -> str:
 
 
 def figure(result: dict, path: Path) -> None:
-    """Bars in the style of the paper's Figure 5: % errors corrected per group, editing vs fine-tuning."""
+    """Bars in the style of the paper's Figure 5: % errors corrected per group and method; one row per
+    model, one column per N, 95% bootstrap intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(arch, key.split("/", 1)[0]) for arch, a in result["archs"].items() for key in a["summary"]]
-    panels = list(dict.fromkeys(panels))
+    archs = list(result["archs"])
+    ns = list(dict.fromkeys(k.split("/", 1)[0] for a in result["archs"].values() for k in a["summary"]))
+    methods = list(dict.fromkeys(
+        k.split("/", 1)[1] for a in result["archs"].values() for k in a["summary"]
+    ))
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
     groups = ["target/same", "target/held-out", "other/same", "other/held-out"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
-    for ax, (arch, nkey) in zip(axes[0], panels):
+    fig, axes = plt.subplots(len(archs), len(ns), figsize=(4.6 * len(ns), 3.2 * len(archs) + 0.8), squeeze=False)
+    lo_all = 0.0
+    for r, arch in enumerate(archs):
         summ = result["archs"][arch]["summary"]
-        methods = [k.split("/", 1)[1] for k in summ if k.startswith(nkey + "/")]
-        w = 0.8 / max(len(methods), 1)
-        for j, m in enumerate(methods):
-            row = summ[f"{nkey}/{m}"]
-            means = [row[g]["mean"] if row[g]["mean"] is not None else 0 for g in groups]
-            err = [
-                [max(0, mu - row[g]["ci95"][0]) if row[g]["ci95"] else 0 for mu, g in zip(means, groups)],
-                [max(0, row[g]["ci95"][1] - mu) if row[g]["ci95"] else 0 for mu, g in zip(means, groups)],
-            ]
-            ax.bar(np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * w, means, w, yerr=err, capsize=2, label=m)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(groups)), ["target\nsame", "target\nheld-out", "other\nsame", "other\nheld-out"])
-        ax.set_ylabel("% errors corrected")
-        ax.set_title(f"{arch}, {nkey}")
-        ax.set_ylim(-105, 105)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        for c, nkey in enumerate(ns):
+            ax = axes[r][c]
+            present = [m for m in methods if f"{nkey}/{m}" in summ]
+            w = 0.84 / max(len(present), 1)
+            for j, m in enumerate(present):
+                row = summ[f"{nkey}/{m}"]
+                means = [row[g]["mean"] if row[g]["mean"] is not None else 0.0 for g in groups]
+                err = [
+                    [max(0.0, mu - row[g]["ci95"][0]) if row[g]["ci95"] else 0.0 for mu, g in zip(means, groups)],
+                    [max(0.0, row[g]["ci95"][1] - mu) if row[g]["ci95"] else 0.0 for mu, g in zip(means, groups)],
+                ]
+                lo_all = min(lo_all, *(mu - e for mu, e in zip(means, err[0])))
+                ax.bar(np.arange(len(groups)) + (j - (len(present) - 1) / 2) * w, means, w, yerr=err, capsize=1.5,
+                       color=colors[m], label=m, error_kw={"lw": 0.7})
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(groups)), ["target\nsame", "target\nheld-out", "other\nsame", "other\nheld-out"])
+            ax.set_title(f"{arch}, N={nkey[2:]} exemplars", fontsize=10)
+            if c == 0:
+                ax.set_ylabel("% errors corrected")
+    for ax in axes.flat:
+        ax.set_ylim(min(-25.0, lo_all - 5), 100)
+        ax.grid(axis="y", lw=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods]
+    fig.legend(handles, methods, loc="lower center", ncol=min(len(methods), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
