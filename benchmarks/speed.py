@@ -32,6 +32,8 @@ from surgery.solvers import solve_fast, solve_reference
 from surgery.stats import collect_key_stats
 from surgery.suffix import network_suffix, suffix_logits
 
+from .random_weights import randomize_batchnorm
+
 logger = logging.getLogger("benchmarks.speed")
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,15 +71,7 @@ def build(case: str, device: torch.device) -> tuple[nn.Module, surgery.EditableL
     """A randomly initialized model of ``case`` with non-trivial BN statistics, in eval mode."""
     factory, layer_name = CASES[case]
     torch.manual_seed(0)
-    model = factory()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    model = model.eval().to(device)
+    model = randomize_batchnorm(factory()).eval().to(device)
     return model, surgery.get_layer(model, layer_name)
 
 
@@ -226,29 +220,32 @@ def markdown(results: dict) -> str:
         "| solver | fast (s) | reference, 20,000 steps (s) | speed-up | objective fast / reference |",
         "|---|---|---|---|---|",
     ]
-    for r in results["solver"]:
+    for r in results.get("solver", []):
         ref = f"{r['reference_seconds_20000']:.1f}" + ("" if r["reference_20000_measured"] else " (est.)")
         lines.append(
             f"| {r['case']} | {r['fast_seconds']:.2f} | {ref} | {r['speedup_vs_20000_steps']:.0f}x | "
             f"{r['fast_objective']:.4g} / {r['reference_objective']:.4g} ({r['reference_steps_run']} steps) |"
         )
     lines += ["", "| statistics | stats img/s | stop-at-site img/s | full forward img/s | vs limit | vs full |", "|---|---|---|---|---|---|"]
-    for r in results["stats"]:
+    for r in results.get("stats", []):
         i = r["images_per_second"]
         lines.append(
             f"| {r['case']} | {i['stats']:.1f} | {i['limit']:.1f} | {i['full']:.1f} | "
             f"{r['stats_vs_limit']:.2f} | {r['stats_vs_full_forward']:.2f} |"
         )
     lines += ["", "| candidate evaluation | suffix (s) | full forward (s) | speed-up |", "|---|---|---|---|"]
-    for r in results["suffix"]:
+    for r in results.get("suffix", []):
         lines.append(f"| {r['case']} ({r['images']} images) | {r['suffix_seconds']:.2f} | {r['full_seconds']:.2f} | {r['speedup']:.1f}x |")
     lines += ["", "| edit file | file | dense layer | smaller by | apply+revert / plain copy |", "|---|---|---|---|---|"]
-    for r in results["files"]:
+    for r in results.get("files", []):
         lines.append(
             f"| {r['case']} | {r['edit_bytes'] / 1024:.1f} KB | {r['dense_bytes'] / 2**20:.1f} MB | "
             f"{r['size_ratio']:.0f}x | {r['apply_revert_vs_copy']:.1f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("files", "stats", "suffix", "solver")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,7 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=32, help="images for the statistics and evaluation")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default all)"
+    )
     args = parser.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     results: dict = {
@@ -275,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("suffix", lambda c: bench_suffix(c, device, size=args.size, n_images=args.images, batch=args.batch)),
         ("solver", lambda c: bench_solver(c, device, quick=args.quick, size=args.size)),
     ):
+        if key not in parts:
+            continue
         results[key] = []
         for case in CASES:
             logger.info("%s: %s", key, case)
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(results)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed-{results['mode']}-{device.type}"
+    stem = f"speed-{results['mode']}-{device.type}" + ("" if set(parts) == set(PARTS) else "-" + "+".join(parts))
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(table)
     return results

@@ -318,46 +318,89 @@ def _read_site(model: nn.Module, site: Site, batch: torch.Tensor, what: str) -> 
     return keys
 
 
+class _UpstreamRecorder:
+    """Records, during one forward, the modules that start before a layer's key site and the keys'
+    dtype: what the weights fingerprint hashes (:func:`_fingerprint_and_dtype`)."""
+
+    def __init__(self, model: nn.Module, site: Site) -> None:
+        self.model, self.site = model, site
+        self.key_module = model.get_submodule(site.module) if site.module else model
+        self.started: dict[str, nn.Module] = {}
+        self.key_dtype: torch.dtype | None = None
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        def make_hook(name: str) -> Callable[[nn.Module, Any], None]:
+            def hook(module: nn.Module, args: Any) -> None:
+                if module is not self.key_module and name not in self.started:
+                    self.started[name] = module
+
+            return hook
+
+        def record(value: Any) -> None:
+            if self.key_dtype is None and isinstance(value, torch.Tensor):
+                self.key_dtype = value.dtype
+
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(make_hook(name)))
+        if self.site.port == "input":
+            self._handles.append(self.key_module.register_forward_pre_hook(lambda m, args: record(args[0] if args else None)))
+        else:
+            self._handles.append(self.key_module.register_forward_hook(lambda m, args, out: record(out)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def result(self) -> tuple[str, str]:
+        """``(fingerprint, key dtype name)`` of what the recorded forward saw."""
+        if self.key_dtype is None:
+            raise SurgeryError(f"the key site {self.site} was never reached in the forward pass")
+        started = dict(self.started)
+        if self.site.port == "output":  # the module at an output site runs before its keys exist
+            started.pop(self.site.module, None)
+        h = hashlib.sha256()
+        for name in sorted(started):
+            module = started[name]
+            desc = f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
+            h.update(f"module\0{name}\0{_ADDRESS.sub('0x', desc)}\n".encode())
+            tensors = [("param", k, v) for k, v in module._parameters.items() if v is not None]
+            tensors += [("buffer", k, v) for k, v in module._buffers.items() if v is not None]
+            for kind, key, t in tensors:
+                t = t.detach()
+                h.update(f"{kind}\0{key}\0{_dtype_name(t.dtype)}\0{tuple(t.shape)}\n".encode())
+                flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                h.update(flat.numpy().tobytes())
+        return h.hexdigest(), _dtype_name(self.key_dtype)
+
+
 def _fingerprint_and_dtype(
     model: nn.Module, layer: EditableLayer, example_batch: torch.Tensor
 ) -> tuple[str, str]:
     """The weights fingerprint of ``layer``'s upstream, and the dtype of its keys, in one forward."""
-    site = layer.key_site
-    key_module = model.get_submodule(site.module) if site.module else model
-    started: dict[str, nn.Module] = {}
-    handles = []
-
-    def make_hook(name: str) -> Callable[[nn.Module, Any], None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            if module is not key_module and name not in started:
-                started[name] = module
-
-        return hook
-
+    rec = _UpstreamRecorder(model, layer.key_site)
+    rec.attach()
     try:
-        for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(make_hook(name)))
         with torch.no_grad():
-            keys = _read_site(model, site, example_batch, "fingerprint")
+            _read_site(model, layer.key_site, example_batch, "fingerprint")
     finally:
-        for h in handles:
-            h.remove()
-    if site.port == "output":  # the module at an output site runs before its keys exist
-        started.pop(site.module, None)
+        rec.detach()
+    return rec.result()
 
-    h = hashlib.sha256()
-    for name in sorted(started):
-        module = started[name]
-        desc = f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
-        h.update(f"module\0{name}\0{_ADDRESS.sub('0x', desc)}\n".encode())
-        tensors = [("param", k, v) for k, v in module._parameters.items() if v is not None]
-        tensors += [("buffer", k, v) for k, v in module._buffers.items() if v is not None]
-        for kind, key, t in tensors:
-            t = t.detach()
-            h.update(f"{kind}\0{key}\0{_dtype_name(t.dtype)}\0{tuple(t.shape)}\n".encode())
-            flat = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            h.update(flat.numpy().tobytes())
-    return h.hexdigest(), _dtype_name(keys.dtype)
+
+def _recording_first(batches: Iterable[torch.Tensor], rec: _UpstreamRecorder) -> Iterator[torch.Tensor]:
+    """``batches``, with ``rec`` attached while the first one is processed."""
+    it = iter(batches)
+    rec.attach()
+    try:
+        first = next(it, None)
+        if first is None:
+            return
+        yield first
+    finally:
+        rec.detach()
+    yield from it
 
 
 def weights_fingerprint(
@@ -570,16 +613,24 @@ def collect_key_stats(
     local = data if group is None else shard(data, *group, max_images)
     local_max = max_images if group is None else None
 
-    # One image gives the key dtype; the fingerprint depends on the weights only. Peeking keeps
-    # one-shot iterables intact; a rank with an empty shard (of a tensor or dataset) looks at `data`.
-    first, batches = _peek(iter_batches(local, batch_size=batch_size, max_images=local_max))
-    if first is None and group is not None:
-        first = next(iter_batches(data, batch_size=1, max_images=1), None)
-    if first is None:
-        raise SurgeryError("no images to collect key statistics from: the data is empty")
-    fingerprint, key_dtype = _fingerprint_and_dtype(model, layer, _prepare(first[:1], device, dtype))
-
+    batches: Iterable[torch.Tensor] = iter_batches(local, batch_size=batch_size, max_images=local_max)
+    recorder: _UpstreamRecorder | None = None
     path: Path | None = None
+    if cache_dir is None and group is None:
+        # nothing to look up first: the fingerprint and key dtype come from the first batch's forward
+        recorder = _UpstreamRecorder(model, layer.key_site)
+        batches = _recording_first(batches, recorder)
+        fingerprint = key_dtype = ""
+    else:
+        # One image gives the key dtype; the fingerprint depends on the weights only. Peeking keeps
+        # one-shot iterables intact; a rank with an empty shard (of a tensor or dataset) looks at `data`.
+        first, batches = _peek(iter(batches))
+        if first is None and group is not None:
+            first = next(iter_batches(data, batch_size=1, max_images=1), None)
+        if first is None:
+            raise SurgeryError("no images to collect key statistics from: the data is empty")
+        fingerprint, key_dtype = _fingerprint_and_dtype(model, layer, _prepare(first[:1], device, dtype))
+
     if cache_dir is not None:
         if dataset_id is None:
             logger.warning(
@@ -619,6 +670,8 @@ def collect_key_stats(
         s, count = _all_reduce_sums(s, count, device)
         if count == 0:
             raise SurgeryError("no images to collect key statistics from: the data is empty")
+    if recorder is not None:
+        fingerprint, key_dtype = recorder.result()
     stats = KeyStats(layer.name, s.cpu(), count, key_dtype, dataset_id, fingerprint, max_images)
     logger.info(
         "key statistics of %s: %d key vectors of %d channels (%s)",

@@ -378,3 +378,24 @@ def test_image_folder_statistics_are_cached(tmp_path: Path, caplog) -> None:
         model, LAYER, ImageFolder(root), cache_dir=tmp_path / "c", progress=False
     )
     assert "cache hit" in _cache_logs(caplog) and torch.equal(again.sum, st.sum)
+
+
+def test_without_a_cache_the_fingerprint_costs_no_extra_forward(tmp_path: Path, images: torch.Tensor) -> None:
+    """With no cache to look up, the fingerprint and key dtype come from the first batch's forward:
+    one forward per batch, and the same fingerprint as the cached path computes up front."""
+    model = _resnet()
+    stem = model.get_submodule("conv1")
+    calls = [0]
+    h = stem.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    hooks_before = _hook_count(model)
+    try:
+        plain = collect_key_stats(model, LAYER, images, batch_size=4, progress=False)
+        assert calls[0] == 3  # 10 images in batches of 4: no peek forward
+        assert _hook_count(model) == hooks_before
+        cached = collect_key_stats(model, LAYER, images, batch_size=4, progress=False, cache_dir=tmp_path)
+        assert calls[0] == 3 + 1 + 3  # the cached path peeks one image first
+    finally:
+        h.remove()
+    assert plain.fingerprint == cached.fingerprint == weights_fingerprint(model, LAYER, images[:1])
+    assert plain.dtype == cached.dtype == "float32"
+    assert torch.equal(plain.sum, cached.sum)
