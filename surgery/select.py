@@ -225,6 +225,7 @@ class _LayerCache:
     keys: torch.Tensor
     context: dict[str, torch.Tensor]
     downstream: frozenset[str]  # parameters an edit may change and still be evaluated from these keys
+    output: torch.Tensor | None = None  # the layer's own output with its current weight, when computed
 
 
 class CachedImages:
@@ -258,6 +259,7 @@ class CachedImages:
         self._index: torch.Tensor | None = None
         self._logits0: torch.Tensor | None = None
         self._layers: dict[str, _LayerCache | None] = {}
+        self._delta_out: tuple[Edit, torch.Tensor] | None = None  # the last edit's layer-output change
         self.device = next(model.parameters()).device
 
     def __len__(self) -> int:
@@ -272,7 +274,7 @@ class CachedImages:
         sub.model, sub.batch_size, sub.device = self.model, self.batch_size, self.device
         sub.images = self.images[idx]
         sub._parent, sub._index = self, idx
-        sub._logits0, sub._layers = None, {}
+        sub._logits0, sub._layers, sub._delta_out = None, {}, None
         return sub
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,6 +346,51 @@ class CachedImages:
                 outs.append(suffix_logits(entry.suffix, entry.layer, entry.keys[sl].to(self.device), weight, ctx).float().cpu())
         return torch.cat(outs)
 
+    def _layer_output(self, entry: _LayerCache) -> torch.Tensor:
+        """The edited conv/linear's own output with its current weight (cached)."""
+        if entry.output is None:
+            if self._parent is not None:
+                parent = self._parent.layer_cache(entry.layer.name)
+                assert parent is not None
+                entry.output = self._parent._layer_output(parent)[self._index]
+            else:
+                with torch.no_grad():
+                    entry.output = torch.cat([
+                        entry.layer.layer_forward(entry.keys[i : i + self.batch_size].to(self.device), entry.layer.weight).cpu()
+                        for i in range(0, len(self), self.batch_size)
+                    ])
+        return entry.output
+
+    def _strength_logits(self, entry: _LayerCache, edit: Edit, alpha: float) -> torch.Tensor:
+        """Logits of a single-layer edit at strength ``alpha`` from the layer output's linearity in the weight.
+
+        ``conv(k, W + a D) = conv(k, W) + a (conv(k, D) - bias)``: the edited layer runs once per edit,
+        not once per strength; only the rest of the block and the suffix run per strength.
+        """
+        base = self._layer_output(entry)
+        if self._delta_out is None or self._delta_out[0] is not edit:
+            d = edit.delta().to(device=self.device, dtype=entry.layer.weight.dtype)
+            bias = entry.layer.module.bias
+            with torch.no_grad():
+                parts = []
+                for i in range(0, len(self), self.batch_size):
+                    out = entry.layer.layer_forward(entry.keys[i : i + self.batch_size].to(self.device), d)
+                    if bias is not None:  # conv: (N, C, H, W) with bias (C,); linear: bias on the last axis
+                        out = out - (bias[:, None, None] if isinstance(entry.layer.module, nn.Conv2d) else bias)
+                    parts.append(out.cpu())
+            self._delta_out = (edit, torch.cat(parts))
+        delta_out = self._delta_out[1]
+        post = entry.layer.post
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(self), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                out = (base[sl] + alpha * delta_out[sl]).to(self.device)
+                ctx = {k: v[sl].to(self.device) for k, v in entry.context.items()}
+                value = out if post is None else post(out, ctx)
+                outs.append(entry.suffix(value).float().cpu())
+        return torch.cat(outs)
+
     def path(self, candidate: Candidate, *, use_suffix: bool = True) -> str:
         """``"suffix"`` when ``candidate`` is evaluated from the cached keys, else ``"full"``."""
         edit = candidate.edit
@@ -363,6 +410,8 @@ class CachedImages:
             entry = self.layer_cache(edit.layer)
             assert entry is not None
             if _single_layer(edit):
+                if type(entry.layer.module) in (nn.Conv2d, nn.Linear):  # linear in the weight
+                    return self._strength_logits(entry, edit, candidate.alpha)
                 return self._suffix_logits(entry, edit.new_weight(entry.layer.weight, candidate.alpha))
             with edited(self.model, edit, alpha=candidate.alpha):
                 return self._suffix_logits(entry, entry.layer.weight)

@@ -125,7 +125,17 @@ def test_suffix_path_equals_full_forward(case):
     # and the logits themselves agree
     cached = CachedImages(case["model"], case["val"], batch_size=16)
     assert cached.path(cands[0]) == "suffix" and cached.path(cands[0], use_suffix=False) == "full"
-    torch.testing.assert_close(cached.logits(cands[0]), cached.logits(cands[0], use_suffix=False), rtol=1e-4, atol=1e-5)
+    for c in (*cands, cands[0]):  # strengths of one edit share its layer-output change; then another edit
+        torch.testing.assert_close(cached.logits(c), cached.logits(c, use_suffix=False), rtol=1e-4, atol=1e-5)
+    # a factored rank-one rewrite of a conv with a bias, on a subset
+    from surgery import collect_key_stats, rewrite
+
+    x = case["val"]
+    e = rewrite(case["model"], LAYER, x[:2], x[2:4], stats=collect_key_stats(case["model"], LAYER, x, progress=False))
+    assert e.factored and get_layer(case["model"], LAYER).module.bias is not None
+    sub = CachedImages(case["model"], torch.cat([x, case["clean"][:30]])).subset(range(5, 40))
+    for a in (0.25, 1.0):
+        torch.testing.assert_close(sub.logits(Candidate(e, a)), sub.logits(Candidate(e, a), use_suffix=False), rtol=1e-4, atol=1e-5)
 
 
 def test_cached_images_reused_across_calls_and_subsets(case):
