@@ -165,6 +165,28 @@ class EditableLayer:
             context={k: read(s) for k, s in self.context_sites.items()},
         )
 
+    def capture_keys(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device | None = None,
+        store: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Keys and block context of all ``images``, captured ``batch_size`` at a time.
+
+        Batches run on ``device`` (default: where ``images`` are); the results are concatenated on
+        ``store`` (default: where they were computed).
+        """
+        keys, context = [], []
+        for i in range(0, images.shape[0], batch_size):
+            batch = images[i : i + batch_size]
+            io = self.capture(model, batch if device is None else batch.to(device))
+            keys.append(io.keys if store is None else io.keys.to(store))
+            context.append({k: v if store is None else v.to(store) for k, v in io.context.items()})
+        return torch.cat(keys), {k: torch.cat([c[k] for c in context]) for k in self.context_sites}
+
     def __repr__(self) -> str:
         shape = "x".join(str(d) for d in self.weight.shape)
         return f"EditableLayer({self.name!r}, {self.kind} {shape}, block='{self.block}')"

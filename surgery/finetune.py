@@ -118,11 +118,15 @@ def parameters_after_keys(
     :func:`suffix_parameters` minus those of the modules the block's context is read from (e.g. a
     ResNet shortcut's downsample, which runs after the layer but feeds the residual add).
     """
-    ctx_modules = [site.module for site in layer.context_sites.values()]
     return frozenset(
-        n
-        for n in suffix_parameters(model, layer, example_input)
-        if not any(m == "" or n.startswith(m + ".") for m in ctx_modules)
+        n for n in suffix_parameters(model, layer, example_input) if not _feeds_context(layer, n)
+    )
+
+
+def _feeds_context(layer: EditableLayer, param: str) -> bool:
+    """Whether parameter ``param`` belongs to a module the layer's block context is read from."""
+    return any(
+        site.module == "" or param.startswith(site.module + ".") for site in layer.context_sites.values()
     )
 
 
@@ -154,12 +158,11 @@ def _forward_fn(
     except UnsupportedModelError as e:
         logger.info("finetune: full forward passes (%s)", e)
         return None
-    if not set(names) <= parameters_after_keys(model, layer, images[:1]):
+    # `names` are the layer's weight or suffix_parameters: all after the keys, unless they feed the context
+    if any(_feeds_context(layer, n) for n in names):
         logger.info("finetune: full forward passes (a trained parameter feeds the block's context)")
         return None
-    ios = [layer.capture(model, images[i : i + chunk]) for i in range(0, images.shape[0], chunk)]
-    keys = torch.cat([io.keys for io in ios])
-    context = {k: torch.cat([io.context[k] for io in ios]) for k in layer.context_sites}
+    keys, context = layer.capture_keys(model, images, batch_size=chunk)
     wrapper = _FromKeys(model, layer, suffix)
 
     def from_keys(overrides: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,7 +309,7 @@ class CachedImages:
         return self._layers[layer_name]
 
     def _capture(self, layer_name: str) -> _LayerCache | None:
-        from .finetune import suffix_parameters
+        from .finetune import parameters_after_keys
         from .suffix import network_suffix
 
         layer = get_layer(self.model, layer_name)
@@ -318,33 +318,27 @@ class CachedImages:
         except UnsupportedModelError as e:
             logger.info("CachedImages: full forward passes for %s (%s)", layer_name, e)
             return None
-        keys, context = [], []
         with torch.no_grad():
-            for i in range(0, len(self), self.batch_size):
-                io = layer.capture(self.model, self.images[i : i + self.batch_size].to(self.device))
-                keys.append(io.keys.cpu())
-                context.append({k: v.cpu() for k, v in io.context.items()})
-        downstream = set(suffix_parameters(self.model, layer, self.images[:1].to(self.device)))
-        # parameters of modules the context is read from: changing them makes the cached context stale
-        ctx_mods = [s.module for s in layer.context_sites.values()]
-        downstream = {
-            n for n in downstream if not any(m == "" or n.startswith(m + ".") for m in ctx_mods)
-        }
-        return _LayerCache(
-            layer, suffix, torch.cat(keys),
-            {k: torch.cat([c[k] for c in context]) for k in layer.context_sites}, frozenset(downstream),
-        )
+            keys, context = layer.capture_keys(
+                self.model, self.images, batch_size=self.batch_size, device=self.device, store="cpu"
+            )
+        downstream = parameters_after_keys(self.model, layer, self.images[:1].to(self.device))
+        return _LayerCache(layer, suffix, keys, context, downstream)
+
+    def _batches(self, entry: _LayerCache) -> Iterator[tuple[slice, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(slice, keys, context)`` of each batch of the cached keys, on the model's device."""
+        for i in range(0, len(self), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield sl, entry.keys[sl].to(self.device), {k: v[sl].to(self.device) for k, v in entry.context.items()}
 
     def _suffix_logits(self, entry: _LayerCache, weight: torch.Tensor) -> torch.Tensor:
         from .suffix import suffix_logits
 
-        outs = []
         with torch.no_grad():
-            for i in range(0, len(self), self.batch_size):
-                sl = slice(i, i + self.batch_size)
-                ctx = {k: v[sl].to(self.device) for k, v in entry.context.items()}
-                outs.append(suffix_logits(entry.suffix, entry.layer, entry.keys[sl].to(self.device), weight, ctx).float().cpu())
-        return torch.cat(outs)
+            return torch.cat([
+                suffix_logits(entry.suffix, entry.layer, keys, weight, ctx).float().cpu()
+                for _, keys, ctx in self._batches(entry)
+            ])
 
     def _layer_output(self, entry: _LayerCache) -> torch.Tensor:
         """The edited conv/linear's own output with its current weight (cached)."""
@@ -356,8 +350,7 @@ class CachedImages:
             else:
                 with torch.no_grad():
                     entry.output = torch.cat([
-                        entry.layer.layer_forward(entry.keys[i : i + self.batch_size].to(self.device), entry.layer.weight).cpu()
-                        for i in range(0, len(self), self.batch_size)
+                        entry.layer.layer_forward(keys, entry.layer.weight).cpu() for _, keys, _ in self._batches(entry)
                     ])
         return entry.output
 
@@ -371,10 +364,10 @@ class CachedImages:
         if self._delta_out is None or self._delta_out[0] is not edit:
             d = edit.delta().to(device=self.device, dtype=entry.layer.weight.dtype)
             bias = entry.layer.module.bias
+            parts = []
             with torch.no_grad():
-                parts = []
-                for i in range(0, len(self), self.batch_size):
-                    out = entry.layer.layer_forward(entry.keys[i : i + self.batch_size].to(self.device), d)
+                for _, keys, _ in self._batches(entry):
+                    out = entry.layer.layer_forward(keys, d)
                     if bias is not None:  # conv: (N, C, H, W) with bias (C,); linear: bias on the last axis
                         out = out - (bias[:, None, None] if isinstance(entry.layer.module, nn.Conv2d) else bias)
                     parts.append(out.cpu())
@@ -383,12 +376,9 @@ class CachedImages:
         post = entry.layer.post
         outs = []
         with torch.no_grad():
-            for i in range(0, len(self), self.batch_size):
-                sl = slice(i, i + self.batch_size)
+            for sl, _, ctx in self._batches(entry):
                 out = (base[sl] + alpha * delta_out[sl]).to(self.device)
-                ctx = {k: v[sl].to(self.device) for k, v in entry.context.items()}
-                value = out if post is None else post(out, ctx)
-                outs.append(entry.suffix(value).float().cpu())
+                outs.append(entry.suffix(out if post is None else post(out, ctx)).float().cpu())
         return torch.cat(outs)
 
     def path(self, candidate: Candidate, *, use_suffix: bool = True) -> str:
@@ -425,18 +415,13 @@ class CachedImages:
         layer = get_layer(self.model, candidate.edit.layer)
         w = candidate.edit.new_weight(layer.weight, candidate.alpha)
         entry = self.layer_cache(candidate.edit.layer)
-        out = []
         with torch.no_grad():
-            for i in range(0, len(self), self.batch_size):
-                if entry is not None:
-                    sl = slice(i, i + self.batch_size)
-                    keys = entry.keys[sl].to(self.device)
-                    ctx = {k: v[sl].to(self.device) for k, v in entry.context.items()}
-                else:
-                    io = layer.capture(self.model, self.images[i : i + self.batch_size].to(self.device))
-                    keys, ctx = io.keys, io.context
-                out.append(layer.block_forward(keys, w, ctx).float().cpu())
-        return torch.cat(out)
+            if entry is None:  # the network cannot be split there: keys and context for this call only
+                keys, context = layer.capture_keys(
+                    self.model, self.images, batch_size=self.batch_size, device=self.device, store="cpu"
+                )
+                entry = _LayerCache(layer, None, keys, context, frozenset())
+            return torch.cat([layer.block_forward(k, w, c).float().cpu() for _, k, c in self._batches(entry)])
 
 
 def _cached(model: nn.Module, images: torch.Tensor | CachedImages, name: str, batch_size: int) -> CachedImages:
