@@ -352,6 +352,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
     ex = exemplars(ex_idx)
     val_x, val_orig = pd.xv[pd.v_ex].subset(val_idx), pd.x0.subset(val_idx)
     val_y = pd.y[torch.as_tensor(val_idx)]
+    test_sets = {v: pd.xv[v].subset(test_idx) for v in pd.xv}  # shared by every method's evaluation
     unit = {
         "pair": pair_index, "concept": pd.concept, "style": pd.style,
         "variant": getattr(STYLES[pd.style][pd.v_ex], "name", str(pd.v_ex)),
@@ -398,7 +399,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
         except NoCandidateError as e:
             chosen_c, table = None, [r.to_dict() for r in e.table]
         targets = {pd.target} if method != "edit multi-class" else {int(c) for c in pd.y[torch.as_tensor(multi_ex)]}
-        res = evaluate_on_test(chosen_c, pd, test_idx, targets, clean_test_c, clean_test)
+        res = evaluate_on_test(chosen_c, pd, test_idx, test_sets, targets, clean_test_c, clean_test)
         res["chosen"] = None if chosen_c is None else chosen_c.name
         res["layer"] = None if chosen_c is None else chosen_c.edit.layer
         res["alpha"] = None if chosen_c is None else chosen_c.alpha
@@ -418,18 +419,16 @@ def fmt(x):
     return "n/a" if x is None else f"{x:+.0f}%"
 
 
-def evaluate_on_test(cand: Candidate | None, pd: PairData, test_idx, targets: set[int], clean_test_c: CachedImages,
-                     clean_test) -> dict:
-    """% errors corrected per group on the TEST indices, clean accuracy change, and logit shifts."""
+def evaluate_on_test(cand: Candidate | None, pd: PairData, test_idx, test_sets: dict[int, CachedImages],
+                     targets: set[int], clean_test_c: CachedImages, clean_test) -> dict:
+    """% errors corrected per group on the TEST indices (``test_sets``: each variant's test scenes),
+    clean accuracy change, and logit shifts."""
     t = torch.as_tensor(test_idx)
     y = pd.y
     is_target = torch.tensor([int(c) in targets for c in y])
     out: dict[str, Any] = {"pct": {}, "counts": {}}
-    logit0, logit1 = {}, {}
-    for v in [pd.v_ex, *pd.held]:
-        sub = pd.xv[v].subset(t)
-        logit0[v] = sub.logits0
-        logit1[v] = sub.logits(cand)
+    logit0 = {v: test_sets[v].logits0 for v in [pd.v_ex, *pd.held]}
+    logit1 = {v: test_sets[v].logits(cand) for v in [pd.v_ex, *pd.held]}
     base_masks = {
         "target": is_target, "other": ~is_target,
         "other-prefer": ~is_target & pd.prefer, "other-nonprefer": ~is_target & ~pd.prefer,

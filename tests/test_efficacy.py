@@ -31,11 +31,12 @@ def tiny_run(tmp_path_factory):
         seen["n_select"] += 1
         return match(model, cands, images, *a, **kw)
 
-    def spy_evaluate(cand, pd, test_idx, *a, **kw):
+    def spy_evaluate(cand, pd, test_idx, test_sets, *a, **kw):
         t = torch.as_tensor(test_idx)
-        for x in pd.xv.values():
+        for v, x in pd.xv.items():
             seen["test"] |= _hashes(x.images[t])
-        return evaluate(cand, pd, test_idx, *a, **kw)
+            assert torch.equal(test_sets[v].images, x.images[t])
+        return evaluate(cand, pd, test_idx, test_sets, *a, **kw)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(efficacy, "select_strength", spy_select)
