@@ -1,0 +1,41 @@
+"""benchmarks.speed end to end on small layers: every part runs, and the JSON and table agree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torchvision
+
+from benchmarks import speed
+
+
+def test_quick_run_writes_every_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        speed,
+        "CASES",
+        {
+            "resnet18 layer2.1.conv2": (lambda: torchvision.models.resnet18(num_classes=10), "layer2.1.conv2"),
+            "vgg11_bn features.4": (lambda: torchvision.models.vgg11_bn(num_classes=10), "features.4"),
+        },
+    )
+    monkeypatch.setattr(speed, "REFERENCE_STEPS", 400)
+    monkeypatch.setattr(speed, "QUICK_STEPS", 100)
+    results = speed.main(["--quick", "--device", "cpu", "--size", "32", "--images", "4", "--batch", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "speed-quick-cpu.json").read_text())
+    table = (tmp_path / "speed-quick-cpu.md").read_text()
+    assert saved["mode"] == "quick" and saved["size"] == 32
+    for part in speed.PARTS:
+        assert [r["case"] for r in saved[part]] == list(speed.CASES), part
+    for r in saved["solver"]:
+        assert r["reference_steps_run"] == 100 and not r["reference_20000_measured"]
+        assert r["reference_seconds_20000"] == pytest.approx(r["reference_seconds_per_step"] * 400)
+        assert 0 < r["fast_seconds"] and 0 < r["fast_seconds_first_call"]
+        assert r["fast_objective"] < r["objective_before"]
+        assert f"| {r['case']} | {r['fast_seconds']:.2f} |" in table
+    for r in saved["stats"]:
+        assert set(r["images_per_second"]) == {"stats", "limit", "full"}
+    for r in saved["files"]:
+        assert r["edit_bytes"] < r["dense_bytes"]
+    assert all(r["speedup"] > 0 for r in saved["suffix"])
+    assert results["solver"][0]["case"] == saved["solver"][0]["case"]
