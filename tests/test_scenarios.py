@@ -17,6 +17,8 @@ from PIL import Image
 from torch import nn
 
 import surgery
+from surgery.class_folders import Preprocess, resolve_class
+from surgery.errors import SurgeryError
 from benchmarks.scenarios import common, snow, typographic
 from tests.tiny_models import randomize_batchnorm, tiny_clip
 
@@ -42,7 +44,7 @@ def _random_images(n: int, seed: int) -> list[Image.Image]:
     return out
 
 
-def _write_photos(root, model: nn.Module, pre: common.Preprocess, n: int, seed: int) -> list[int]:
+def _write_photos(root, model: nn.Module, pre: Preprocess, n: int, seed: int) -> list[int]:
     """Save ``n`` images under ``root/<index the model predicts>/``; return their labels."""
     images = _random_images(n, seed)
     x = torch.stack([pre.pixels(SIZE)(im) for im in images])
@@ -165,7 +167,7 @@ def test_snow_user_exemplar_and_errors(tmp_path, capsys):
     for extra, expected in [
         (["--exemplar", str(ex)], "give --mask"),
         (["--mask", str(tmp_path / "road.png")], "need --exemplar"),
-        (["--exemplar-class", "army tank"], "not an ImageNet class name"),
+        (["--exemplar-class", "army tank"], "is not one of the model's 1000 class names"),
     ]:
         assert snow.main(base + extra, model=model) == 2
         err = capsys.readouterr().err
@@ -222,15 +224,15 @@ def test_add_paper_draws_inside_the_box_only():
 
 def test_resolve_class_and_snow_texture():
     names = surgery.models.imagenet_classes()
-    assert common.resolve_class("fire_engine", names) == 555
-    assert common.resolve_class("Fire-Engine", names) == 555
-    assert common.resolve_class("751", names) == 751
-    with pytest.raises(common.ScenarioError, match="out of range"):
-        common.resolve_class("1000", names)
-    with pytest.raises(common.ScenarioError, match="ambiguous"):
-        common.resolve_class("crane", ["crane", "dog", "crane"])
-    with pytest.raises(common.ScenarioError, match="Did you mean"):
-        common.resolve_class("fire engin", names)
+    assert resolve_class("fire_engine", names) == 555
+    assert resolve_class("Fire-Engine", names) == 555
+    assert resolve_class("751", names) == 751
+    with pytest.raises(SurgeryError, match="out of range"):
+        resolve_class("1000", names)
+    with pytest.raises(SurgeryError, match="ambiguous"):
+        resolve_class("crane", ["crane", "dog", "crane"])
+    with pytest.raises(SurgeryError, match="Did you mean"):
+        resolve_class("fire engin", names)
     tex = common.snow_texture(48, seed=1)
     assert tex.shape == (3, 48, 48) and 0 <= float(tex.min()) and float(tex.max()) <= 1
     assert float(tex.mean()) > 0.75  # white

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import logging
 import math
@@ -32,7 +31,8 @@ from PIL import Image
 from torch import nn
 
 import surgery
-from surgery.data import IMAGE_EXTENSIONS, ImageFolder, load_images
+from surgery.class_folders import LabelledPhotos, Preprocess
+from surgery.data import load_images
 from surgery.edit import Edit, tensor_sha256
 from surgery.errors import ModelLoadError, SurgeryError
 
@@ -42,20 +42,16 @@ __all__ = [
     "METHODS",
     "RANDOM_WEIGHTS_WARNING",
     "Exemplar",
-    "Photos",
-    "Preprocess",
     "PretrainedWeights",
     "ScenarioError",
     "add_common_arguments",
     "compare_methods",
     "load_exemplar_files",
-    "load_photos",
     "load_pretrained",
     "markdown_tables",
     "randomize_batchnorm",
     "reachable",
     "report",
-    "resolve_class",
     "run_cli",
     "snow_texture",
 ]
@@ -254,167 +250,6 @@ def load_pretrained(
 # --------------------------------------------------------------------------------------------------
 
 
-def _norm_name(name: str) -> str:
-    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
-
-
-def resolve_class(name: str, *class_lists: Sequence[str]) -> int:
-    """The class index of a folder name: an index (``"751"``) or a class name from any of the lists.
-
-    Names match case-insensitively, with ``_`` and ``-`` read as spaces (``fire_engine``).
-
-    Raises:
-        ScenarioError: an unknown name (with suggestions), an ambiguous one, or an index out of range.
-    """
-    n = len(class_lists[0])
-    text = str(name).strip()
-    if text.isdigit():
-        i = int(text)
-        if not 0 <= i < n:
-            raise ScenarioError(f"class index {i} is out of range: there are {n} classes (0..{n - 1})")
-        return i
-    key = _norm_name(text)
-    hits = sorted({i for names in class_lists for i, c in enumerate(names) if _norm_name(c) == key})
-    if len(hits) == 1:
-        return hits[0]
-    if len(hits) > 1:
-        raise ScenarioError(
-            f"class name {text!r} is ambiguous: it names classes {', '.join(map(str, hits))}; "
-            "name the folder by the class index instead"
-        )
-    known = sorted({_norm_name(c) for names in class_lists for c in names})
-    close = difflib.get_close_matches(key, known, n=4, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ScenarioError(
-        f"{text!r} is not an ImageNet class name or index.{hint} Name each class folder by the class "
-        "name (e.g. 'fire_engine') or its index (e.g. 555)"
-    )
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images reach the model: resize + center crop in pixel space, then normalization.
-
-    Attributes:
-        mean, std: the normalization of the model's training.
-        crop_pct: the crop covers this fraction of the resized shorter side (torchvision 0.875, CLIP 1).
-        interpolation: resize interpolation.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
-
-    def pixels(self, size: int) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL image -> ``(3, size, size)`` in ``[0, 1]`` (RGB, resize, center crop)."""
-        from torchvision import transforms as T
-
-        mode = T.InterpolationMode(self.interpolation)
-        return T.Compose(
-            [
-                lambda im: im.convert("RGB"),
-                T.Resize(math.floor(size / self.crop_pct + 1e-6), interpolation=mode, antialias=True),
-                T.CenterCrop(size),
-                T.ToTensor(),
-            ]
-        )
-
-    def mask_pixels(self, mask: torch.Tensor, size: int) -> torch.Tensor:
-        """The same resize + crop for a mask ``(1, 1, H, W)``, bilinear (soft at the edges)."""
-        from torchvision.transforms import functional as TF
-
-        resized = TF.resize(mask.float(), math.floor(size / self.crop_pct + 1e-6), antialias=True)
-        return TF.center_crop(resized, [size, size]).clamp(0.0, 1.0)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixel batch -> the model's input."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
-        return (x - mean) / std
-
-    def folder(self, root: Path, size: int) -> ImageFolder:
-        """A :class:`surgery.data.ImageFolder` of model inputs (for the key statistics)."""
-        return ImageFolder(root, transform=_ModelInput(self, size))
-
-
-class _ModelInput:
-    """PIL image -> normalized model input; its repr names size and normalization, so that cached key
-    statistics of a folder (keyed by the transform's repr) are not reused at another size."""
-
-    def __init__(self, pre: Preprocess, size: int) -> None:
-        self.pre, self.size, self._pixels = pre, size, pre.pixels(size)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.pre.normalize(self._pixels(image))
-
-    def __repr__(self) -> str:
-        return f"ModelInput(size={self.size}, {self.pre!r})"
-
-
-@dataclass
-class Photos:
-    """Labelled test photos in pixel space.
-
-    Attributes:
-        images: ``(N, 3, S, S)`` in ``[0, 1]``.
-        labels: ``(N,)`` class indices.
-        files: paths relative to the photo folder.
-        folders: class index -> the folder it came from.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    files: list[str]
-    folders: dict[int, str]
-
-
-def load_photos(
-    root: Path,
-    class_lists: Sequence[Sequence[str]],
-    pre: Preprocess,
-    size: int,
-    *,
-    max_per_class: int | None = None,
-) -> Photos:
-    """Read ``root/<class>/*`` (every image file, recursively within each class folder).
-
-    Raises:
-        ScenarioError: ``root`` is missing, has no class folder with images, or a folder name is not
-            a class.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise ScenarioError(f"photo folder {str(root)!r} does not exist")
-    layout = "expected one folder per class: DIR/<class name or index>/*.jpg"
-    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if loose:
-        logger.warning("ignoring %d image(s) directly in %s (%s)", len(loose), root, layout)
-    images, labels, files = [], [], []
-    folders: dict[int, str] = {}
-    transform = pre.pixels(size)
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        paths = sorted(
-            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if max_per_class is not None:
-            paths = paths[:max_per_class]
-        if not paths:
-            continue
-        label = resolve_class(folder.name, *class_lists)
-        if label in folders:
-            raise ScenarioError(
-                f"folders {folders[label]!r} and {folder.name!r} both name class {label}; merge them"
-            )
-        folders[label] = folder.name
-        images.append(load_images(paths, transform))
-        labels += [label] * len(paths)
-        files += [p.relative_to(root).as_posix() for p in paths]
-    if not images:
-        raise ScenarioError(f"no photos in class folders under {str(root)!r}; {layout}")
-    return Photos(torch.cat(images), torch.tensor(labels, dtype=torch.long), files, folders)
-
-
 @dataclass
 class Exemplar:
     """One exemplar in pixel space: ``original`` ``(1, 3, S, S)``, ``transformed`` likewise, ``mask``
@@ -545,13 +380,13 @@ def compare_methods(
     exemplar: Exemplar,
     label: int | None,
     class_names: Sequence[str],
-    photos: Photos,
+    photos: LabelledPhotos,
     conditions: Mapping[str, torch.Tensor],
     target: str,
     originals: str | None = None,
     watch_class: int | None = None,
     stats_data: Any = None,
-    extra: Mapping[str, Photos] | None = None,
+    extra: Mapping[str, LabelledPhotos] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Edit and fine-tune on one exemplar; evaluate the four methods on every condition.

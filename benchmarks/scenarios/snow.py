@@ -34,11 +34,12 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from surgery.concepts import paste_texture
+from surgery.class_folders import Preprocess, load_labelled_photos, resolve_class
 from surgery.data import load_images
 from surgery.models import IMAGENET_MEAN, IMAGENET_STD, imagenet_classes, load_model
 
 from . import common
-from .common import Exemplar, Preprocess, PretrainedWeights, ScenarioError
+from .common import Exemplar, PretrainedWeights, ScenarioError
 
 __all__ = ["PREPROCESS", "SPEC", "build_parser", "main", "run", "synthetic_road_scene", "vgg16_bn_weights"]
 
@@ -170,17 +171,17 @@ def run(args: argparse.Namespace, model: nn.Module | None = None) -> dict[str, A
         print(common.RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     model = model.to(common.pick_device(args.device)).eval()
 
-    photos = common.load_photos(args.photos, [class_names], PREPROCESS, args.size, max_per_class=args.max_per_class)
+    photos = load_labelled_photos(args.photos, [class_names], PREPROCESS, args.size, max_per_class=args.max_per_class)
     extra = {}
     notes = []
     if args.clean is not None:
-        extra["clean"] = common.load_photos(
+        extra["clean"] = load_labelled_photos(
             args.clean, [class_names], PREPROCESS, args.size, max_per_class=args.max_per_class
         )
     else:
         notes.append("no clean accuracy: pass --clean DIR (clean photos, one folder per class)")
     exemplar = build_exemplar(args)
-    label = None if args.exemplar_class is None else common.resolve_class(args.exemplar_class, class_names)
+    label = None if args.exemplar_class is None else resolve_class(args.exemplar_class, class_names)
     stats_data = None if args.stats_data is None else PREPROCESS.folder(args.stats_data, args.size)
     if weights == "random":
         notes.insert(0, "random weights: these numbers are meaningless")

@@ -35,11 +35,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from surgery.class_folders import Preprocess, load_labelled_photos, resolve_class
 from surgery.data import load_images
 from surgery.models import imagenet_classes, load_model
 
 from . import common
-from .common import Exemplar, Preprocess, PretrainedWeights, ScenarioError
+from .common import Exemplar, PretrainedWeights, ScenarioError
 
 __all__ = [
     "IPOD",
@@ -286,11 +287,11 @@ def run(args: argparse.Namespace, model: nn.Module | None = None) -> dict[str, A
 
     class_lists = [imagenet_classes(), list(IMAGENET_CLASSNAMES)]
     class_names = list(getattr(classifier, "class_names", class_lists[1]))
-    photos = common.load_photos(args.photos, class_lists, PREPROCESS, args.size, max_per_class=args.max_per_class)
+    photos = load_labelled_photos(args.photos, class_lists, PREPROCESS, args.size, max_per_class=args.max_per_class)
     blank, _ = add_paper(photos.images, args.box, None)
     attacked, _ = add_paper(photos.images, args.box, args.text)
     exemplar = build_exemplar(args)
-    label = None if args.exemplar_class is None else common.resolve_class(args.exemplar_class, *class_lists)
+    label = None if args.exemplar_class is None else resolve_class(args.exemplar_class, *class_lists)
     stats_data = None if args.stats_data is None else PREPROCESS.folder(args.stats_data, args.size)
     notes = ["random weights: these numbers are meaningless"] if weights == "random" else []
     if args.text != "iPod":

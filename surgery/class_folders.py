@@ -1,0 +1,320 @@
+"""Labelled photos from class folders, kept in pixel space, and concept masks drawn on them.
+
+Concept transformations (a texture pasted into a region, a region restyled) act on pixels; the model
+sees normalized tensors. :class:`Preprocess` splits a model's eval preprocessing in two: the geometry
+(resize and center crop), applied alike to photos and to the masks drawn on them, and the
+normalization, applied right before the model.
+
+Layouts read here::
+
+    photos/<class>/*.jpg                    class = a class name (fire_engine) or index (555)
+    masks/<concept>/<class>/<photo>.png     optional per photo: where <concept> is in that photo
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .data import IMAGE_EXTENSIONS, ImageFolder, PathLike, load_images, load_masks
+from .errors import SurgeryError
+
+__all__ = [
+    "LabelledPhotos",
+    "Preprocess",
+    "load_concept_masks",
+    "load_labelled_photos",
+    "resolve_class",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images reach the model: resize + center crop in pixel space, then normalization.
+
+    Attributes:
+        mean, std: the normalization of the model's training.
+        crop_pct: the crop covers this fraction of the resized shorter side (torchvision 0.875, CLIP 1).
+        interpolation: resize interpolation.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Preprocess:
+        """The split of ``surgery.models.preprocess(model)``: the same resize, crop and normalization.
+
+        Reads an open_clip visual tower's config, timm's ``pretrained_cfg``, or the ``data_config``
+        that :func:`surgery.load_model` records; anything else gets ImageNet's (crop 0.875, bilinear).
+        """
+        from .models import IMAGENET_MEAN, IMAGENET_STD, _hw, _is_timm_model, _open_clip_visual
+
+        visual = _open_clip_visual(model)
+        if visual is not None:
+            import open_clip
+
+            cfg = getattr(visual, "preprocess_cfg", None) or {}
+            return cls(
+                tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN),
+                tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD),
+                1.0,
+                str(cfg.get("interpolation") or "bicubic"),
+            )
+        if _is_timm_model(model):
+            from timm.data import resolve_data_config
+
+            cfg = resolve_data_config({}, model=model)
+            if cfg.get("crop_mode", "center") != "center":
+                raise SurgeryError(
+                    f"the model's preprocessing crops with crop_mode={cfg['crop_mode']!r}; only center "
+                    "crops are split into pixels and normalization (set pretrained_cfg['crop_mode'] = 'center')"
+                )
+            return cls(tuple(cfg["mean"]), tuple(cfg["std"]), float(cfg["crop_pct"]), str(cfg["interpolation"]))
+        cfg = getattr(model, "data_config", None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            crop_pct = float(cfg.get("crop_pct", 0.875))
+            if cfg.get("resize_size"):
+                crop_pct = min(_hw(cfg["input_size"])) / float(cfg["resize_size"])
+            return cls(
+                tuple(cfg.get("mean", IMAGENET_MEAN)),
+                tuple(cfg.get("std", IMAGENET_STD)),
+                crop_pct,
+                str(cfg.get("interpolation", "bilinear")),
+            )
+        return cls(IMAGENET_MEAN, IMAGENET_STD)
+
+    def _resize(self, size: int) -> int:
+        return math.floor(size / self.crop_pct + 1e-6)
+
+    def pixels(self, size: int) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> ``(3, size, size)`` in ``[0, 1]`` (RGB, resize, center crop)."""
+        from torchvision import transforms as T
+
+        mode = T.InterpolationMode(self.interpolation)
+        return T.Compose(
+            [
+                lambda im: im.convert("RGB"),
+                T.Resize(self._resize(size), interpolation=mode, antialias=True),
+                T.CenterCrop(size),
+                T.ToTensor(),
+            ]
+        )
+
+    def mask_pixels(self, mask: torch.Tensor, size: int) -> torch.Tensor:
+        """The same resize + crop for masks ``(N, 1, H, W)``, bilinear (soft at the edges)."""
+        from torchvision.transforms import functional as TF
+
+        resized = TF.resize(mask.float(), self._resize(size), antialias=True)
+        return TF.center_crop(resized, [size, size]).clamp(0.0, 1.0)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel batch in ``[0, 1]`` (or uint8) -> the model's input."""
+        if not x.is_floating_point():
+            x = x.float() / 255.0
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x - mean) / std
+
+    def folder(self, root: PathLike, size: int) -> ImageFolder:
+        """A :class:`surgery.data.ImageFolder` of model inputs (for the key statistics)."""
+        return ImageFolder(root, transform=_ModelInput(self, size))
+
+
+class _ModelInput:
+    """PIL image -> normalized model input; its repr names size and normalization, so that cached key
+    statistics of a folder (keyed by the transform's repr) are not reused at another size."""
+
+    def __init__(self, pre: Preprocess, size: int) -> None:
+        self.pre, self.size, self._pixels = pre, size, pre.pixels(size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.pre.normalize(self._pixels(image))
+
+    def __repr__(self) -> str:
+        return f"ModelInput(size={self.size}, {self.pre!r})"
+
+
+def _norm_name(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def resolve_class(name: str, *class_lists: Sequence[str]) -> int:
+    """The class index of a folder name: an index (``"751"``) or a class name from any of the lists.
+
+    Names match case-insensitively, with ``_`` and ``-`` read as spaces (``fire_engine``).
+
+    Raises:
+        SurgeryError: an unknown name (with suggestions), an ambiguous one, or an index out of range.
+    """
+    n = len(class_lists[0])
+    text = str(name).strip()
+    if text.isdigit():
+        i = int(text)
+        if not 0 <= i < n:
+            raise SurgeryError(f"class index {i} is out of range: there are {n} classes (0..{n - 1})")
+        return i
+    key = _norm_name(text)
+    hits = sorted({i for names in class_lists for i, c in enumerate(names) if _norm_name(c) == key})
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise SurgeryError(
+            f"class name {text!r} is ambiguous: it names classes {', '.join(map(str, hits))}; "
+            "name the folder by the class index instead"
+        )
+    known = sorted({_norm_name(c) for names in class_lists for c in names})
+    close = difflib.get_close_matches(key, known, n=4, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+    raise SurgeryError(
+        f"{text!r} is not one of the model's {n} class names, nor an index.{hint} Name each class "
+        "folder by the class name (e.g. 'fire_engine') or its index (e.g. 555)"
+    )
+
+
+@dataclass
+class LabelledPhotos:
+    """Labelled photos in pixel space.
+
+    Attributes:
+        images: ``(N, 3, S, S)`` in ``[0, 1]``.
+        labels: ``(N,)`` class indices.
+        files: paths relative to the photo folder.
+        folders: class index -> the folder it came from.
+        sizes: each photo's ``(H, W)`` before resizing (what its masks are drawn on).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    files: list[str]
+    folders: dict[int, str]
+    sizes: list[tuple[int, int]]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+
+
+def load_labelled_photos(
+    root: PathLike,
+    class_lists: Sequence[Sequence[str]],
+    pre: Preprocess,
+    size: int,
+    *,
+    max_per_class: int | None = None,
+) -> LabelledPhotos:
+    """Read ``root/<class>/*`` (every image file, recursively within each class folder).
+
+    Args:
+        root: the folder of class folders.
+        class_lists: the model's class names (several lists: a folder may use a name from any).
+        pre: the geometry applied to every photo.
+        size: the side of the square crop.
+        max_per_class: read at most this many photos of each class (the first, sorted by path).
+
+    Raises:
+        SurgeryError: ``root`` is missing, has no class folder with images, or a folder name is not
+            a class.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SurgeryError(f"photo folder {str(root)!r} does not exist")
+    layout = "expected one folder per class: DIR/<class name or index>/*.jpg"
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        logger.warning("ignoring %d image(s) directly in %s (%s)", len(loose), root, layout)
+    images, labels, files, sizes = [], [], [], []
+    folders: dict[int, str] = {}
+    transform = pre.pixels(size)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        paths = _image_files(folder)[:max_per_class]
+        if not paths:
+            continue
+        label = resolve_class(folder.name, *class_lists)
+        if label in folders:
+            raise SurgeryError(
+                f"folders {folders[label]!r} and {folder.name!r} both name class {label}; merge them"
+            )
+        folders[label] = folder.name
+        images.append(load_images(paths, transform))
+        for p in paths:
+            with Image.open(p) as im:
+                sizes.append((im.height, im.width))
+        labels += [label] * len(paths)
+        files += [p.relative_to(root).as_posix() for p in paths]
+    if not images:
+        raise SurgeryError(f"no photos in class folders under {str(root)!r}; {layout}")
+    return LabelledPhotos(torch.cat(images), torch.tensor(labels, dtype=torch.long), files, folders, sizes)
+
+
+def load_concept_masks(
+    root: PathLike, photos: LabelledPhotos, pre: Preprocess, size: int
+) -> dict[str, torch.Tensor]:
+    """Read ``root/<concept>/<photo path>`` masks (any image extension) for ``photos``.
+
+    A mask is drawn on its photo: white (or opaque) where the concept is. A photo without a mask
+    file for a concept does not show it. Each mask goes through the photos' resize and crop.
+
+    Returns:
+        ``{concept: (N, size, size) bool}`` in the order of ``photos``, concepts sorted by name.
+
+    Raises:
+        SurgeryError: ``root`` is missing or holds no concept folder; a mask file names no photo (a
+            typo, or a photo not read); a mask's aspect ratio differs from its photo's.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SurgeryError(f"mask folder {str(root)!r} does not exist")
+    layout = "expected MASKS/<concept>/<class folder>/<photo name>.png"
+    index = {Path(f).with_suffix("").as_posix(): i for i, f in enumerate(photos.files)}
+    if len(index) < len(photos.files):
+        twins = sorted(f for f in photos.files if sum(Path(g).with_suffix("") == Path(f).with_suffix("") for g in photos.files) > 1)
+        raise SurgeryError(f"photos {twins[:4]} differ only in their extension; rename one so each mask names one photo")
+    concepts: dict[str, torch.Tensor] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        masks = torch.zeros(len(photos.files), size, size, dtype=torch.bool)
+        found = 0
+        for path in _image_files(folder):
+            rel = path.relative_to(folder).with_suffix("").as_posix()
+            if rel not in index:
+                close = difflib.get_close_matches(rel, list(index), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SurgeryError(
+                    f"mask {str(path)!r} names no photo: there is no {rel}.* among the photos read{hint}; {layout}"
+                )
+            i = index[rel]
+            h, w = photos.sizes[i]
+            with Image.open(path) as im:
+                mh, mw = im.height, im.width
+            if abs((mh / mw) / (h / w) - 1.0) > 0.02:
+                raise SurgeryError(
+                    f"mask {str(path)!r} is {mw}x{mh} but its photo {photos.files[i]!r} is {w}x{h} (WxH); "
+                    "draw the mask on the photo, at its size"
+                )
+            m = load_masks(path, size=(h, w))
+            masks[i] = pre.mask_pixels(m, size)[0, 0] >= 0.5
+            found += 1
+        if found == 0:
+            continue
+        shown = int(masks.flatten(1).any(1).sum())
+        if shown < found:
+            logger.warning("%s: %d of %d masks cover nothing inside the center crop", folder.name, found - shown, found)
+        concepts[folder.name] = masks
+    if not concepts:
+        raise SurgeryError(f"no masks under {str(root)!r}; {layout}")
+    return concepts
