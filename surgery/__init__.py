@@ -7,6 +7,7 @@ The method of "Editing a classifier by rewriting its prediction rules" (Santurka
 __version__ = "0.1.0"
 
 from .apply import EditHandle, apply_edit, edited, list_edits, revert_edit
+from .class_folders import LabelledPhotos, Preprocess, load_concept_masks, load_labelled_photos
 from .concepts import load_mask, masks_from_segmentation, paste_texture, style_transfer
 from .edit import Edit
 from .edit_file import load_edit
@@ -67,6 +68,10 @@ __all__ = [
     "masks_from_segmentation",
     "probe",
     "ProbeResult",
+    "Preprocess",
+    "LabelledPhotos",
+    "load_labelled_photos",
+    "load_concept_masks",
     # models
     "load_model",
     "CachedImages",

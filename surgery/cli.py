@@ -7,6 +7,7 @@
     surgery stats timm:resnet50 --layer layer3.1.conv3 --data val/ -o stats.safetensors
     surgery edit timm:resnet50 --layer layer3.1.conv3 --original x.png --transformed x2.png \\
         --stats stats.safetensors -o edit.safetensors
+    surgery probe timm:resnet50 --data photos/ --masks masks/ --texture gravel
 """
 
 from __future__ import annotations
@@ -288,42 +289,6 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# surgery probe
-# --------------------------------------------------------------------------------------------------
-
-
-def _cmd_probe(args: argparse.Namespace) -> int:
-    from .demo import _import_testbed
-
-    try:
-        testbed = _import_testbed()
-        from benchmarks.probe_testbed import run
-    except (SurgeryError, ImportError):
-        raise SurgeryError(
-            "surgery probe --testbed uses the concept testbed in benchmarks/ of a clone of the "
-            "repository; run it there (for your own data, call surgery.probe.probe from Python)"
-        ) from None
-    styles = args.styles.split(",") if args.styles else None
-    unknown = [s for s in styles or () if s not in testbed.STYLES]
-    if unknown:
-        raise SurgeryError(f"unknown style(s) {', '.join(unknown)}; styles: {', '.join(testbed.STYLES)}")
-    if not 0 <= args.variant < min(len(v) for v in testbed.STYLES.values()):
-        raise SurgeryError(f"--variant must be in 0..{min(len(v) for v in testbed.STYLES.values()) - 1}")
-    try:
-        result, _ = run(
-            args.testbed, args.n, styles, Path(args.out), n_boot=args.n_boot, variant=args.variant,
-            min_images=args.min_images, progress=sys.stderr.isatty(),
-        )
-    except FileNotFoundError as e:
-        raise SurgeryError(str(e)) from None
-    print(f"rules of the testbed {args.testbed} (mean accuracy drop over styles, pp):")
-    for name, cells in result.rules(args.top_k).items():
-        print(f"  {name}: " + ", ".join(f"{c.concept} {c.drop:+.1f}" for c in cells))
-    print(f"wrote {Path(args.out) / f'probe_{args.testbed}'}.{{csv,json,md,png}} and _bars.png")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------
 
@@ -355,8 +320,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME, timm:NAME, open_clip:NAME or surgery:efficientnet_lite0")
+def _add_model_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    text = "torchvision:NAME, timm:NAME, open_clip:NAME or surgery:efficientnet_lite0"
+    if optional:
+        p.add_argument("model", nargs="?", help=text + " (or use --testbed)")
+    else:
+        p.add_argument("model", help=text)
     p.add_argument("--checkpoint", help="weights to load (.safetensors, or .pth read with weights_only=True)")
     p.add_argument("--pretrained", action="store_true", help="download pretrained weights (needs network)")
 
@@ -457,23 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stats_args(p.add_argument_group("key statistics with --data"))
     p.set_defaults(func=_cmd_edit)
-    p = sub.add_parser(
-        "probe",
-        help="find the concepts a testbed classifier relies on, per class (one concept transformed at a time)",
-        description="Restyle one concept at a time in testbed scenes and measure each class's accuracy drop "
-        "(the paper's Section 5); writes CSV, JSON, markdown, a heatmap and bar charts.",
-    )
-    p.add_argument("--testbed", choices=("vgg", "resnet"), required=True, help="the trained testbed classifier")
-    p.add_argument("--n", type=_positive_int, default=2000, help="test scenes (default 2000)")
-    p.add_argument("--styles", help="comma-separated testbed styles (default: all six)")
-    p.add_argument("--variant", type=int, default=0, help="variant of each style (default 0)")
-    p.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument(
-        "--min-images", type=_positive_int, default=5, help="skip class-concept cells with fewer scenes (default 5)"
-    )
-    p.add_argument("--top-k", type=_positive_int, default=3, help="concepts printed per class (default 3)")
-    p.add_argument("--out", default="probe-output", help="folder for the results (default probe-output)")
-    p.set_defaults(func=_cmd_probe)
+    from .cli_probe import add_command as add_probe
+
+    add_probe(sub)
 
     from .cli_edits import add_commands
 

@@ -175,7 +175,8 @@ class ProbeResult:
     """What :func:`probe` measured.
 
     Attributes:
-        rows: one :class:`ProbeRow` per (class, concept, style), skipped cells included.
+        rows: one :class:`ProbeRow` per (class, concept, style), skipped cells included; classes
+            without any image get no rows.
         cells: one :class:`ProbeCell` per (class, concept): the mean over styles.
         concepts, styles, class_names: the axes, in order.
         meta: settings (``n_boot``, ``min_images``, ``seed``, ``n_images``, ...).
@@ -284,16 +285,19 @@ class ProbeResult:
     ) -> None:
         """Class x concept mean drop (pp), annotated, on a diverging colour map centred at 0.
 
-        Skipped cells are grey. ``highlight``: ``(label, concept)`` cells to outline (e.g. the
-        concepts a synthetic dataset was generated with).
+        One row per class that has images; skipped cells are grey. ``highlight``: ``(label, concept)``
+        cells to outline (e.g. the concepts a synthetic dataset was generated with).
         """
         plt = _pyplot()
         from matplotlib.patches import Rectangle
 
-        m = self.drop_matrix()
+        shown = sorted({c.label for c in self.cells if c.n > 0})  # not every one of ImageNet's 1000
+        if not shown:
+            raise SurgeryError("nothing to plot: no class has an image showing any concept")
+        m = self.drop_matrix()[shown]
         lim = max(5.0, float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 5.0)
         rows, cols = m.shape
-        fig, ax = plt.subplots(figsize=(1.2 + 0.62 * cols, 1.0 + 0.36 * rows))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.62 * cols), 1.4 + 0.36 * rows))
         cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
         im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
         for i in range(rows):
@@ -303,11 +307,11 @@ class ProbeResult:
                 dark = not math.isnan(v) and abs(v) > 0.6 * lim
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
         for label, concept in highlight or ():
-            if concept in self.concepts:
-                j = self.concepts.index(concept)
-                ax.add_patch(Rectangle((j - 0.5, label - 0.5), 1, 1, fill=False, lw=1.6, ec="black"))
+            if concept in self.concepts and label in shown:
+                i, j = shown.index(label), self.concepts.index(concept)
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.6, ec="black"))
         ax.set_xticks(range(cols), self.concepts, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(rows), self.class_names, fontsize=8)
+        ax.set_yticks(range(rows), [self.class_names[k] for k in shown], fontsize=8)
         ax.set_xlabel("transformed concept")
         ax.set_ylabel("class")
         styles = ", ".join(self.styles)
@@ -536,6 +540,7 @@ def probe(
         bar = tqdm(total=len(pairs), desc="probe", unit="pair")
     rows: list[ProbeRow] = []
     cells: list[ProbeCell] = []
+    present = sorted(set(labels.tolist()))  # classes with images: the others get no rows
     try:
         for ci, concept in enumerate(concepts):
             index = masks[concept].flatten(1).any(1).nonzero().flatten()
@@ -556,7 +561,7 @@ def probe(
                     bar.update(1)
             after = torch.stack(correct_after).numpy()  # (styles, M)
             before = (pred0[index] == labels[index]).numpy()
-            for label in range(k):
+            for label in present:
                 sel = (labels[index] == label).numpy()
                 r, c = _cell(label, class_names[label], concept, style_names, before[sel], after[:, sel], n_boot, min_images, [seed, label, ci])
                 rows += r

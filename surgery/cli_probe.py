@@ -1,0 +1,227 @@
+"""The ``surgery probe`` command: which concepts does each class rely on?
+
+    surgery probe timm:resnet50 --pretrained --data photos/ --masks masks/ --texture gravel
+    surgery probe --testbed vgg
+
+With a model, it reads labelled photos (``photos/<class>/*.jpg``) and concept masks drawn on them
+(``masks/<concept>/<class>/<photo>.png``), transforms one concept at a time (pixel styles and pasted
+textures) and writes the accuracy drop of every (class, concept) with bootstrap intervals: CSV, JSON,
+markdown, a heatmap and per-class bar charts. With ``--testbed`` it probes a trained testbed
+classifier of the repository's benchmarks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import _add_model_args, _load_model, _positive_float, _positive_int, _write
+from .errors import SurgeryError
+
+__all__ = ["add_command"]
+
+Style = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _texture_styles(specs: list[str], blend: float) -> dict[str, Style]:
+    """``NAME=FILE`` or a bundled texture name -> a style pasting it (images as float 0..255)."""
+    from .concepts import paste_texture
+    from .photos import TEXTURE_NAMES, sample_textures
+
+    styles: dict[str, Style] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            if spec not in TEXTURE_NAMES:
+                raise SurgeryError(
+                    f"--texture {spec!r}: give NAME=FILE (an image of the texture) or a bundled texture "
+                    f"({', '.join(TEXTURE_NAMES)})"
+                )
+            texture: Any = sample_textures([spec])[spec]
+        else:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(file) as im:
+                    texture = im.convert("RGB")
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+                raise SurgeryError(f"--texture {spec!r}: cannot read {file!r} as an image ({e})") from None
+        if not name or name in styles:
+            raise SurgeryError(f"--texture {spec!r}: each texture needs its own, non-empty name")
+
+        def paste(x: torch.Tensor, m: torch.Tensor, texture: Any = texture) -> torch.Tensor:
+            return paste_texture(x / 255.0, m, texture, blend, seed=0) * 255.0
+
+        styles[name] = paste
+    return styles
+
+
+def _class_names(path: str | None, n_outputs: int) -> list[str]:
+    """``--class-names FILE`` (one per line), ImageNet's for 1000 outputs, else the indices."""
+    from .models import imagenet_classes
+
+    if path is None:
+        return imagenet_classes() if n_outputs == 1000 else [str(i) for i in range(n_outputs)]
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"cannot read --class-names {path!r} as a text file, one name per line ({e})") from None
+    if len(names) != n_outputs:
+        raise SurgeryError(
+            f"--class-names {path!r} has {len(names)} names but the model has {n_outputs} outputs; "
+            "give one name per output, in output order"
+        )
+    return names
+
+
+def _probe_folders(args: argparse.Namespace) -> int:
+    from .class_folders import Preprocess, load_concept_masks, load_labelled_photos
+    from .models import default_input_size
+    from .probe import PIXEL_STYLES, probe
+
+    if not args.data or not args.masks:
+        raise SurgeryError("surgery probe MODEL needs --data DIR (photos per class) and --masks DIR (per concept)")
+    pixel = list(PIXEL_STYLES) if args.styles is None and not args.texture else (args.styles or "").split(",")
+    pixel = [s for s in pixel if s]
+    unknown = [s for s in pixel if s not in PIXEL_STYLES]
+    if unknown:
+        raise SurgeryError(f"unknown style(s) {', '.join(unknown)}; pixel styles: {', '.join(PIXEL_STYLES)}")
+    styles: dict[str, Style] = {s: PIXEL_STYLES[s] for s in pixel}
+    for name, fn in _texture_styles(args.texture or [], args.blend).items():
+        if name in styles:
+            raise SurgeryError(f"--texture {name!r} has the name of a pixel style; name it otherwise")
+        styles[name] = fn
+
+    model = _load_model(args).eval()
+    pre = Preprocess.from_model(model)
+    size = args.size or default_input_size(model)[1]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(pre.normalize(torch.zeros(1, 3, size, size, device=device)))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise SurgeryError("the model must return logits (N, classes) to be probed")
+    names = _class_names(args.class_names, out.shape[1])
+    photos = load_labelled_photos(args.data, [names], pre, size, max_per_class=args.max_per_class)
+    masks = load_concept_masks(args.masks, photos, pre, size)
+    images = (photos.images * 255).round().to(torch.uint8)  # a quarter of the memory of floats
+    result = probe(
+        model, images, photos.labels, masks, styles, preprocess=pre.normalize, class_names=names,
+        n_boot=args.n_boot, min_images=args.min_images, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+    )
+    if all(c.skipped for c in result.cells):
+        raise SurgeryError(
+            f"every (class, concept) cell has fewer than {args.min_images} photos showing the concept; "
+            "add photos or masks, or lower --min-images"
+        )
+    result.meta.update({"model": args.model, "data": str(args.data), "masks": str(args.masks), "size": size})
+    stem = Path(args.out) / "probe"
+    _write("probe results", f"{stem}.json", result.to_json)
+    result.to_csv(f"{stem}.csv")
+    Path(f"{stem}.md").write_text(f"# Probe: {args.model}\n\n{result.to_markdown(top_k=args.top_k)}\n")
+    result.heatmap(f"{stem}.png", title=f"{args.model}\naccuracy drop (pp) when one concept is transformed\n(mean over {', '.join(styles)})")
+    result.bar_charts(f"{stem}_bars.png")
+    print(
+        f"{len(photos.files)} photos of {len(photos.folders)} classes (clean accuracy "
+        f"{result.meta['clean_accuracy']:.1f}%), {len(masks)} concepts, styles {', '.join(styles)}"
+    )
+    _print_rules(result, args.top_k)
+    print(f"wrote {stem}.{{csv,json,md,png}} and {stem.name}_bars.png")
+    return 0
+
+
+def _print_rules(result: Any, top_k: int) -> None:
+    rules = result.rules(top_k)
+    if not rules:
+        print(f"no rules: every (class, concept) cell has fewer than {result.meta['min_images']} images")
+    for name, cells in rules.items():
+        print(f"  {name}: " + ", ".join(f"{c.concept} {c.drop:+.1f} [{c.ci_low:+.1f}, {c.ci_high:+.1f}]" for c in cells))
+
+
+def _probe_testbed(args: argparse.Namespace) -> int:
+    from .demo import _import_testbed
+
+    try:
+        testbed = _import_testbed()
+        from benchmarks.probe_testbed import run
+    except (SurgeryError, ImportError):
+        raise SurgeryError(
+            "surgery probe --testbed uses the concept testbed in benchmarks/ of a clone of the "
+            "repository; run it there, or probe your own photos: surgery probe MODEL --data DIR --masks DIR"
+        ) from None
+    n = 2000 if args.n is None else args.n
+    variant = 0 if args.variant is None else args.variant
+    styles = args.styles.split(",") if args.styles else None
+    unknown = [s for s in styles or () if s not in testbed.STYLES]
+    if unknown:
+        raise SurgeryError(f"unknown style(s) {', '.join(unknown)}; styles: {', '.join(testbed.STYLES)}")
+    if not 0 <= variant < min(len(v) for v in testbed.STYLES.values()):
+        raise SurgeryError(f"--variant must be in 0..{min(len(v) for v in testbed.STYLES.values()) - 1}")
+    try:
+        result, _ = run(
+            args.testbed, n, styles, Path(args.out), n_boot=args.n_boot, variant=variant,
+            min_images=args.min_images, progress=sys.stderr.isatty(),
+        )
+    except FileNotFoundError as e:
+        raise SurgeryError(str(e)) from None
+    print(f"rules of the testbed {args.testbed} (mean accuracy drop over styles, pp):")
+    _print_rules(result, args.top_k)
+    print(f"wrote {Path(args.out) / f'probe_{args.testbed}'}.{{csv,json,md,png}} and _bars.png")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.testbed is None):
+        raise SurgeryError("give a MODEL (with --data and --masks) or --testbed vgg|resnet, not both")
+    if args.testbed is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("data", "masks", "texture", "class_names", "checkpoint", "size")
+                 if getattr(args, k)]
+        if given:
+            raise SurgeryError(f"{', '.join(given)} apply to MODEL, not to --testbed")
+        return _probe_testbed(args)
+    if args.n is not None or args.variant is not None:
+        raise SurgeryError("--n and --variant apply to --testbed only")
+    if not 0.0 < args.blend <= 1.0:
+        raise SurgeryError(f"--blend must be in (0, 1], got {args.blend}")
+    return _probe_folders(args)
+
+
+def add_command(subparsers: Any) -> None:
+    """Register ``probe`` on the ``surgery`` parser's subparsers."""
+    p = subparsers.add_parser(
+        "probe",
+        help="find the concepts each class relies on (one concept transformed at a time)",
+        description="Transform one concept at a time (the paper's Section 5) in your labelled photos, or in "
+        "testbed scenes, and measure each class's accuracy drop with bootstrap 95% intervals; writes CSV, "
+        "JSON, markdown, a heatmap and bar charts.",
+        epilog="Layout: DATA/<class name or index>/*.jpg and MASKS/<concept>/<class folder>/<photo name>.png "
+        "(white where the concept is; a photo without a mask does not show that concept).",
+    )
+    _add_model_args(p, optional=True)
+    p.add_argument("--data", metavar="DIR", help="labelled photos: one folder per class")
+    p.add_argument("--masks", metavar="DIR", help="concept masks: MASKS/<concept>/<class folder>/<photo>.png")
+    p.add_argument("--styles", help="comma-separated pixel styles gray,flat,blur (default: all three, "
+                   "or none when --texture is given); with --testbed, testbed styles")
+    p.add_argument("--texture", action="append", metavar="NAME=FILE",
+                   help="paste this texture into the concept (repeatable; or a bundled one: grass, gravel, brick)")
+    p.add_argument("--blend", type=_positive_float, default=1.0, help="texture opacity in (0, 1] (default 1)")
+    p.add_argument("--class-names", metavar="FILE", help="one class name per model output (default: ImageNet's "
+                   "for 1000 outputs, else indices)")
+    p.add_argument("--max-per-class", type=_positive_int, help="read at most this many photos per class")
+    p.add_argument("--device", help="where to run, e.g. cpu, cuda or cuda:1 (default: cpu)")
+    p.add_argument("--size", type=_positive_int, help="crop size in pixels (default: the model's input size)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward (default 64)")
+    p.add_argument("--testbed", choices=("vgg", "resnet"), help="probe a trained testbed classifier instead")
+    p.add_argument("--n", type=_positive_int, help="--testbed: test scenes (default 2000)")
+    p.add_argument("--variant", type=int, help="--testbed: variant of each style (default 0)")
+    p.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument(
+        "--min-images", type=_positive_int, default=5, help="skip class-concept cells with fewer images (default 5)"
+    )
+    p.add_argument("--top-k", type=_positive_int, default=3, help="concepts printed per class (default 3)")
+    p.add_argument("--out", default="probe-output", help="folder for the results (default probe-output)")
+    p.set_defaults(func=_cmd_probe)
