@@ -86,6 +86,9 @@ def _probe_folders(args: argparse.Namespace) -> int:
 
     if not args.data or not args.masks:
         raise SurgeryError("surgery probe MODEL needs --data DIR (photos per class) and --masks DIR (per concept)")
+    for flag, folder in (("--data", args.data), ("--masks", args.masks)):
+        if not Path(folder).expanduser().is_dir():  # before loading a model that may take a while
+            raise SurgeryError(f"{flag} {folder!r} does not exist or is not a folder")
     pixel = list(PIXEL_STYLES) if args.styles is None and not args.texture else (args.styles or "").split(",")
     pixel = [s for s in pixel if s]
     unknown = [s for s in pixel if s not in PIXEL_STYLES]

@@ -142,6 +142,7 @@ def test_cli_probe_errors(tmp_path, monkeypatch, capsys):
         (["probe", "--data", "x"], "give a MODEL"),
         (["probe", "m", "--testbed", "vgg"], "not both"),
         (["probe", "m", "--data", str(tmp_path / "photos")], "needs --data DIR"),
+        (["probe", "surgery:no_such_model", "--data", str(tmp_path / "nope"), "--masks", "x"], "nope' does not exist or is not a folder"),
         ([*base, "--styles", "sepia"], "unknown style(s) sepia"),
         ([*base, "--texture", "marble"], "bundled texture"),
         ([*base, "--texture", f"x={tmp_path / 'none.png'}"], "cannot read"),
