@@ -128,9 +128,13 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
         return (x - mean) / std
 
+    def model_input(self, size: int) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> the model's input at ``size`` px: :meth:`pixels`, then :meth:`normalize`."""
+        return _ModelInput(self, size)
+
     def folder(self, root: PathLike, size: int) -> ImageFolder:
         """A :class:`surgery.data.ImageFolder` of model inputs (for the key statistics)."""
-        return ImageFolder(root, transform=_ModelInput(self, size))
+        return ImageFolder(root, transform=self.model_input(size))
 
 
 class _ModelInput:
@@ -189,7 +193,7 @@ class LabelledPhotos:
     """Labelled photos in pixel space.
 
     Attributes:
-        images: ``(N, 3, S, S)`` in ``[0, 1]``.
+        images: ``(N, 3, S, S)``, as the transform made them (pixels in ``[0, 1]``, or model inputs).
         labels: ``(N,)`` class indices.
         files: paths relative to the photo folder.
         folders: class index -> the folder it came from.
@@ -213,8 +217,7 @@ def _image_files(folder: Path) -> list[Path]:
 def load_labelled_photos(
     root: PathLike,
     class_lists: Sequence[Sequence[str]],
-    pre: Preprocess,
-    size: int,
+    transform: Callable[[Image.Image], torch.Tensor],
     *,
     max_per_class: int | None = None,
 ) -> LabelledPhotos:
@@ -223,8 +226,9 @@ def load_labelled_photos(
     Args:
         root: the folder of class folders.
         class_lists: the model's class names (several lists: a folder may use a name from any).
-        pre: the geometry applied to every photo.
-        size: the side of the square crop.
+        transform: PIL image -> tensor, the same size for every photo: ``pre.pixels(size)`` to
+            keep pixels (for concept masks and transformations), ``pre.model_input(size)`` for the
+            model's input.
         max_per_class: read at most this many photos of each class (the first, sorted by path).
 
     Raises:
@@ -240,7 +244,6 @@ def load_labelled_photos(
         logger.warning("ignoring %d image(s) directly in %s (%s)", len(loose), root, layout)
     images, labels, files, sizes = [], [], [], []
     folders: dict[int, str] = {}
-    transform = pre.pixels(size)
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         paths = _image_files(folder)[:max_per_class]
         if not paths:

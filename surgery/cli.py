@@ -98,13 +98,14 @@ def _load_model(args: argparse.Namespace):
 
 
 def _transform(model, size: int | None) -> Callable[[Any], Any]:
-    """The model's own eval preprocessing, or (with ``--size``) resize, center crop and ImageNet
-    normalization to ``size`` pixels."""
-    from .models import IMAGENET_MEAN, IMAGENET_STD, _resize_crop_transform, preprocess
+    """The model's own eval preprocessing; with ``size``, its resize, center crop and normalization
+    at ``size`` pixels instead of its input size."""
+    from .class_folders import Preprocess
+    from .models import preprocess
 
     if size is None:
         return preprocess(model)
-    return _resize_crop_transform(size, (size, size), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    return Preprocess.from_model(model).model_input(size)
 
 
 def _collect_stats(model, layer: str, args: argparse.Namespace, transform):
@@ -336,8 +337,8 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--size",
         type=_positive_int,
-        help="resize and center-crop images to SIZE px with ImageNet normalization "
-        "(default: the model's own preprocessing)",
+        help="crop images to SIZE px, with the model's own resize ratio and normalization "
+        "(default: the model's input size)",
     )
 
 

@@ -109,7 +109,7 @@ def _probe_folders(args: argparse.Namespace) -> int:
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise SurgeryError("the model must return logits (N, classes) to be probed")
     names = _class_names(args.class_names, out.shape[1])
-    photos = load_labelled_photos(args.data, [names], pre, size, max_per_class=args.max_per_class)
+    photos = load_labelled_photos(args.data, [names], pre.pixels(size), max_per_class=args.max_per_class)
     masks = load_concept_masks(args.masks, photos, pre, size)
     images = (photos.images * 255).round().to(torch.uint8)  # a quarter of the memory of floats
     result = probe(

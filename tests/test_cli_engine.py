@@ -196,12 +196,13 @@ def test_masks_follow_the_image_crop(tmp_path):
     mask = np.zeros((40, 60), np.uint8)
     mask[:, :30] = 255  # left half
     Image.fromarray(mask).save(tmp_path / "m.png")
-    got = _aligned_masks([str(tmp_path / "m.png")], [str(image)], _transform(None, 32))
-    geometry = T.Compose([T.Resize(32, antialias=True), T.CenterCrop(32), T.ToTensor()])
+    # a model without preprocessing config: ImageNet's, resize to 32 / 0.875 = 36, crop 32
+    got = _aligned_masks([str(tmp_path / "m.png")], [str(image)], _transform(torch.nn.Linear(2, 2), 32))
+    geometry = T.Compose([T.Resize(36, antialias=True), T.CenterCrop(32), T.ToTensor()])
     expected = geometry(Image.fromarray(mask))
     assert got.shape == (1, 1, 32, 32)
     assert torch.allclose(got[0], expected, atol=2 / 255)
-    assert float(got[0, 0, :, :8].min()) == pytest.approx(1.0, abs=1e-3)  # 60 -> 48 wide, crop 8 each side
+    assert float(got[0, 0, :, :10].min()) == pytest.approx(1.0, abs=1e-3)  # 60 -> 54 wide, crop 11 each side
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -298,3 +299,15 @@ def test_unusable_device(files, tmp_path, capsys, device):
 def test_bad_numbers_are_usage_errors(files, capsys):
     err = usage_error(capsys, *base(files, "stats"), "--data", files["data"], "--max-images", "0", "-o", "s")
     assert "--max-images" in err and "positive" in err
+
+
+def test_size_keeps_the_models_normalization():
+    """--size changes the crop only: a model normalized with mean = std = 0.5 keeps that normalization."""
+    from surgery.cli import _transform
+
+    model = torch.nn.Linear(2, 2)
+    model.data_config = {"input_size": (3, 224, 224), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    white = Image.new("RGB", (50, 40), (255, 255, 255))
+    x = _transform(model, 32)(white)
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5; ImageNet's: 2.2
+    assert _transform(model, None)(white).shape == (3, 224, 224)

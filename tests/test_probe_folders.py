@@ -61,7 +61,7 @@ def test_masks_follow_the_photos_resize_and_crop(tmp_path):
     _photo(tmp_path / "photos" / "0" / "a.jpg", True, size=(80, 120))
     _mask(tmp_path / "masks" / "top" / "0" / "a.png", (0, 0, 80, 60), size=(80, 120))
     pre = Preprocess((0.5,) * 3, (0.5,) * 3, crop_pct=1.0)
-    photos = load_labelled_photos(tmp_path / "photos", [["zero", "one"]], pre, 40)
+    photos = load_labelled_photos(tmp_path / "photos", [["zero", "one"]], pre.pixels(40))
     assert photos.images.shape == (1, 3, 40, 40) and photos.sizes == [(120, 80)] and photos.labels.tolist() == [0]
     masks = load_concept_masks(tmp_path / "masks", photos, pre, 40)
     top = masks["top"][0]
@@ -71,7 +71,7 @@ def test_masks_follow_the_photos_resize_and_crop(tmp_path):
 def test_folder_errors_name_the_problem(tmp_path):
     pre = Preprocess((0.5,) * 3, (0.5,) * 3)
     _photo(tmp_path / "photos" / "one" / "a.png", True)
-    photos = load_labelled_photos(tmp_path / "photos", [["zero", "one"]], pre, 32)
+    photos = load_labelled_photos(tmp_path / "photos", [["zero", "one"]], pre.pixels(32))
     with pytest.raises(SurgeryError, match="does not exist"):
         load_concept_masks(tmp_path / "nowhere", photos, pre, 32)
     with pytest.raises(SurgeryError, match="no masks under"):
@@ -83,12 +83,12 @@ def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(SurgeryError, match="is 80x40 but its photo 'one/a.png' is 40x40"):
         load_concept_masks(tmp_path / "wide", photos, pre, 32)
     _photo(tmp_path / "photos" / "one" / "a.jpg", True)
-    twins = load_labelled_photos(tmp_path / "photos", [["zero", "one"]], pre, 32)
+    twins = load_labelled_photos(tmp_path / "photos", [["zero", "one"]], pre.pixels(32))
     with pytest.raises(SurgeryError, match="differ only in their extension"):
         load_concept_masks(tmp_path / "wide", twins, pre, 32)
     _photo(tmp_path / "bad" / "two" / "a.png", True)
     with pytest.raises(SurgeryError, match="not one of the model's 2 class names"):
-        load_labelled_photos(tmp_path / "bad", [["zero", "one"]], pre, 32)
+        load_labelled_photos(tmp_path / "bad", [["zero", "one"]], pre.pixels(32))
 
 
 class RedLeft(nn.Module):

@@ -171,12 +171,12 @@ def run(args: argparse.Namespace, model: nn.Module | None = None) -> dict[str, A
         print(common.RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     model = model.to(common.pick_device(args.device)).eval()
 
-    photos = load_labelled_photos(args.photos, [class_names], PREPROCESS, args.size, max_per_class=args.max_per_class)
+    photos = load_labelled_photos(args.photos, [class_names], PREPROCESS.pixels(args.size), max_per_class=args.max_per_class)
     extra = {}
     notes = []
     if args.clean is not None:
         extra["clean"] = load_labelled_photos(
-            args.clean, [class_names], PREPROCESS, args.size, max_per_class=args.max_per_class
+            args.clean, [class_names], PREPROCESS.pixels(args.size), max_per_class=args.max_per_class
         )
     else:
         notes.append("no clean accuracy: pass --clean DIR (clean photos, one folder per class)")

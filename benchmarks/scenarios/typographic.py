@@ -287,7 +287,7 @@ def run(args: argparse.Namespace, model: nn.Module | None = None) -> dict[str, A
 
     class_lists = [imagenet_classes(), list(IMAGENET_CLASSNAMES)]
     class_names = list(getattr(classifier, "class_names", class_lists[1]))
-    photos = load_labelled_photos(args.photos, class_lists, PREPROCESS, args.size, max_per_class=args.max_per_class)
+    photos = load_labelled_photos(args.photos, class_lists, PREPROCESS.pixels(args.size), max_per_class=args.max_per_class)
     blank, _ = add_paper(photos.images, args.box, None)
     attacked, _ = add_paper(photos.images, args.box, args.text)
     exemplar = build_exemplar(args)
