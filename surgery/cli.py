@@ -7,6 +7,7 @@
     surgery stats timm:resnet50 --layer layer3.1.conv3 --data val/ -o stats.safetensors
     surgery edit timm:resnet50 --layer layer3.1.conv3 --original x.png --transformed x2.png \\
         --stats stats.safetensors -o edit.safetensors
+    surgery evaluate timm:resnet50 --edit edit.safetensors --data snowy/ --originals dry/ --clean val/
     surgery probe timm:resnet50 --data photos/ --masks masks/ --texture gravel
 """
 
@@ -106,6 +107,32 @@ def _transform(model, size: int | None) -> Callable[[Any], Any]:
     if size is None:
         return preprocess(model)
     return Preprocess.from_model(model).model_input(size)
+
+
+def _class_names(model, path: str | None, size: int) -> list[str]:
+    """One name per model output: ``--class-names FILE`` (one per line), ImageNet's for 1000
+    outputs, else the indices. The number of outputs comes from one forward at ``size`` px."""
+    import torch
+
+    from .models import imagenet_classes
+
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise SurgeryError("the model must return logits (N, classes); wrap it so that it does")
+    n_outputs = out.shape[1]
+    if path is None:
+        return imagenet_classes() if n_outputs == 1000 else [str(i) for i in range(n_outputs)]
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"cannot read --class-names {path!r} as a text file, one name per line ({e})") from None
+    if len(names) != n_outputs:
+        raise SurgeryError(
+            f"--class-names {path!r} has {len(names)} names but the model has {n_outputs} outputs; "
+            "give one name per output, in output order"
+        )
+    return names
 
 
 def _collect_stats(model, layer: str, args: argparse.Namespace, transform):
@@ -427,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stats_args(p.add_argument_group("key statistics with --data"))
     p.set_defaults(func=_cmd_edit)
+    from .cli_evaluate import add_command as add_evaluate
     from .cli_probe import add_command as add_probe
 
+    add_evaluate(sub)
     add_probe(sub)
 
     from .cli_edits import add_commands

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .cli import _add_model_args, _load_model, _positive_float, _positive_int, _write
+from .cli import _add_model_args, _class_names, _load_model, _positive_float, _positive_int, _write
 from .errors import SurgeryError
 
 __all__ = ["add_command"]
@@ -61,24 +61,6 @@ def _texture_styles(specs: list[str], blend: float) -> dict[str, Style]:
     return styles
 
 
-def _class_names(path: str | None, n_outputs: int) -> list[str]:
-    """``--class-names FILE`` (one per line), ImageNet's for 1000 outputs, else the indices."""
-    from .models import imagenet_classes
-
-    if path is None:
-        return imagenet_classes() if n_outputs == 1000 else [str(i) for i in range(n_outputs)]
-    try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"cannot read --class-names {path!r} as a text file, one name per line ({e})") from None
-    if len(names) != n_outputs:
-        raise SurgeryError(
-            f"--class-names {path!r} has {len(names)} names but the model has {n_outputs} outputs; "
-            "give one name per output, in output order"
-        )
-    return names
-
-
 def _probe_folders(args: argparse.Namespace) -> int:
     from .class_folders import Preprocess, load_concept_masks, load_labelled_photos
     from .models import default_input_size
@@ -103,12 +85,7 @@ def _probe_folders(args: argparse.Namespace) -> int:
     model = _load_model(args).eval()
     pre = Preprocess.from_model(model)
     size = args.size or default_input_size(model)[1]
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(pre.normalize(torch.zeros(1, 3, size, size, device=device)))
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise SurgeryError("the model must return logits (N, classes) to be probed")
-    names = _class_names(args.class_names, out.shape[1])
+    names = _class_names(model, args.class_names, size)
     photos = load_labelled_photos(args.data, [names], pre.pixels(size), max_per_class=args.max_per_class)
     masks = load_concept_masks(args.masks, photos, pre, size)
     images = (photos.images * 255).round().to(torch.uint8)  # a quarter of the memory of floats
