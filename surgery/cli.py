@@ -369,6 +369,16 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_folder_args(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that read labelled photo folders (``evaluate``, ``probe``)."""
+    p.add_argument("--class-names", metavar="FILE", help="one class name per model output (default: ImageNet's "
+                   "for 1000 outputs, else indices)")
+    p.add_argument("--max-per-class", type=_positive_int, help="read at most this many photos per class and folder")
+    p.add_argument("--device", help="where to run, e.g. cpu, cuda or cuda:1 (default: cpu)")
+    p.add_argument("--size", type=_positive_int, help="crop size in pixels (default: the model's input size)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward (default 64)")
+
+
 def _add_stats_args(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--max-images", type=_positive_int, help="use at most this many images of the folder")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward (default 32)")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cli import _add_model_args, _class_names, _load_model, _positive_int, _transform, _write
+from .cli import _add_folder_args, _add_model_args, _class_names, _load_model, _transform, _write
 from .errors import SurgeryError
 
 __all__ = ["add_command"]
@@ -99,11 +99,6 @@ def add_command(subparsers: Any) -> None:
                    "unedited model gets right")
     p.add_argument("--clean", metavar="DIR", help="labelled photos for the clean accuracy before and after")
     p.add_argument("--alpha", type=float, default=1.0, help="strength the edit is applied with (default 1)")
-    p.add_argument("--class-names", metavar="FILE", help="one class name per model output (default: ImageNet's "
-                   "for 1000 outputs, else indices)")
-    p.add_argument("--max-per-class", type=_positive_int, help="read at most this many photos per class and folder")
-    p.add_argument("--device", help="where to run, e.g. cpu, cuda or cuda:1 (default: cpu)")
-    p.add_argument("--size", type=_positive_int, help="crop size in pixels (default: the model's input size)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward (default 64)")
+    _add_folder_args(p)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=_cmd_evaluate)

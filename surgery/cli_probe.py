@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .cli import _add_model_args, _class_names, _load_model, _positive_float, _positive_int, _write
+from .cli import _add_folder_args, _add_model_args, _class_names, _load_model, _positive_float, _positive_int, _write
 from .errors import SurgeryError
 
 __all__ = ["add_command"]
@@ -189,12 +189,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--texture", action="append", metavar="NAME=FILE",
                    help="paste this texture into the concept (repeatable; or a bundled one: grass, gravel, brick)")
     p.add_argument("--blend", type=_positive_float, default=1.0, help="texture opacity in (0, 1] (default 1)")
-    p.add_argument("--class-names", metavar="FILE", help="one class name per model output (default: ImageNet's "
-                   "for 1000 outputs, else indices)")
-    p.add_argument("--max-per-class", type=_positive_int, help="read at most this many photos per class")
-    p.add_argument("--device", help="where to run, e.g. cpu, cuda or cuda:1 (default: cpu)")
-    p.add_argument("--size", type=_positive_int, help="crop size in pixels (default: the model's input size)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward (default 64)")
+    _add_folder_args(p)
     p.add_argument("--testbed", choices=("vgg", "resnet"), help="probe a trained testbed classifier instead")
     p.add_argument("--n", type=_positive_int, help="--testbed: test scenes (default 2000)")
     p.add_argument("--variant", type=int, help="--testbed: variant of each style (default 0)")
