@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         folder = getattr(args, flag)
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise SurgeryError(f"--{flag} {folder!r} does not exist or is not a folder")
-    if not 0.0 <= args.alpha <= 10.0:
-        raise SurgeryError(f"--alpha must be in [0, 10], got {args.alpha}")
+    alphas = _alphas(args.alpha)
     edit = load_edit(args.edit)  # a bad file fails before the model loads
     model = _load_model(args).eval()
     transform = _transform(model, args.size)
@@ -67,19 +67,48 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     groups = {"all": torch.ones(len(data.files), dtype=torch.bool)}
     if len(data.folders) > 1:
         groups.update({folder: data.labels == label for label, folder in sorted(data.folders.items())})
-    report = evaluate_edit(
-        model, edit, data.images, data.labels, groups=groups, originals=originals,
-        clean_images=None if clean is None else clean.images, clean_labels=None if clean is None else clean.labels,
-        alpha=args.alpha, batch_size=args.batch_size,
-    )
-    print(report)
+    reports = []
+    for alpha in alphas:
+        report = evaluate_edit(
+            model, edit, data.images, data.labels, groups=groups, originals=originals,
+            clean_images=None if clean is None else clean.images, clean_labels=None if clean is None else clean.labels,
+            alpha=alpha, batch_size=args.batch_size,
+        )
+        print(report, end="\n\n" if len(alphas) > 1 else "\n")
+        reports.append(report)
+    if len(alphas) > 1:
+        print(_strength_table(reports))
     if clean is None:
         print("no clean accuracy: pass --clean DIR (labelled photos without the concept) to see what the edit costs")
     if args.json:
-        doc = {"model": args.model, "edit": str(args.edit), "data": str(args.data), "files": data.files, **report.to_dict()}
+        head = {"model": args.model, "edit": str(args.edit), "data": str(args.data), "files": data.files}
+        one = len(alphas) == 1
+        doc = {**head, **reports[0].to_dict()} if one else {**head, "reports": [r.to_dict() for r in reports]}
         _write("report", args.json, lambda p: Path(p).write_text(json.dumps(doc, indent=1) + "\n"))
         print(f"wrote {args.json}")
     return 0
+
+
+def _alphas(text: str) -> list[float]:
+    """``--alpha 1`` or a comma-separated grid ``0.5,1,2``; each in [0, 10]."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise SurgeryError(f"--alpha must be a number or comma-separated numbers, got {text!r}") from None
+    if not alphas or any(not 0.0 <= a <= 10.0 for a in alphas):
+        raise SurgeryError(f"--alpha must be in [0, 10], got {text}")
+    return alphas
+
+
+def _strength_table(reports: list[Any]) -> str:
+    """One line per strength: errors corrected over all photos and the clean accuracy change."""
+    lines = ["strength  % corrected (all)  clean change (pp)"]
+    for r in reports:
+        pct, change = r.group("all").pct_corrected, r.clean_acc_change
+        pct_text = "n/a" if math.isnan(pct) else f"{pct:.1f}"
+        change_text = "n/a" if change is None else f"{change:+.2f}"
+        lines.append(f"{r.alpha:>8g}  {pct_text:>17}  {change_text:>17}")
+    return "\n".join(lines)
 
 
 def add_command(subparsers: Any) -> None:
@@ -98,7 +127,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--originals", metavar="DIR", help="the same photos untransformed: count only those the "
                    "unedited model gets right")
     p.add_argument("--clean", metavar="DIR", help="labelled photos for the clean accuracy before and after")
-    p.add_argument("--alpha", type=float, default=1.0, help="strength the edit is applied with (default 1)")
+    p.add_argument("--alpha", default="1", help="strength the edit is applied with (default 1), or a grid: 0.5,1,2")
     _add_folder_args(p)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=_cmd_evaluate)

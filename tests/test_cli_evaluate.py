@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,9 +100,30 @@ def test_evaluate_errors_name_the_problem(setup, capsys, tmp_path):
     cases = [
         ([*base, "--originals", str(tmp_path / "dry")], "have no original under"),
         ([*base, "--clean", str(tmp_path / "nowhere")], "--clean"),
-        ([*base, "--alpha", "-1"], "--alpha must be in [0, 10]"),
+        ([*base, "--alpha", "-1"], "--alpha must be in [0, 10], got -1"),
         (["evaluate", MODEL, "--edit", str(tmp_path / "none.safetensors"), "--data", str(root / "snowy")], "does not exist"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_evaluate_a_strength_grid(setup, capsys, tmp_path):
+    root, ckpt_args, edit = setup
+    argv = ["evaluate", MODEL, *ckpt_args, "--edit", str(edit), "--data", str(root / "snowy"),
+            "--originals", str(root / "dry"), "--clean", str(root / "clean")]
+    assert main([*argv, "--alpha", "0,1", "--json", str(tmp_path / "grid.json")]) == 0
+    printed = capsys.readouterr().out
+    assert main([*argv, "--json", str(tmp_path / "one.json")]) == 0
+    capsys.readouterr()
+    grid = json.loads((tmp_path / "grid.json").read_text())["reports"]
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert [r["alpha"] for r in grid] == [0.0, 1.0]
+    assert grid[0]["preds_after"] == grid[0]["preds_before"]  # strength 0 is no edit
+    assert grid[0]["groups"][0]["pct_corrected"] == 0.0 and grid[0]["clean"]["acc_change_pp"] == 0.0
+    assert grid[1]["groups"] == one["groups"] and grid[1]["preds_after"] == one["preds_after"]
+    assert "strength  % corrected (all)  clean change (pp)" in printed
+    assert re.search(r"\n\s+1\s+" + re.escape(f"{one['groups'][0]['pct_corrected']:.1f}"), printed)
+    for bad, message in (("x", "comma-separated numbers"), ("1,11", "must be in [0, 10], got 1,11")):
+        assert main([*argv, "--alpha", bad]) == 2
+        assert message in capsys.readouterr().err
