@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 
 import surgery
+from surgery.class_folders import Preprocess
 from surgery.concepts import load_mask, paste_texture
-from surgery.models import load_model, preprocess
+from surgery.models import default_input_size, load_model, preprocess
 from surgery.photos import sample_photos, sample_textures
 
 from .make_masks import MASKS, mask_path
@@ -62,14 +63,6 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-
-
-def _mask_geometry(mask: torch.Tensor, transform: Any) -> torch.Tensor:
-    """A full-size bool mask through the model's preprocessing geometry -> float ``(1, 224, 224)``."""
-    pil = Image.fromarray(mask.numpy().astype(np.uint8) * 255).convert("RGB")
-    # the model's transform normalizes with mean 0.5, std 0.5 (Lite0): undo it for the mask
-    t = transform(pil)[:1]
-    return (t * 0.5 + 0.5).clamp(0, 1) if float(t.min()) < 0 else t
 
 
 def _top(probs: torch.Tensor, classes: Sequence[str], k: int = 3) -> list[list[Any]]:
@@ -170,6 +163,7 @@ def _run(
     model.eval()
     classes = model.class_names
     transform = preprocess(model)
+    mask_geometry = Preprocess.from_model(model).pixels(default_input_size(model)[1])  # the photos' resize + crop
     images = sample_photos(names)
     tex = sample_textures([texture])[texture]
     times["load"] = time.perf_counter() - t_start
@@ -182,7 +176,7 @@ def _run(
         textured = paste_texture(_to_tensor(im), mask, tex, scale=scale)
         x.append(transform(im))
         x2.append(transform(_to_pil(textured)))
-        masks.append(_mask_geometry(mask, transform))
+        masks.append(mask_geometry(Image.fromarray(mask.numpy().astype(np.uint8) * 255))[:1])
         concepts[n] = MASKS[n][0]
     x, x2, masks = torch.stack(x), torch.stack(x2), torch.stack(masks)
     p_clean, p_tex = _predict(model, x), _predict(model, x2)
