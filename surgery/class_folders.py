@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,9 +285,11 @@ def load_concept_masks(
     if not root.is_dir():
         raise SurgeryError(f"mask folder {str(root)!r} does not exist")
     layout = "expected MASKS/<concept>/<class folder>/<photo name>.png"
-    index = {Path(f).with_suffix("").as_posix(): i for i, f in enumerate(photos.files)}
-    if len(index) < len(photos.files):
-        twins = sorted(f for f in photos.files if sum(Path(g).with_suffix("") == Path(f).with_suffix("") for g in photos.files) > 1)
+    stems = [Path(f).with_suffix("").as_posix() for f in photos.files]
+    index = {stem: i for i, stem in enumerate(stems)}
+    if len(index) < len(stems):
+        counts = Counter(stems)
+        twins = sorted(f for f, stem in zip(photos.files, stems) if counts[stem] > 1)
         raise SurgeryError(f"photos {twins[:4]} differ only in their extension; rename one so each mask names one photo")
     concepts: dict[str, torch.Tensor] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
