@@ -207,6 +207,21 @@ class LabelledPhotos:
     folders: dict[int, str]
     sizes: list[tuple[int, int]]
 
+    def stem_index(self) -> dict[str, int]:
+        """Each photo's position by its path without extension (``class/name``), in file order:
+        how masks and paired folders name a photo.
+
+        Raises:
+            SurgeryError: two photos differ only in their extension.
+        """
+        stems = [Path(f).with_suffix("").as_posix() for f in self.files]
+        index = {stem: i for i, stem in enumerate(stems)}
+        if len(index) < len(stems):
+            counts = Counter(stems)
+            twins = sorted(f for f, stem in zip(self.files, stems) if counts[stem] > 1)
+            raise SurgeryError(f"photos {twins[:4]} differ only in their extension; rename one so each name is one photo")
+        return index
+
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
@@ -285,12 +300,7 @@ def load_concept_masks(
     if not root.is_dir():
         raise SurgeryError(f"mask folder {str(root)!r} does not exist")
     layout = "expected MASKS/<concept>/<class folder>/<photo name>.png"
-    stems = [Path(f).with_suffix("").as_posix() for f in photos.files]
-    index = {stem: i for i, stem in enumerate(stems)}
-    if len(index) < len(stems):
-        counts = Counter(stems)
-        twins = sorted(f for f, stem in zip(photos.files, stems) if counts[stem] > 1)
-        raise SurgeryError(f"photos {twins[:4]} differ only in their extension; rename one so each mask names one photo")
+    index = photos.stem_index()
     concepts: dict[str, torch.Tensor] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         masks = torch.zeros(len(photos.files), size, size, dtype=torch.bool)

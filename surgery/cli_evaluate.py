@@ -28,14 +28,15 @@ __all__ = ["add_command"]
 
 def _paired_originals(data: Any, originals: Any, folder: str) -> torch.Tensor:
     """``originals.images`` in the order of ``data``, paired by class folder and file name (any extension)."""
-    key = {Path(f).with_suffix("").as_posix(): i for i, f in enumerate(originals.files)}
-    missing = [f for f in data.files if Path(f).with_suffix("").as_posix() not in key]
+    key = originals.stem_index()
+    stems = list(data.stem_index())  # in the order of data.files
+    missing = [f for f, stem in zip(data.files, stems) if stem not in key]
     if missing:
         raise SurgeryError(
             f"{len(missing)} transformed photo(s) have no original under {folder!r} (e.g. {missing[:3]}); "
             "give every photo of --data its untransformed version at the same path"
         )
-    index = torch.tensor([key[Path(f).with_suffix("").as_posix()] for f in data.files])
+    index = torch.tensor([key[stem] for stem in stems])
     if not torch.equal(originals.labels[index], data.labels):
         raise SurgeryError(f"the class folders of --data and --originals {folder!r} do not name the same classes")
     return originals.images[index]
