@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,16 @@ import torch
 
 from .cli import _add_folder_args, _add_model_args, _class_names, _load_model, _positive_float, _positive_int, _write
 from .errors import SurgeryError
+from .probe import StyleFn
 
 __all__ = ["add_command"]
 
-Style = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _texture_styles(specs: list[str], blend: float) -> dict[str, Style]:
+def _texture_styles(specs: list[str], blend: float) -> dict[str, StyleFn]:
     """``NAME=FILE`` or a bundled texture name -> a style pasting it (images as float 0..255)."""
     from .concepts import paste_texture
     from .photos import TEXTURE_NAMES, sample_textures
 
-    styles: dict[str, Style] = {}
+    styles: dict[str, StyleFn] = {}
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep:
@@ -76,7 +73,7 @@ def _probe_folders(args: argparse.Namespace) -> int:
     unknown = [s for s in pixel if s not in PIXEL_STYLES]
     if unknown:
         raise SurgeryError(f"unknown style(s) {', '.join(unknown)}; pixel styles: {', '.join(PIXEL_STYLES)}")
-    styles: dict[str, Style] = {s: PIXEL_STYLES[s] for s in pixel}
+    styles: dict[str, StyleFn] = {s: PIXEL_STYLES[s] for s in pixel}
     for name, fn in _texture_styles(args.texture or [], args.blend).items():
         if name in styles:
             raise SurgeryError(f"--texture {name!r} has the name of a pixel style; name it otherwise")
