@@ -103,3 +103,4 @@ __all__ = [
     "UnsupportedModelError",
     "SurgeryWarning",
 ]
+from . import adapters  # noqa: E402  (reachable as surgery.adapters after `import surgery`)
