@@ -18,24 +18,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import SurgeryWarning
+from .errors import SurgeryError, SurgeryWarning
 
 __all__ = ["add_commands"]
 
 
 @contextmanager
 def _warnings_on_stderr() -> Iterator[None]:
-    """Show :class:`SurgeryWarning` as ``surgery: warning: ...`` lines; other warnings pass through."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SurgeryWarning)
-        try:
-            yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, SurgeryWarning):
-                    print(f"surgery: warning: {w.message}", file=sys.stderr)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    """Show :class:`SurgeryWarning` as ``surgery: warning: ...`` lines; other warnings pass through.
+
+    Warnings are collected while the block runs and shown once it has ended, outside the recording
+    context: re-emitting inside it would record each warning again, forever.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always", SurgeryWarning)
+            try:
+                yield
+            finally:
+                caught = list(recorded)
+    finally:
+        for w in caught:
+            if issubclass(w.category, SurgeryWarning):
+                print(f"surgery: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _finite_float(text: str) -> float:
@@ -58,30 +66,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .checkpoint import apply_to_checkpoint
 
+    if args.alpha == 0.0:
+        raise SurgeryError("--alpha 0 applies nothing; nothing was written. Give the strength to apply (default 1)")
     with _warnings_on_stderr():
         changed = apply_to_checkpoint(
             args.checkpoint, args.edits, args.output, alpha=args.alpha, strict=args.strict, overwrite=args.overwrite
         )
-    print(
-        f"applied {len(args.edits)} edit(s) (alpha={args.alpha:g}) to {args.checkpoint}: "
-        f"{', '.join(changed) or 'nothing'} changed -> {args.output}"
-    )
+    what = f"{', '.join(changed)} changed" if changed else "no tensor changed (the updates round away)"
+    print(f"applied {len(args.edits)} edit(s) (alpha={args.alpha:g}) to {args.checkpoint}: {what} -> {args.output}")
     return 0
 
 
 def _cmd_revert(args: argparse.Namespace) -> int:
     from .checkpoint import revert_from_checkpoint
 
+    if args.alpha == 0.0:
+        raise SurgeryError("--alpha 0 reverts nothing; nothing was written. Give the strength the edit was applied with")
     with _warnings_on_stderr():
-        exact = revert_from_checkpoint(
-            args.checkpoint, args.edit, args.output, alpha=args.alpha, overwrite=args.overwrite
+        report = revert_from_checkpoint(
+            args.checkpoint, args.edit, args.output, alpha=args.alpha, overwrite=args.overwrite, force=args.force
         )
-    how = (
-        "the original weights restored exactly"
-        if exact
-        else "the result differs from the original weights by rounding (or the edit was not applied to them)"
-    )
-    print(f"reverted {args.edit} from {args.checkpoint}: {how} -> {args.output}")
+    print(f"reverted {args.edit} from {args.checkpoint}: {report.describe()} -> {args.output}")
     return 0
 
 
@@ -114,12 +119,19 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "revert",
         help="take an edit file off a checkpoint and write the result",
-        description="Subtract an edit from a checkpoint and write the result atomically, reporting "
-        "whether the original weights (the edit's base fingerprint) were restored exactly.",
+        description="Subtract an edit from a checkpoint and write the result atomically. The edit must be on "
+        "the checkpoint at the given strength (the edit file records the original weights along the edit); "
+        "the result is within float rounding of the original weights (each element within 1 ulp), and "
+        "exactly them when the base fingerprint matches.",
     )
     p.add_argument("checkpoint", help="the edited checkpoint (.safetensors or .pth)")
     p.add_argument("edit", help="the edit file to take off")
     p.add_argument("-o", "--output", required=True, help="the checkpoint to write (same format as the input)")
     p.add_argument("--alpha", type=_finite_float, default=1.0, help="the strength it was applied with (default 1)")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input checkpoint")
+    p.add_argument(
+        "--force", action="store_true",
+        help="subtract the edit even when the checkpoint does not hold it at this strength (not applied, "
+        "applied with another --alpha, or its layer changed since)",
+    )
     p.set_defaults(func=_cmd_revert)

@@ -181,10 +181,35 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of a ``torch.save`` zip checkpoint's ``data.pkl``, when it can be read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None:
+                return None
+            with z.open(name) as f:
+                head = f.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        protocol = _pickle_protocol(path)
+        if protocol is not None and protocol > 2 and "Unsupported operand" in str(e):
+            raise ModelLoadError(
+                f"checkpoint {str(path)!r} was saved with pickle protocol {protocol}, which "
+                "torch.load(weights_only=True) cannot read (it reads protocol 2, the default of torch.save); "
+                "nothing was loaded. Re-save it without pickle_protocol=..., e.g. "
+                "torch.save(torch.load(path, weights_only=False), path2) if you trust the file, "
+                "or convert it to safetensors"
+            ) from None
         raise ModelLoadError(
             f"checkpoint {str(path)!r} contains pickled Python objects, which are not loaded for "
             "safety (unpickling can run arbitrary code). Save a plain state dict instead: "
