@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._files import refuse_overwrite
 from .errors import SurgeryError
 
 __all__ = ["build_parser", "main"]
@@ -156,6 +157,8 @@ def _collect_stats(model, layer: str, args: argparse.Namespace, transform):
 
 def _check_files(paths: Sequence[str], what: str) -> None:
     for p in paths:
+        if Path(p).is_dir():
+            raise SurgeryError(f"{what} {p!r} is a folder, not a file; give the file itself")
         if not Path(p).is_file():
             raise SurgeryError(f"{what} file {p!r} does not exist; check the path")
 
@@ -178,8 +181,17 @@ def _aligned_masks(mask_paths: Sequence[str], image_paths: Sequence[str], transf
         try:
             with Image.open(image_path) as im:
                 w, h = im.size
+            with Image.open(mask_path) as im:
+                mw, mh = im.size
         except OSError as e:
-            raise SurgeryError(f"cannot read {image_path!r} as an image ({e})") from None
+            raise SurgeryError(f"cannot read {image_path!r} or {mask_path!r} as an image ({e})") from None
+        if (mw, mh) != (w, h):
+            if abs(mw * h - mh * w) > max(w, h):  # not the same aspect ratio, to a pixel
+                raise SurgeryError(
+                    f"mask {mask_path!r} is {mw}x{mh} but its image {image_path!r} is {w}x{h}, another shape; "
+                    "draw the mask on the image, at its size"
+                )
+            logger.warning("mask %s is %dx%d; resized to its image's %dx%d", mask_path, mw, mh, w, h)
         m = load_masks(mask_path, size=(h, w))[0, 0]
         gray = Image.fromarray((m.numpy() * 255.0).round().astype(np.uint8), mode="L").convert("RGB")
         t = transform(gray).float()
@@ -191,11 +203,22 @@ def _aligned_masks(mask_paths: Sequence[str], image_paths: Sequence[str], transf
 
 
 def _write(what: str, path: str, save: Callable[[str], Any]) -> None:
+    """Call ``save(path)`` (which writes atomically), with a clear error when the folder is not writable."""
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         save(path)
     except OSError as e:
         raise SurgeryError(f"cannot write the {what} to {path!r}: {e}") from None
+
+
+def _inputs(args: argparse.Namespace, *names: str) -> list[str]:
+    """The paths of ``args`` that a command reads (files or folders), for :func:`refuse_overwrite`."""
+    found: list[str] = []
+    for name in ("checkpoint", *names):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        found.extend(value if isinstance(value, (list, tuple)) else [value])
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +227,7 @@ def _write(what: str, path: str, save: Callable[[str], Any]) -> None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    refuse_overwrite(args.output, _inputs(args, "data"), what="the statistics file")
     model = _load_model(args)
     transform = _transform(model, args.size)
     stats, images = _collect_stats(model, args.layer, args, transform)
@@ -260,6 +284,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     _check_files(masks or (), "--mask")
     if args.stats is not None:
         _check_files([args.stats], "--stats")
+    refuse_overwrite(
+        args.output, _inputs(args, "original", "transformed", "mask", "stats", "data"), what="the edit file"
+    )
 
     model = _load_model(args)
     transform = _transform(model, args.size)
@@ -300,6 +327,13 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         else:
             edit.info["description"] = args.description
 
+    if edit.factored and not bool(edit.lam.abs().max() > 0):
+        raise SurgeryError(
+            f"the edit of {edit.layer} is zero, so it would change nothing; nothing was written. The block's "
+            "value does not depend on this layer's weight along the edit direction (a zero-initialised "
+            "BatchNorm after it, as timm ResNets have with random weights, or exemplars whose keys do not "
+            "differ there): check the weights (--checkpoint/--pretrained) or edit another layer"
+        )
     info = edit.info
     before, after = float(info["objective_before"]), float(info["objective"])
     change = f" ({100.0 * (after - before) / before:+.1f}%)" if before > 0 else ""
@@ -485,9 +519,20 @@ def _one_line(message: str) -> str:
     return out
 
 
+def _check_single_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject ``--opt=--``: argparse strips the ``--`` and stores an empty list, unconverted."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices[args.command]
+    for action in command._actions:
+        if action.type is not None and action.nargs is None and isinstance(getattr(args, action.dest, None), list):
+            command.error(f"argument {'/'.join(action.option_strings)}: expected one value")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``surgery`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_single_values(parser, args)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .cli import _add_folder_args, _add_model_args, _class_names, _load_model, _transform, _write
+from ._files import refuse_overwrite, write_text
+from .cli import _add_folder_args, _add_model_args, _class_names, _inputs, _load_model, _transform, _write
 from .errors import SurgeryError
 
 __all__ = ["add_command"]
@@ -53,6 +54,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise SurgeryError(f"--{flag} {folder!r} does not exist or is not a folder")
     alphas = _alphas(args.alpha)
+    if args.json:
+        refuse_overwrite(args.json, _inputs(args, "edit", "data", "originals", "clean", "class_names"), what="--json")
     edit = load_edit(args.edit)  # a bad file fails before the model loads
     model = _load_model(args).eval()
     transform = _transform(model, args.size)
@@ -85,17 +88,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         head = {"model": args.model, "edit": str(args.edit), "data": str(args.data), "files": data.files}
         one = len(alphas) == 1
         doc = {**head, **reports[0].to_dict()} if one else {**head, "reports": [r.to_dict() for r in reports]}
-        _write("report", args.json, lambda p: Path(p).write_text(json.dumps(doc, indent=1) + "\n"))
+        _write("report", args.json, lambda p: write_text(p, json.dumps(doc, indent=1) + "\n"))
         print(f"wrote {args.json}")
     return 0
 
 
 def _alphas(text: str) -> list[float]:
     """``--alpha 1`` or a comma-separated grid ``0.5,1,2``; each in [0, 10]."""
+    items = [a.strip() for a in text.split(",")]
     try:
-        alphas = [float(a) for a in text.split(",") if a.strip()]
+        if any(not a for a in items):
+            raise ValueError
+        alphas = [float(a) for a in items]
     except ValueError:
-        raise SurgeryError(f"--alpha must be a number or comma-separated numbers, got {text!r}") from None
+        raise SurgeryError(
+            f"--alpha must be a number or comma-separated numbers such as 0.5,1,2, got {text!r}"
+        ) from None
     if not alphas or any(not 0.0 <= a <= 10.0 for a in alphas):
         raise SurgeryError(f"--alpha must be in [0, 10], got {text}")
     return alphas

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .cli import _add_folder_args, _add_model_args, _class_names, _load_model, _positive_float, _positive_int, _write
+from ._files import refuse_overwrite, write_text
+from .cli import _add_folder_args, _add_model_args, _class_names, _inputs, _load_model, _positive_float, _positive_int, _write
 from .errors import SurgeryError
 from .probe import StyleFn
 
@@ -79,6 +80,10 @@ def _probe_folders(args: argparse.Namespace) -> int:
             raise SurgeryError(f"--texture {name!r} has the name of a pixel style; name it otherwise")
         styles[name] = fn
 
+    stem = Path(args.out) / "probe"
+    inputs = _inputs(args, "data", "masks", "class_names") + [t.partition("=")[2] for t in args.texture or [] if "=" in t]
+    for suffix in (".json", ".csv", ".md", ".png", "_bars.png"):
+        refuse_overwrite(f"{stem}{suffix}", inputs, what="the probe output")
     model = _load_model(args).eval()
     pre = Preprocess.from_model(model)
     size = args.size or default_input_size(model)[1]
@@ -96,10 +101,9 @@ def _probe_folders(args: argparse.Namespace) -> int:
             "add photos or masks, or lower --min-images"
         )
     result.meta.update({"model": args.model, "data": str(args.data), "masks": str(args.masks), "size": size})
-    stem = Path(args.out) / "probe"
     _write("probe results", f"{stem}.json", result.to_json)
     result.to_csv(f"{stem}.csv")
-    Path(f"{stem}.md").write_text(f"# Probe: {args.model}\n\n{result.to_markdown(top_k=args.top_k)}\n")
+    write_text(f"{stem}.md", f"# Probe: {args.model}\n\n{result.to_markdown(top_k=args.top_k)}\n")
     result.heatmap(f"{stem}.png", title=f"{args.model}\naccuracy drop (pp) when one concept is transformed\n(mean over {', '.join(styles)})")
     result.bar_charts(f"{stem}_bars.png")
     print(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ._files import save_figure
 from .errors import SurgeryError
 
 __all__ = ["classify_photos", "run_photo_demo", "run_concept_demo", "run_demo"]
@@ -264,8 +265,7 @@ def _figure(out, model, norm, pool, pool_snow, ex, snowy, test, tst, cand, names
     fig.suptitle(f"Top: {names[target]} exemplars. Bottom: test scenes, prediction before -> after the edit", fontsize=10)
     fig.tight_layout()
     path = out / "demo.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
     return path
 
 

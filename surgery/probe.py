@@ -48,6 +48,7 @@ from ._checks import (
     require_eval,
     resolve_device,
 )
+from ._files import atomic_write, save_figure
 from .errors import SurgeryError
 
 __all__ = [
@@ -248,11 +249,14 @@ class ProbeResult:
     def to_csv(self, path: str | Path) -> None:
         """One line per (class, concept, style) row, skipped rows included (empty numbers)."""
         names = list(ProbeRow.__dataclass_fields__)
-        with _open(path, "w", newline="") as f:
+
+        def fill(f: Any) -> None:
             w = csv.DictWriter(f, fieldnames=names)
             w.writeheader()
             for r in self.rows:
                 w.writerow({k: ("" if v is None else v) for k, v in _nan_to_none(asdict(r)).items()})
+
+        _write_with(path, fill, newline="")
 
     def to_json(self, path: str | Path) -> None:
         """Rows, cells, rules, concept sensitivity and settings (NaN written as null)."""
@@ -265,8 +269,7 @@ class ProbeResult:
             "cells": [_nan_to_none(asdict(c)) for c in self.cells],
             "concept_sensitivity": self.concept_sensitivity(),
         }
-        with _open(path, "w") as f:
-            json.dump(doc, f, indent=1)
+        _write_with(path, lambda f: json.dump(doc, f, indent=1))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ProbeResult:
@@ -358,13 +361,17 @@ class ProbeResult:
         _save(fig, path)
 
 
-def _open(path: str | Path, mode: str, **kw: Any):
-    p = Path(path)
+def _write_with(path: str | Path, fill: Callable[[Any], None], **open_kwargs: Any) -> None:
+    """Open a temporary file next to ``path`` for text, ``fill`` it, rename it over ``path``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", **open_kwargs) as f:
+            fill(f)
+
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p.open(mode, **kw)
+        atomic_write(path, write)
     except OSError as e:
-        raise SurgeryError(f"cannot write {str(p)!r}: {e}") from None
+        raise SurgeryError(f"cannot write {str(path)!r}: {e}") from None
 
 
 def _pyplot() -> Any:
@@ -379,15 +386,10 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> None:
-    import matplotlib.pyplot as plt
-
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
+        save_figure(fig, path, dpi=130)
     except OSError as e:
         raise SurgeryError(f"cannot write the figure to {str(path)!r}: {e}") from None
-    finally:
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------

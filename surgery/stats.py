@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from ._checks import model_device, require_eval
+from ._files import atomic_write
 from .editable import EditableLayer, Site
 from .errors import SurgeryError
 from .hooks import trace
@@ -189,17 +189,8 @@ class KeyStats:
         """
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"sum": self.sum.detach().cpu().contiguous()}, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        tensors = {"sum": self.sum.detach().cpu().contiguous()}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyStats:
