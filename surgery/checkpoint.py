@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from .apply import EditSource, _content_id, as_edit, check_base, plan_update
+from ._files import atomic_write, refuse_overwrite
+from .apply import RevertReport, EditSource, as_edit, check_base, check_presence, content_id, plan_update
 from .edit import Edit, tensor_sha256
-from .edit_file import atomic_write, read_edit_metadata
+from .edit_file import read_edit_metadata
 from .errors import IncompatibleEditError, SurgeryError, SurgeryWarning
 from .models import _TORCH_SUFFIXES, read_checkpoint
 
@@ -43,14 +44,15 @@ def _format_of(path: Path) -> str:
     )
 
 
-def _check_paths(checkpoint: Path, out: Path, overwrite: bool) -> str:
-    """The checkpoint's format; refuses an output of another format, or the input itself."""
+def _check_paths(checkpoint: Path, out: Path, overwrite: bool, edits: Sequence[Any] = ()) -> str:
+    """The checkpoint's format; refuses an output of another format, an edit file, or the input itself."""
     fmt = _format_of(checkpoint)
     if _format_of(out) != fmt:
         raise SurgeryError(
             f"the output {str(out)!r} must have the checkpoint's format ({checkpoint.suffix}); the output is "
             "written in the same format as the input"
         )
+    refuse_overwrite(out, [e for e in edits if isinstance(e, (str, os.PathLike))], what="the output checkpoint")
     same = out.resolve() == checkpoint.resolve() or (out.exists() and checkpoint.exists() and out.samefile(checkpoint))
     if same and not overwrite:
         raise SurgeryError(
@@ -104,7 +106,6 @@ def _write(out: Path, fmt: str, state: Mapping[str, Any], metadata: dict[str, st
             torch.save(plain, tmp)
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, write)
     except OSError as e:
         raise SurgeryError(f"cannot write the checkpoint {str(out)!r}: {e}") from None
@@ -152,7 +153,8 @@ def apply_to_checkpoint(
         EditFormatError: a bad edit file. ModelLoadError: an unreadable or pickled checkpoint.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    fmt = _check_paths(checkpoint, out, overwrite)
+    sources = [edits] if isinstance(edits, (Edit, str, os.PathLike)) else list(edits)
+    fmt = _check_paths(checkpoint, out, overwrite, sources)
     if not math.isfinite(alpha):
         raise SurgeryError(f"alpha must be a finite number, got {alpha}")
     loaded = _edits(edits)
@@ -161,18 +163,18 @@ def apply_to_checkpoint(
     current = dict(state)
     seen: set[str] = set()
     for edit in loaded:
-        planned = plan_update(_lookup(current, where), edit, alpha, where=where)
-        check_base(edit, {name: state[name] for name in planned}, strict, where=where)
-        edit_id = _content_id(edit)
+        planned = plan_update(_lookup(current, where), edit, alpha, where=where, strict=strict, stacklevel=3)
+        check_base(edit, {name: state[name] for name in planned}, strict, where=where, also=current)
+        edit_id = content_id(edit)
         if edit_id in seen:
             warnings.warn(
                 f"the edit of {edit.layer!r} is given twice; applying it again stacks it", SurgeryWarning, stacklevel=2
             )
         seen.add(edit_id)
         current.update(planned)
-    changed = [name for name in state if current[name] is not state[name]]
+    changed = [name for name in state if current[name] is not state[name] and not torch.equal(current[name], state[name])]
     _write(out, fmt, current, metadata)
-    logger.info("applied %d edit(s) to %s -> %s (%s)", len(loaded), checkpoint, out, ", ".join(changed))
+    logger.info("applied %d edit(s) to %s -> %s (%s)", len(loaded), checkpoint, out, ", ".join(changed) or "nothing changed")
     return changed
 
 
@@ -183,30 +185,42 @@ def revert_from_checkpoint(
     *,
     alpha: float = 1.0,
     overwrite: bool = False,
-) -> bool:
+    force: bool = False,
+) -> RevertReport:
     """Subtract an edit from a checkpoint on disk and write the result to ``out`` (see
     :func:`apply_to_checkpoint` for the formats).
 
+    The edit must be on the checkpoint at strength ``alpha``: the edit file records its original
+    weights along the edit, so reverting an edit that was never applied, was applied with another
+    ``alpha``, or whose layer was changed since (e.g. by another edit of the same layer applied after
+    it) raises before anything is written; ``force=True`` subtracts it anyway.
+
     Returns:
-        True when every reverted tensor now has exactly the bytes the edit was made on (its base
-        fingerprint); False when rounding left differences (or the edit was not applied to these weights).
+        A :class:`~surgery.apply.RevertReport`: truthy when every reverted tensor has exactly the bytes
+        the edit was made on (its base fingerprint); otherwise float rounding left differences (each
+        element within 1 ulp), and ``report.after`` measures the deviation along the edit.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    fmt = _check_paths(checkpoint, out, overwrite)
+    fmt = _check_paths(checkpoint, out, overwrite, [edit])
     edit = as_edit(edit)
     state, metadata = _read(checkpoint, fmt)
     where = f"checkpoint {str(checkpoint)!r}"
     planned = plan_update(_lookup(state, where), edit, alpha, sign=-1.0, where=where)
+    found, passed = check_presence(
+        edit, {name: state[name] for name in planned}, alpha, force=force, where=where, stacklevel=3
+    )
     expected = edit.base_fingerprints
     exact = all(tensor_sha256(new) == expected.get(name) for name, new in planned.items())
     _write(out, fmt, {**state, **planned}, metadata)
-    if not exact:
-        logger.warning(
-            "reverted %r by subtraction; the weights differ from the recorded originals by rounding (or the "
-            "edit was applied to other weights)",
-            edit,
-        )
-    return exact
+    report = RevertReport(
+        exact=exact,
+        through_handle=False,
+        found=found,
+        after=edit.presence(planned),
+        forced=not passed,
+    )
+    logger.info("reverted %r from %s: %s", edit, checkpoint, report.describe())
+    return report
 
 
 def _size(n: float) -> str:
@@ -266,6 +280,11 @@ def inspect_edit(path: str | os.PathLike[str]) -> str:
     else:
         for name, delta in edit.deltas.items():
             lines.append(f"  delta:       {name} {_shape(delta.shape)} {str(delta.dtype).removeprefix('torch.')}")
+    lines.append(
+        "revert check:  the original weights along the edit are recorded"
+        if edit.base_along
+        else "revert check:  none (the original weights along the edit are not recorded; reverts need --force)"
+    )
     ratio = f" ({100.0 * file_size / dense_bytes:.2f}% of it)" if dense_bytes else ""
     lines.append(
         f"size:          {_size(file_size)} on disk; the dense update it encodes is {_size(dense_bytes)}{ratio}"

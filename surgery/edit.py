@@ -20,7 +20,15 @@ from torch import nn
 
 from .errors import SurgeryError
 
-__all__ = ["Edit", "tensor_sha256", "rank_one_delta", "architecture_id", "base_record"]
+__all__ = [
+    "Edit",
+    "Presence",
+    "tensor_sha256",
+    "rank_one_delta",
+    "project_on",
+    "architecture_id",
+    "base_record",
+]
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -37,6 +45,20 @@ def rank_one_delta(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             f"{tuple(u.shape)} must be (rank, n) with the same rank"
         )
     return torch.einsum("rm...,rn->mn...", lam, u)
+
+
+def project_on(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``weight`` along the rows of ``u`` on its input-channel axis: ``(m, n, *k)``, ``(r, n)`` -> ``(r, m, *k)``.
+
+    Computed in float64. For a factored edit ``delta = lam (x) u`` with unit rows, the edit moves this
+    projection by ``G lam`` (``G = u u^T``) and leaves the rest of the weight alone.
+    """
+    return torch.einsum("mn...,rn->rm...", weight.detach().to(torch.float64), u.detach().to(weight.device, torch.float64))
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; anything less precise is stored as float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _layout_digest(model: nn.Module) -> str:
@@ -77,6 +99,42 @@ def base_record(params: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]
     }
 
 
+@dataclass(frozen=True)
+class Presence:
+    """How strongly an edit is found on a set of weights (see :meth:`Edit.presence`).
+
+    Attributes:
+        strength: the ``alpha`` that best explains the weights as ``base + alpha * delta`` along the
+            edit (0: the edit is not there; 1: applied once at full strength).
+        residual: the part of the weights' change along the edit that ``strength`` does not explain,
+            relative to the edit's own size (0 when the weights are exactly ``base + strength * delta``
+            there; large when something else changed them, e.g. another edit of the same layer).
+        tolerance: how far ``strength`` and ``residual`` may stray from exact values through float
+            rounding alone, for these weights.
+    """
+
+    strength: float
+    residual: float
+    tolerance: float
+
+    def at(self, alpha: float) -> bool:
+        """True when the weights hold the edit at strength ``alpha`` (up to rounding)."""
+        return abs(self.strength - alpha) <= self.tolerance * max(1.0, abs(alpha)) and self.clean
+
+    @property
+    def absent(self) -> bool:
+        """True when the weights are the edit's base along the edit (up to rounding)."""
+        return self.at(0.0)
+
+    @property
+    def clean(self) -> bool:
+        """True when the change along the edit is a multiple of the edit (up to rounding)."""
+        return self.residual <= self.tolerance
+
+    def describe(self) -> str:
+        return f"strength {self.strength:.4g}" + ("" if self.clean else f", {100 * self.residual:.2g}% unexplained")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -98,6 +156,10 @@ class Edit:
         description: free text.
         created: UTC time of creation, ISO 8601.
         info: free-form results (objective, norms, timings).
+        base_along: for every parameter the edit changes, its original values *along the edit*: for a
+            factored edit the projection ``W0 ._1 u`` ``(rank, m, *kernel)`` (as small as ``lam``), for
+            a dense edit the scalar ``<W0, delta>``. With them a revert can tell whether (and how
+            strongly) the edit is on a set of weights (:meth:`presence`). Filled by :meth:`made_on`.
     """
 
     layer: str
@@ -111,6 +173,7 @@ class Edit:
     description: str = ""
     created: str = field(default_factory=_now)
     info: dict[str, Any] = field(default_factory=dict)
+    base_along: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.lam is None) != (self.u is None):
@@ -119,6 +182,75 @@ class Edit:
             raise SurgeryError("an Edit needs factors (lam, u) or dense deltas")
         if self.lam is not None:
             rank_one_delta(self.lam[:, :1], self.u[:, :1])  # shape check only, cheap
+        for name, t in self.base_along.items():
+            expected = self._along_shape(name)
+            if expected is not None and tuple(t.shape) != expected:
+                raise SurgeryError(
+                    f"base_along of {name!r} has shape {tuple(t.shape)}, expected {expected} for this edit"
+                )
+
+    def _along_shape(self, name: str) -> tuple[int, ...] | None:
+        if self.factored:
+            return tuple(self.lam.shape) if name == self.param else None  # type: ignore[union-attr]
+        return () if name in self.deltas else None
+
+    def _along(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` along this edit's update of ``name``, in float64."""
+        if self.factored:
+            return project_on(weight, self.u)  # type: ignore[arg-type]
+        d = self.deltas[name].detach().to(weight.device, torch.float64)
+        return (weight.detach().to(torch.float64) * d).sum()
+
+    def made_on(self, weights: dict[str, torch.Tensor]) -> Edit:
+        """Record the weights this edit was computed on (``{param name: original tensor}``), in place.
+
+        Fills :attr:`base` (shape, dtype, SHA-256 of the bytes) and :attr:`base_along`; returns ``self``.
+        """
+        self.base = base_record(weights)
+        self.base_along = {
+            name: self._along(name, w).to(_store_dtype(w.dtype)).cpu() for name, w in weights.items()
+        }
+        return self
+
+    def presence(self, weights: dict[str, torch.Tensor]) -> Presence | None:
+        """How strongly this edit is on ``weights`` (``{param name: current tensor}``).
+
+        Compares the weights along the edit with :attr:`base_along`; ``None`` when the edit does not
+        record them (an edit file of format version 1).
+        """
+        deltas = self.parameter_deltas()
+        if not self.base_along or set(self.base_along) != set(deltas):
+            return None
+        num = den = res = noise = 0.0
+        changes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, delta in deltas.items():
+            w = weights[name]
+            base = self.base_along[name].to(w.device, torch.float64)
+            change = self._along(name, w) - base
+            if self.factored:  # the projection moves by alpha * G lam
+                unit = project_on(delta.to(w.device), self.u)  # type: ignore[arg-type]
+            else:  # the scalar <W, delta> moves by alpha * ||delta||^2
+                unit = delta.detach().to(w.device, torch.float64).square().sum()
+            changes.append((change, unit))
+            num += float((change * unit).sum())
+            den += float(unit.square().sum())
+            eps_w = torch.finfo(w.dtype).eps if w.is_floating_point() else 0.0
+            eps_s = torch.finfo(self.base_along[name].dtype).eps
+            w_norm = float(w.detach().to(torch.float64).norm())
+            d_norm = float(delta.detach().to(torch.float64).norm())
+            if self.factored:
+                scale = w_norm * (self.rank or 1) ** 0.5
+                noise += (eps_w * scale + eps_s * float(base.norm())) ** 2
+            else:
+                noise += (eps_w * w_norm * d_norm + eps_s * abs(float(base))) ** 2
+        if den == 0.0:
+            return Presence(0.0, 0.0, float("inf"))
+        strength = num / den
+        for change, unit in changes:
+            res += float((change - strength * unit).square().sum())
+        size = den**0.5
+        tolerance = max(1e-4, 20.0 * noise**0.5 / size)
+        return Presence(strength=strength, residual=res**0.5 / size, tolerance=tolerance)
 
     @property
     def base_fingerprints(self) -> dict[str, str]:

@@ -1,8 +1,11 @@
-"""Edits as files: one safetensors file with the factors and string metadata (format version 1).
+"""Edits as files: one safetensors file with the factors and string metadata (format version 2).
 
 Tensors:
     ``<param>.lambda`` ``(rank, m, *kernel)`` and ``<param>.u`` ``(rank, n)`` for factored edits, or
-    ``<param>.delta`` (the parameter's shape) for each parameter of a dense edit.
+    ``<param>.delta`` (the parameter's shape) for each parameter of a dense edit; and for each changed
+    parameter ``<param>.base_along``: its original values along the edit (``W0 ._1 u``, the shape of
+    ``lambda``, for factored edits; the scalar ``<W0, delta>`` for dense ones), with which a revert
+    tells whether the edit is on a set of weights. Version 1 files (without ``base_along``) are read.
 Metadata (every value a string; JSON where noted):
     ``format`` = ``model-surgery/edit``, ``format_version`` = ``1``, ``library_version``, ``kind``
     (``factored`` | ``dense``), ``method``, ``layer``, ``params`` (JSON list), ``base`` (JSON: for each
@@ -25,9 +28,7 @@ import json
 import math
 import os
 import re
-import secrets
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from ._files import atomic_write
 from .edit import Edit
 from .errors import EditFormatError, SurgeryError
 
@@ -46,11 +48,11 @@ __all__ = [
     "load_edit",
     "read_edit_metadata",
     "MAX_HEADER_BYTES",
-    "atomic_write",
 ]
 
 FORMAT = "model-surgery/edit"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 MAX_HEADER_BYTES = 1 << 20  # real edit headers are a few KB; refuse anything beyond 1 MiB
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 CHECKSUM_KEY = "file_sha256"
@@ -73,8 +75,11 @@ def _json_safe(value: Any) -> Any:
 
 def _tensors_of(edit: Edit) -> dict[str, torch.Tensor]:
     if edit.factored:
-        return {f"{edit.param}.lambda": edit.lam, f"{edit.param}.u": edit.u}  # type: ignore[dict-item]
-    return {f"{name}.delta": d for name, d in edit.deltas.items()}
+        tensors = {f"{edit.param}.lambda": edit.lam, f"{edit.param}.u": edit.u}
+    else:
+        tensors = {f"{name}.delta": d for name, d in edit.deltas.items()}
+    tensors.update({f"{name}.base_along": t for name, t in edit.base_along.items()})
+    return tensors  # type: ignore[return-value]
 
 
 def save_edit(edit: Edit, path: str | os.PathLike[str]) -> None:
@@ -119,31 +124,7 @@ def save_edit(edit: Edit, path: str | os.PathLike[str]) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    atomic_write(Path(path), write)
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a new file next to ``path``, then rename it to ``path``.
-
-    The temporary file is created with the usual permissions (``0o666`` less the umask) and removed if
-    anything fails, so ``path`` is either left as it was or replaced by a complete file.
-    """
-    folder = path.parent
-    for _ in range(100):
-        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    else:  # pragma: no cover
-        raise OSError(f"cannot create a temporary file in {folder}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def _checksum_span(header: bytes) -> tuple[int, int] | None:
@@ -251,7 +232,7 @@ def read_edit_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     meta = header["__metadata__"]
     if meta.get("format") != FORMAT:
         raise EditFormatError(f"{path} is a safetensors file but not a model-surgery edit (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise EditFormatError(
             f"{path} uses edit format version {meta.get('format_version')!r}; this library reads version "
             f"{FORMAT_VERSION}. Upgrade model-surgery to read it"
@@ -298,12 +279,15 @@ def load_edit(path: str | os.PathLike[str]) -> Edit:
         expected = {f"{p}.delta" for p in params}
     else:
         raise EditFormatError(f"{path}: unknown edit kind {kind!r} (expected 'factored' or 'dense')")
+    # base_along is recorded for every changed parameter or for none (edits made without their
+    # original weights; every version-1 file)
+    allowed = [expected] if meta["format_version"] == "1" else [expected, expected | {f"{p}.base_along" for p in params}]
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            if names != expected:
+            if names not in allowed:
                 raise EditFormatError(
-                    f"{path} holds tensors {sorted(names)} but its metadata calls for {sorted(expected)}"
+                    f"{path} holds tensors {sorted(names)} but its metadata calls for {sorted(allowed[-1])}"
                 )
             tensors = {name: f.get_tensor(name) for name in names}
     except EditFormatError:
@@ -313,7 +297,9 @@ def load_edit(path: str | os.PathLike[str]) -> Edit:
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise EditFormatError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    along = {p: tensors[f"{p}.base_along"] for p in params if f"{p}.base_along" in tensors}
     common = dict(
+        base_along=along,
         layer=meta["layer"],
         method=meta["method"],
         hparams=hparams,
@@ -342,8 +328,12 @@ def load_edit(path: str | os.PathLike[str]) -> Edit:
             )
         if p != (f"{meta['layer']}.weight" if meta["layer"] else "weight"):
             raise EditFormatError(f"{path}: parameter {p!r} is not the weight of layer {meta['layer']!r}")
+        if p in along and tuple(along[p].shape) != tuple(lam.shape):
+            raise EditFormatError(f"{path}: {p}.base_along must have the shape of lambda {tuple(lam.shape)}")
         return Edit(lam=lam, u=u, **common)
     for p in params:
         if list(tensors[f"{p}.delta"].shape) != base[p]["shape"]:
             raise EditFormatError(f"{path}: delta of {p!r} does not have the recorded shape {base[p]['shape']}")
+        if p in along and along[p].ndim != 0:
+            raise EditFormatError(f"{path}: {p}.base_along of a dense edit must be a scalar")
     return Edit(deltas={p: tensors[f"{p}.delta"] for p in params}, **common)

@@ -28,7 +28,7 @@ from ._checks import (
     require_eval,
     resolve_device,
 )
-from .edit import Edit, architecture_id, base_record
+from .edit import Edit, architecture_id
 from .editable import EditableLayer
 from .errors import SurgeryError, UnsupportedModelError
 from .layers import get_layer
@@ -326,7 +326,6 @@ def finetune(
             "loss": "cross_entropy",
         },
         deltas=deltas,
-        base=base_record(originals),
         architecture=architecture_id(model),
         info={"loss_before": loss_before, "loss_after": loss_after, "n_images": n},
-    )
+    ).made_on(originals)

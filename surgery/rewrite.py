@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,9 +20,9 @@ from torch import nn
 from ._checks import model_device, require_eval
 from .data import ImageLike, Transform, load_images, load_masks
 from .direction import flatten_keys, key_weights, rank_one_direction
-from .edit import Edit, architecture_id, base_record
+from .edit import Edit, architecture_id
 from .editable import EditableLayer
-from .errors import SurgeryError
+from .errors import SurgeryError, SurgeryWarning
 from .layers import get_layer
 from .solvers import EditProblem, solve_fast, solve_reference, value_weights
 from .stats import KeyStats
@@ -259,10 +260,19 @@ def rewrite(
         layer=layer.name,
         method="rewrite",
         hparams=hparams,
-        base=base_record({layer.param_name: layer.weight}),
         architecture=architecture_id(model),
         info=info,
     )
+    base = {layer.param_name: layer.weight}
     if solver == "reference" and not restrict_rank:
-        return Edit(deltas={layer.param_name: result.detach().cpu()}, **provenance)
-    return Edit(lam=result.detach().cpu(), u=problem.u.detach().cpu(), **provenance)
+        return Edit(deltas={layer.param_name: result.detach().cpu()}, **provenance).made_on(base)
+    edit = Edit(lam=result.detach().cpu(), u=problem.u.detach().cpu(), **provenance).made_on(base)
+    if not bool(edit.lam.abs().max() > 0):
+        warnings.warn(
+            f"the edit of {layer.name!r} is zero: the block's value does not depend on this layer's weight "
+            "along the edit direction (for example a zero-initialised BatchNorm after it, as in timm ResNets "
+            "with random weights), so applying it would change nothing",
+            SurgeryWarning,
+            stacklevel=2,
+        )
+    return edit

@@ -8,7 +8,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from surgery.edit import Edit, architecture_id, base_record
+from surgery.edit import Edit, architecture_id
 
 from .tiny_models import randomize_batchnorm
 
@@ -85,7 +85,6 @@ def _provenance(draw: st.DrawFn, model: nn.Module, layer: str, params: list[str]
         layer=layer,
         method=method,
         hparams=draw(json_dicts),
-        base=base_record({p: model.get_parameter(p) for p in params}),
         architecture=architecture_id(model),
         description=draw(st.text(max_size=30)),
         created=draw(st.sampled_from(["2026-01-02T03:04:05+00:00", ""]) | st.text(max_size=25)),
@@ -93,9 +92,11 @@ def _provenance(draw: st.DrawFn, model: nn.Module, layer: str, params: list[str]
     )
 
 
-def _scale(draw: st.DrawFn) -> float:
-    """A scale spread over several orders of magnitude (1e-4 to 1e2)."""
-    return 10.0 ** draw(st.floats(-4.0, 2.0))
+def _scale(draw: st.DrawFn, weight: torch.Tensor, numel: int) -> float:
+    """A per-element scale giving an update of 1e-4 to 3 times the weight's norm (real edits are well
+    below 10x, where applying one warns)."""
+    relative = 10.0 ** draw(st.floats(-4.0, 0.5))
+    return relative * max(float(weight.detach().double().norm()), 1e-3) / max(numel, 1) ** 0.5
 
 
 def _factor_dtype(draw: st.DrawFn, weight: torch.Tensor) -> torch.dtype:
@@ -111,10 +112,12 @@ def factored_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) 
     dtype = _factor_dtype(draw, weight)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     m, n, *kernel = weight.shape
-    lam = (torch.randn(rank, m, *kernel, generator=g, dtype=torch.float64) * _scale(draw)).to(dtype)
+    lam = torch.randn(rank, m, *kernel, generator=g, dtype=torch.float64)
+    lam = (lam * _scale(draw, weight, lam[0].numel() * rank)).to(dtype)
     u = torch.randn(rank, n, generator=g, dtype=torch.float64)
     u = (u / u.norm(dim=1, keepdim=True)).to(dtype)
-    return Edit(lam=lam, u=u, **draw(_provenance(model, layer, [f"{layer}.weight"], "rewrite")))
+    edit = Edit(lam=lam, u=u, **draw(_provenance(model, layer, [f"{layer}.weight"], "rewrite")))
+    return edit.made_on({f"{layer}.weight": weight})
 
 
 @st.composite
@@ -126,12 +129,13 @@ def dense_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) -> 
     if getattr(module, "bias", None) is not None and draw(st.booleans()):
         params.append(f"{layer}.bias")
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    scale = _scale(draw)
     deltas = {}
     for p in params:
         w = model.get_parameter(p)
+        scale = _scale(draw, w, w.numel())
         deltas[p] = (torch.randn(w.shape, generator=g, dtype=torch.float64) * scale).to(_factor_dtype(draw, w))
-    return Edit(deltas=deltas, **draw(_provenance(model, layer, params, "finetune")))
+    edit = Edit(deltas=deltas, **draw(_provenance(model, layer, params, "finetune")))
+    return edit.made_on({p: model.get_parameter(p) for p in params})
 
 
 def edits(model: nn.Module, layer: str | None = None) -> st.SearchStrategy[Edit]:

@@ -45,11 +45,10 @@ def _factored(model: nn.Module, layer: str, seed: int, scale: float = 0.3) -> Ed
         hparams={"solver": "fast", "rank": 2},
         lam=scale * torch.randn(2, m, *k, generator=g),
         u=torch.nn.functional.normalize(torch.randn(2, n, generator=g), dim=1),
-        base=base_record({f"{layer}.weight": w}),
         architecture=architecture_id(model),
         description="a test edit",
         info={"objective": 0.25, "objective_before": 1.0},
-    )
+    ).made_on({f"{layer}.weight": w})
 
 
 def _dense(model: nn.Module, layer: str, seed: int) -> Edit:
@@ -60,9 +59,8 @@ def _dense(model: nn.Module, layer: str, seed: int) -> Edit:
         layer=layer,
         method="finetune",
         deltas={p: 0.01 * torch.randn(v.shape, generator=g) for p, v in params.items()},
-        base=base_record(params),
         architecture=architecture_id(model),
-    )
+    ).made_on(params)
 
 
 def _file_sha(path: Path) -> str:
@@ -251,7 +249,8 @@ def test_inspect_edit_summarizes_the_file(setup) -> None:
         "2x3",
         "0.weight 4x3x3x3 float32",
         "a test edit",
-        "model-surgery/edit version 1",
+        "model-surgery/edit version 2",
+            "revert check:  the original weights along the edit are recorded",
         '"solver": "fast"',
     ):
         assert needle in text, needle
