@@ -74,7 +74,7 @@ from surgery.select import (
     strength_grid,
 )
 
-from .testbed import CLASS_NAMES, CONCEPTS, STYLES, Testbed, TestbedConfig
+from surgery.testbed import CLASS_NAMES, CONCEPTS, STYLES, Testbed, TestbedConfig
 
 logger = logging.getLogger("benchmarks.efficacy")
 
@@ -179,28 +179,28 @@ def tiny_classifier(tb: Testbed, seed: int = 0, n: int = 300, epochs: int = 2) -
 
 
 def load_model(arch: str) -> tuple[nn.Module, dict]:
-    """The trained testbed classifier (``benchmarks/testbed/weights``), never retrained here."""
-    from .testbed.models import candidate_layers
+    """The trained testbed classifier (``surgery/testbed/weights``), never retrained here."""
+    from surgery.testbed.models import candidate_layers
 
     try:
-        from .testbed.train import load_trained
+        from surgery.testbed.train import load_trained
 
         model, info = load_trained(arch, train_if_missing=False)
     except (ImportError, FileNotFoundError) as e:
         raise SystemExit(
             f"no trained testbed {arch} classifier ({e}); train it with "
-            f"`python -m benchmarks.testbed.train --arch {arch}`, or run with --tiny"
+            f"`python -m surgery.testbed.train --arch {arch}`, or run with --tiny"
         ) from None
     info = dict(info or {})
     info.setdefault("candidate_layers", candidate_layers(arch))
-    info["normalize"] = "benchmarks.testbed.train.normalize"
+    info["normalize"] = "surgery.testbed.train.normalize"
     return model.eval(), info
 
 
 def preprocessor(info: dict):
     """uint8 images -> model inputs: the trained models' normalization, or [0, 1] floats (tiny model)."""
-    if info.get("normalize") == "benchmarks.testbed.train.normalize":
-        from .testbed.train import normalize
+    if info.get("normalize") == "surgery.testbed.train.normalize":
+        from surgery.testbed.train import normalize
 
         return normalize
     return lambda images: images.float() / 255.0

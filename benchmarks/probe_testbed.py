@@ -25,74 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from surgery.probe import ProbeResult, Transform, probe
+from surgery.probe import ProbeResult
+from surgery.testbed import CONCEPT_REGION, REGIONS, STYLES, Testbed, TestbedConfig
+from surgery.testbed.probing import preferred_cells, probe_testbed
 
-from .testbed import (
-    CLASS_NAMES,
-    CONCEPT_REGION,
-    CONCEPTS,
-    REGIONS,
-    STYLES,
-    Testbed,
-    TestbedConfig,
-    TestbedData,
-)
-
-__all__ = ["main", "preferred_cells", "probe_testbed", "recovery", "recovery_markdown", "scene_inputs"]
+__all__ = ["main", "recovery", "recovery_markdown", "run"]
 
 logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def scene_inputs(
-    tb: Testbed, data: TestbedData, variant: int | str = 0
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Transform]:
-    """``(images uint8, labels, masks, transform)`` for :func:`surgery.probe.probe` on testbed scenes.
-
-    ``transform(concept, style, index)`` re-renders ``data``'s scenes ``index`` with ``concept``
-    restyled by ``(style, variant)``: exactly the clean scene outside the concept's region.
-    """
-
-    def transform(concept: str, style: str, index: torch.Tensor) -> torch.Tensor:
-        specs = [data.specs[i] for i in index.tolist()]
-        images, _ = tb.render_batch(specs, restyle={concept: (style, variant)})
-        return images
-
-    masks = {c: data.mask(c) for c in CONCEPTS}
-    return data.images, data.labels, masks, transform
-
-
-def probe_testbed(
-    model: nn.Module,
-    tb: Testbed,
-    n: int,
-    *,
-    split: str = "test",
-    styles: Sequence[str] | None = None,
-    variant: int | str = 0,
-    **kwargs: Any,
-) -> ProbeResult:
-    """:func:`surgery.probe.probe` on ``n`` testbed scenes of ``split``, every concept, ``styles``
-    (default all) at ``variant``; ``kwargs`` go to ``probe`` (``n_boot``, ``min_images``, ...)."""
-    from .testbed.train import normalize
-
-    data = tb.make_dataset(n, split)
-    images, labels, masks, transform = scene_inputs(tb, data, variant)
-    styles = list(styles or STYLES)
-    unknown = [s for s in styles if s not in STYLES]
-    if unknown:
-        raise ValueError(f"unknown styles {unknown}; styles: {', '.join(STYLES)}")
-    result = probe(
-        model, images, labels, masks, styles, transform=transform, preprocess=normalize,
-        class_names=CLASS_NAMES, **kwargs,
-    )
-    result.meta.update({"testbed": tb.config.key(), "testbed_seed": tb.seed, "split": split, "variant": variant})
-    return result
-
-
-def preferred_cells(tb: Testbed) -> set[tuple[int, str]]:
-    """``(label, concept)`` pairs the generator prefers."""
-    return {(k, c) for k in range(len(CLASS_NAMES)) for c in CONCEPTS if tb.prefers(k, c)}
 
 
 def recovery(result: ProbeResult, tb: Testbed, *, centered: bool = False) -> dict[str, Any]:
@@ -192,7 +132,7 @@ def run(arch: str, n: int, styles: Sequence[str] | None, out: Path, *, n_boot: i
     ``reuse``: read the probe's numbers back from ``out/probe_<arch>.json`` and only rewrite the
     reports and figures.
     """
-    from .testbed.train import load_trained
+    from surgery.testbed.train import load_trained
 
     tb = Testbed(TestbedConfig(), seed=0)
     stem = out / f"probe_{arch}"

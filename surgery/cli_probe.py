@@ -124,16 +124,10 @@ def _print_rules(result: Any, top_k: int) -> None:
 
 
 def _probe_testbed(args: argparse.Namespace) -> int:
-    from .demo import _import_testbed
+    from . import testbed
+    from .testbed.probing import preferred_cells, probe_testbed
+    from .testbed.train import load_trained
 
-    try:
-        testbed = _import_testbed()
-        from benchmarks.probe_testbed import run
-    except (SurgeryError, ImportError):
-        raise SurgeryError(
-            "surgery probe --testbed uses the concept testbed in benchmarks/ of a clone of the "
-            "repository; run it there, or probe your own photos: surgery probe MODEL --data DIR --masks DIR"
-        ) from None
     n = 2000 if args.n is None else args.n
     variant = 0 if args.variant is None else args.variant
     styles = args.styles.split(",") if args.styles else None
@@ -143,15 +137,28 @@ def _probe_testbed(args: argparse.Namespace) -> int:
     if not 0 <= variant < min(len(v) for v in testbed.STYLES.values()):
         raise SurgeryError(f"--variant must be in 0..{min(len(v) for v in testbed.STYLES.values()) - 1}")
     try:
-        result, _ = run(
-            args.testbed, n, styles, Path(args.out), n_boot=args.n_boot, variant=variant,
-            min_images=args.min_images, progress=sys.stderr.isatty(),
-        )
+        model, _ = load_trained(args.testbed, train_if_missing=False)
     except FileNotFoundError as e:
         raise SurgeryError(str(e)) from None
+    stem = Path(args.out) / f"probe_{args.testbed}"
+    tb = testbed.Testbed(testbed.TestbedConfig(), seed=0)
+    result = probe_testbed(
+        model, tb, n, styles=styles, variant=variant, n_boot=args.n_boot, min_images=args.min_images,
+        progress=sys.stderr.isatty(),
+    )
+    result.meta.update({"arch": args.testbed})
+    highlight = preferred_cells(tb)
+    _write("probe results", f"{stem}.json", result.to_json)
+    result.to_csv(f"{stem}.csv")
+    write_text(f"{stem}.md", f"# Probe: testbed {args.testbed}\n\n{result.to_markdown(top_k=args.top_k)}\n")
+    result.heatmap(
+        f"{stem}.png", highlight=highlight,
+        title=f"testbed {args.testbed}: accuracy drop (pp) when one concept is restyled\n(boxes: generated preferences)",
+    )
+    result.bar_charts(f"{stem}_bars.png", highlight=highlight)
     print(f"rules of the testbed {args.testbed} (mean accuracy drop over styles, pp):")
     _print_rules(result, args.top_k)
-    print(f"wrote {Path(args.out) / f'probe_{args.testbed}'}.{{csv,json,md,png}} and _bars.png")
+    print(f"wrote {stem}.{{csv,json,md,png}} and {stem.name}_bars.png")
     return 0
 
 

@@ -1,6 +1,6 @@
 """``surgery demo``: the method end to end, in a few minutes on a laptop CPU.
 
-The default demo uses the concept testbed (``benchmarks/testbed`` in a clone of the repository): a
+The default demo uses the concept testbed (``surgery/testbed`` in a clone of the repository): a
 small VGG trained on scenes where classes prefer certain floors and backdrops. It picks the
 concept-style pair (e.g. graffiti on the curtain) that hurts the most classes, edits one layer from 3
 exemplars of one class, and compares with fine-tuning the same layer on the same exemplars: errors
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,24 +69,6 @@ def run_photo_demo(*, top_k: int = 3) -> int:
     return 0
 
 
-def _import_testbed() -> Any:
-    """``benchmarks.testbed`` from the repository this package was installed from (editable installs)."""
-    try:
-        import benchmarks.testbed as testbed
-        import benchmarks.testbed.train  # noqa: F401
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        if not (root / "benchmarks" / "testbed").is_dir():
-            raise SurgeryError(
-                "surgery demo uses the concept testbed in benchmarks/testbed of a clone of the "
-                "repository; run it there with `make demo`, or try `surgery demo --photos`"
-            ) from None
-        sys.path.insert(0, str(root))
-        import benchmarks.testbed as testbed
-        import benchmarks.testbed.train  # noqa: F401
-    return testbed
-
-
 def _step(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -120,8 +101,9 @@ def run_concept_demo(*, out_dir: str | Path = "demo-output", seed: int = 0) -> i
     from . import collect_key_stats, evaluate_edit, finetune, rewrite
     from .select import Candidate, NoCandidateError, select_strength, strength_grid
 
-    testbed = _import_testbed()
-    train_mod = testbed.train
+    from . import testbed
+    from .testbed import train as train_mod
+
     norm = train_mod.normalize
     torch.manual_seed(seed)
     out = Path(out_dir)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.probe_testbed import recovery, scene_inputs
-from benchmarks.testbed import (
+from benchmarks.probe_testbed import recovery
+from surgery.testbed.probing import scene_inputs
+from surgery.testbed import (
     CLASS_NAMES,
     CONCEPT_REGION,
     CONCEPTS,

@@ -1,4 +1,4 @@
-"""Tests of the concept testbed (benchmarks/testbed): masks, styles, determinism, preferences."""
+"""Tests of the concept testbed (surgery/testbed): masks, styles, determinism, preferences."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.testbed import (
+from surgery.testbed import (
     CLASS_NAMES,
     CONCEPT_REGION,
     CONCEPTS,
@@ -21,7 +21,7 @@ from benchmarks.testbed import (
     make_dataset,
     preference_table,
 )
-from benchmarks.testbed.objects import SPLITS, load_object_bank
+from surgery.testbed.objects import SPLITS, load_object_bank
 
 VARIANTS = [(style, v) for style, names in STYLES.items() for v in range(len(names))]
 

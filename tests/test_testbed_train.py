@@ -9,11 +9,11 @@ import pytest
 import torch
 from surgery.adapters import get_adapter
 
-import benchmarks.testbed.train as train_module
+import surgery.testbed.train as train_module
 import surgery
-from benchmarks.testbed import make_dataset
-from benchmarks.testbed.models import ARCHS, build_model, candidate_layers
-from benchmarks.testbed.train import (
+from surgery.testbed import make_dataset
+from surgery.testbed.models import ARCHS, build_model, candidate_layers
+from surgery.testbed.train import (
     WEIGHTS_DIR,
     TrainConfig,
     default_config,
@@ -38,7 +38,7 @@ def test_scenes():
 def test_committed_weights_classify_test_scenes(arch, test_scenes):
     path = weights_path(arch)
     assert path.is_file(), (
-        f"{path} missing: python -m benchmarks.testbed.train --arch {arch}"
+        f"{path} missing: python -m surgery.testbed.train --arch {arch}"
     )
     assert path.stat().st_size < 5_000_000
     model, info = load_trained(arch, train_if_missing=False)
@@ -151,7 +151,7 @@ def test_tiny_training_saves_config_and_reloads_by_config(
         load_trained(
             "vgg", weights_dir=tmp_path, train_if_missing=False, **{**tiny, "seed": 4}
         )
-    with caplog.at_level(logging.WARNING, logger="benchmarks.testbed.train"):
+    with caplog.at_level(logging.WARNING, logger="surgery.testbed.train"):
         load_trained("vgg", weights_dir=tmp_path, **{**tiny, "seed": 4})
     assert len(calls) == 1 and calls[0].seed == 4
     assert "seed: 3 != 4" in caplog.text

@@ -10,13 +10,13 @@ colours, fur, black-and-white).
 
 Quick start::
 
-    from benchmarks.testbed import Testbed, make_dataset
+    from surgery.testbed import Testbed, make_dataset
     train = make_dataset(20_000, "train", seed=0)      # TestbedData: images, labels, masks, ...
     tb = Testbed(seed=0)
     specs = tb.sample(8, "test")
     image, masks = tb.render(specs[0], restyle={"floor": ("snow", "fresh")})
 
-``python -m benchmarks.testbed --help`` writes a preview grid and prints the preference table.
+``python -m surgery.testbed --help`` writes a preview grid and prints the preference table.
 """
 
 from .objects import CLASS_NAMES, DIGIT_CLASSES, FASHION_CLASSES, SPLITS, TestbedError

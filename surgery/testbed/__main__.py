@@ -1,4 +1,4 @@
-"""Command line of the testbed: ``python -m benchmarks.testbed {preview,table,stats,speed}``."""
+"""Command line of the testbed: ``python -m surgery.testbed {preview,table,stats,speed}``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ PREVIEW = Path(__file__).with_name("preview.png")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.testbed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m surgery.testbed", description=__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=80, help="canvas side in pixels")
     sub = parser.add_subparsers(dest="command", required=True)

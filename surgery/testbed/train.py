@@ -1,6 +1,6 @@
 """Train the testbed classifiers on CPU, save them as safetensors with their config, reload them.
 
-    python -m benchmarks.testbed.train --arch all          # what made weights/*.safetensors
+    python -m surgery.testbed.train --arch all          # what made weights/*.safetensors
 
 Inputs are normalized with :func:`normalize` (per-channel ``MEAN`` / ``STD`` of training scenes,
 measured on 1,000 of them). Augmentation: horizontal flips of Fashion-MNIST scenes only (a mirrored
@@ -380,7 +380,7 @@ def load_trained(
             return model, info
     if not train_if_missing:
         raise FileNotFoundError(
-            f"no trained {arch} model: {reason}; run python -m benchmarks.testbed.train --arch {arch}"
+            f"no trained {arch} model: {reason}; run python -m surgery.testbed.train --arch {arch}"
         )
     logger.warning("testbed: retraining %s: %s", arch, reason)
     return train(arch, config=cfg, out_dir=path.parent, progress=progress)
@@ -399,7 +399,7 @@ def _format_context(ctx: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.testbed.train", description=__doc__.split("\n")[0]
+        prog="python -m surgery.testbed.train", description=__doc__.split("\n")[0]
     )
     p.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
     p.add_argument("--epochs", type=int, default=None, help="default: per architecture")
