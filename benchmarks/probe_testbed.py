@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from surgery.probe import ProbeResult
+from surgery.probe.run import ProbeResult
 from surgery.testbed import CONCEPT_REGION, REGIONS, STYLES, Testbed, TestbedConfig
 from surgery.testbed.probing import preferred_cells, probe_testbed
 

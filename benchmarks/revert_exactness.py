@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 
 import surgery
 from surgery._files import write_text
-from surgery.checkpoint import apply_to_checkpoint, revert_from_checkpoint
-from surgery.concepts import paste_texture
-from surgery.models import efficientnet_lite0, preprocess
-from surgery.photos import sample_photos, sample_textures
+from surgery.concepts.paste import paste_texture
+from surgery.edits.checkpoint import apply_to_checkpoint, revert_from_checkpoint
+from surgery.inputs.photos import sample_photos, sample_textures
+from surgery.inputs.preprocess import Preprocess
+from surgery.models.loading import efficientnet_lite0
 
 LAYERS = ("blocks.2.1.conv_pwl", "blocks.4.2.conv_pwl", "blocks.6.0.conv_pwl", "conv_head")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,7 +44,7 @@ def _ulps(w0: torch.Tensor, w1: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def measure(layers: tuple[str, ...] = LAYERS) -> list[dict]:
     torch.manual_seed(0)
     model = efficientnet_lite0()
-    tf = preprocess(model)
+    tf = Preprocess.from_model(model).model_input()
     photos = sample_photos()
     x = torch.stack([tf(p) for p in photos.values()])
     gravel = sample_textures(["gravel"])["gravel"]

@@ -27,9 +27,10 @@ import torchvision
 from torch import nn
 
 import surgery
+from surgery.editable import EditableLayer
 from surgery.rewrite import prepare_problem
 from surgery.solvers import solve_fast, solve_reference
-from surgery.stats import collect_key_stats
+from surgery.stats.collect import collect_key_stats
 from surgery.suffix import network_suffix, suffix_logits
 
 from .random_weights import randomize_batchnorm
@@ -68,7 +69,7 @@ def timed_side_by_side(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def build(case: str, device: torch.device) -> tuple[nn.Module, surgery.EditableLayer]:
+def build(case: str, device: torch.device) -> tuple[nn.Module, EditableLayer]:
     """A randomly initialized model of ``case`` with non-trivial BN statistics, in eval mode."""
     factory, layer_name = CASES[case]
     torch.manual_seed(0)
@@ -130,7 +131,7 @@ def bench_stats(case: str, device: torch.device, *, size: int, n_images: int, ba
     def stop_at_site() -> None:
         with torch.no_grad():
             for i in range(0, n_images, batch):
-                with surgery.trace(model, layer.key_site.module, retain_input=True, retain_output=False, stop=True):
+                with surgery.Trace(model, layer.key_site.module, retain_input=True, retain_output=False, stop=True):
                     model(data[i : i + batch])
 
     def full() -> None:
@@ -186,8 +187,8 @@ def bench_files(case: str, device: torch.device) -> dict:
         method="rewrite",
         lam=lam,
         u=u,
-        base=surgery.edit.base_record({layer.param_name: w}),
-        architecture=surgery.edit.architecture_id(model),
+        base=surgery.edits.edit.base_record({layer.param_name: w}),
+        architecture=surgery.identity.architecture_id(model),
     )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "edit.safetensors")

@@ -1,18 +1,25 @@
 """model-surgery: edit a trained image classifier's prediction rules with rank-one weight updates.
 
 The method of "Editing a classifier by rewriting its prediction rules" (Santurkar et al., NeurIPS
-2021). See the README for a quick-start.
+2021), in exact terms in docs/method.md. The names below follow a user's steps; docs/api.md has one
+line per name. The rooms behind them: :mod:`surgery.models` (loading), :mod:`surgery.adapters` (where a
+family's layers are), :mod:`surgery.stats`, :mod:`surgery.solvers`, :mod:`surgery.edits` (edits, their
+files, apply/revert, checkpoints), :mod:`surgery.evaluation`, :mod:`surgery.inputs` (images, masks,
+preprocessing, labelled folders), :mod:`surgery.concepts`, :mod:`surgery.probe`, :mod:`surgery.testbed`.
 """
 
-__version__ = "0.1.0"
+from surgery import adapters  # noqa: E402  (reachable as surgery.adapters after `import surgery`)
+from surgery._version import __version__
 
-from .apply import EditHandle, apply_edit, edited, list_edits, revert_edit
-from .class_folders import LabelledPhotos, Preprocess, load_concept_masks, load_labelled_photos
-from .concepts import load_mask, masks_from_segmentation, paste_texture, style_transfer
-from .edit import Edit
-from .edit_file import load_edit
-from .editable import EditableLayer, LayerIO, Site
-from .errors import (
+# 6. concepts, photos, and the rules a model relies on
+from surgery.concepts.paste import paste_texture
+
+# 4. patch a model, take the patch off
+from surgery.edits.apply import apply_edit, edited, list_edits, revert_edit
+from surgery.edits.edit import Edit
+
+# errors
+from surgery.errors import (
     EditFormatError,
     IncompatibleEditError,
     LayerNotFoundError,
@@ -21,86 +28,64 @@ from .errors import (
     SurgeryWarning,
     UnsupportedModelError,
 )
-from .finetune import finetune
-from .hooks import StopForward, Trace, TraceDict, get_module, trace, trace_dict
-from .layers import LayerInfo, describe_layers, editable_layers, get_layer
-from .metrics import EditReport, errors_corrected, evaluate_edit, predict
-from .models import load_model
-from .probe import ProbeResult, probe
-from .rewrite import rewrite
-from .select import (
-    CachedImages,
-    Candidate,
-    NoCandidateError,
-    Selection,
-    select_by_concept_match,
-    select_strength,
-    strength_grid,
-)
-from .stats import KeyStats, collect_key_stats
+
+# 5. measure an edit, choose its strength
+from surgery.evaluation.metrics import errors_corrected, evaluate_edit
+from surgery.evaluation.select import select_strength, strength_grid
+from surgery.finetune import finetune
+from surgery.hooks import Trace
+from surgery.inputs.folders import load_labelled_photos
+from surgery.inputs.masks import load_masks
+from surgery.inputs.preprocess import Preprocess
+from surgery.layers import editable_layers, get_layer
+
+# 1. a model and the layers that can be edited
+from surgery.models import load_model
+from surgery.probe import probe
+
+# 3. an edit, and the baseline it is compared with
+from surgery.rewrite import rewrite
+
+# 2. the second moment of a layer's keys
+from surgery.stats import KeyStats, collect_key_stats
 
 __all__ = [
     "__version__",
-    # the method
-    "rewrite",
+    "adapters",
+    # 1. a model and its layers
+    "load_model",
+    "editable_layers",
+    "get_layer",
+    "Trace",
+    # 2. key statistics
     "collect_key_stats",
     "KeyStats",
+    # 3. edits
+    "rewrite",
     "finetune",
-    # edits
     "Edit",
-    "load_edit",
+    # 4. apply and revert
     "apply_edit",
     "revert_edit",
     "edited",
     "list_edits",
-    "EditHandle",
-    # evaluation
-    "errors_corrected",
+    # 5. measure, choose the strength
     "evaluate_edit",
-    "predict",
-    "EditReport",
-    # choosing the strength
+    "errors_corrected",
     "select_strength",
-    # concepts and finding rules
-    "paste_texture",
-    "style_transfer",
-    "load_mask",
-    "masks_from_segmentation",
-    "probe",
-    "ProbeResult",
-    "Preprocess",
-    "LabelledPhotos",
-    "load_labelled_photos",
-    "load_concept_masks",
-    # models
-    "load_model",
-    "CachedImages",
-    "select_by_concept_match",
     "strength_grid",
-    "Candidate",
-    "Selection",
-    "NoCandidateError",
-    # layers and hooks
-    "editable_layers",
-    "get_layer",
-    "describe_layers",
-    "EditableLayer",
-    "LayerInfo",
-    "LayerIO",
-    "Site",
-    "trace",
-    "trace_dict",
-    "Trace",
-    "TraceDict",
-    "StopForward",
-    "get_module",
+    # 6. concepts, photos, rules
+    "paste_texture",
+    "load_masks",
+    "Preprocess",
+    "load_labelled_photos",
+    "probe",
     # errors
     "SurgeryError",
+    "SurgeryWarning",
     "EditFormatError",
     "IncompatibleEditError",
     "LayerNotFoundError",
     "ModelLoadError",
     "UnsupportedModelError",
-    "SurgeryWarning",
 ]
-from . import adapters  # noqa: E402  (reachable as surgery.adapters after `import surgery`)

@@ -10,17 +10,36 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from surgery.errors import SurgeryError
 
 __all__ = [
+    "as_hw",
     "require_eval",
     "model_device",
     "resolve_device",
     "check_images",
+    "pixel_images",
     "check_labels",
     "check_logits",
     "check_label_range",
 ]
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``size`` as ``(H, W)``: an int is a square side; of a longer sequence (``(3, H, W)``) the last two."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise SurgeryError(f"size must be positive, got {size}")
+        return size, size
+    try:
+        dims = tuple(int(s) for s in size)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise SurgeryError(f"size must be an int or (H, W), got {size!r}") from None
+    if len(dims) == 1:
+        dims = (dims[0], dims[0])
+    if len(dims) < 2 or min(dims[-2:]) <= 0:
+        raise SurgeryError(f"size must be an int or (H, W) with positive entries, got {size!r}")
+    return dims[-2], dims[-1]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -75,6 +94,27 @@ def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise SurgeryError(f"{what} contain NaN or infinite values")
     return images
+
+
+def pixel_images(images: torch.Tensor, what: str = "images") -> tuple[torch.Tensor, bool]:
+    """Validate pixel images ``(N, 3, H, W)`` or ``(3, H, W)``, float in ``[0, 1]`` or uint8.
+
+    Returns the batch as float in ``[0, 1]`` and whether the input was a single ``(3, H, W)`` image.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise SurgeryError(f"{what} must be a tensor (N, 3, H, W), got {type(images).__name__}")
+    single = images.ndim == 3
+    x = images[None] if single else images
+    if x.ndim != 4 or x.shape[1] != 3:
+        hint = " It looks channels-last: use x.permute(0, 3, 1, 2)." if x.ndim == 4 and x.shape[-1] == 3 else ""
+        raise SurgeryError(f"{what} has shape {tuple(images.shape)}; expected (N, 3, H, W) or (3, H, W).{hint}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise SurgeryError(f"{what} has dtype {x.dtype}; pass float images in [0, 1] or uint8")
+    if not bool(torch.isfinite(x).all()):
+        raise SurgeryError(f"{what} contains NaN or infinite values")
+    return x, single
 
 
 def check_labels(

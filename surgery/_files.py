@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import SurgeryError
+from surgery.errors import SurgeryError
 
 __all__ = [
     "atomic_write",

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SurgeryError
-from .hooks import trace_dict
+from surgery.errors import SurgeryError
+from surgery.hooks import TraceDict
 
 __all__ = ["Site", "LayerIO", "EditableLayer", "BlockFn"]
 
@@ -144,7 +144,7 @@ class EditableLayer:
         With ``stop`` the forward ends once every site has been seen. Tensors are detached clones.
         """
         names = [s.module for s in self.sites]
-        with torch.no_grad(), trace_dict(
+        with torch.no_grad(), TraceDict(
             model, names, retain_input=True, retain_output=True, stop=stop
         ) as traces:
             model(inputs)

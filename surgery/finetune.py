@@ -1,6 +1,6 @@
 """Fine-tuning baselines: cross-entropy and plain SGD on the exemplars, returned as a dense :class:`Edit`.
 
-The paper compares its rank-one rewrite with two fine-tuning baselines (DESIGN.md section 3): train the
+The paper compares its rank-one rewrite with two fine-tuning baselines (docs/method.md section 7): train the
 edited layer's weight alone (``scope="local"``), or every parameter from the edited layer to the output
 (``scope="global"``), on the transformed exemplars with the target label. Plain SGD, no momentum, no
 weight decay, 400 steps at lr 1e-4 by default; the model stays in eval mode, so BN uses its running
@@ -8,7 +8,7 @@ statistics.
 
 :func:`finetune` never modifies the model: it trains copies of the chosen parameters through
 :func:`torch.func.functional_call` and returns their change as an edit, which
-:func:`surgery.apply.apply_edit` puts into the model and reverts exactly.
+:func:`surgery.edits.apply.apply_edit` puts into the model and reverts exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from ._checks import (
+from surgery._checks import (
     check_images,
     check_label_range,
     check_labels,
@@ -28,106 +29,18 @@ from ._checks import (
     require_eval,
     resolve_device,
 )
-from .edit import Edit, architecture_id
-from .editable import EditableLayer
-from .errors import SurgeryError, UnsupportedModelError
-from .layers import get_layer
+from surgery.editable import EditableLayer
+from surgery.edits.edit import Edit
+from surgery.errors import SurgeryError, UnsupportedModelError
+from surgery.identity import architecture_id
+from surgery.layers import get_layer
+from surgery.suffix import feeds_context, network_suffix, suffix_parameters
 
-__all__ = ["finetune", "parameters_after_keys", "suffix_parameters", "SCOPES"]
+__all__ = ["finetune", "SCOPES"]
 
 logger = logging.getLogger(__name__)
 
 SCOPES = ("local", "global")
-
-
-def suffix_parameters(
-    model: nn.Module, layer: str | EditableLayer, example_input: torch.Tensor
-) -> list[str]:
-    """Names of the parameters from ``layer`` to the output, found from the forward order.
-
-    Runs one forward pass on ``example_input`` (no grad) with pre-hooks on every module, and keeps the
-    parameters owned directly (``recurse=False``) by every module whose first forward call started at
-    or after the first call of the layer's module. Modules that started earlier are left out: those
-    that ran only before the layer, and enclosing modules still running when the layer started (the
-    model itself, a ``Sequential`` or block containing the layer). Parameters such modules own
-    directly are therefore never included, even when they are used after the layer (e.g. a
-    projection matrix held by the top-level model); they are logged. Modules that never ran, or that
-    were called without ``__call__`` (``module.forward(x)``), are left out too.
-
-    Args:
-        model: the model, in any mode (the pass runs without gradients).
-        layer: the edited layer or its module name.
-        example_input: one batch the model accepts, e.g. a single image ``(1, 3, H, W)``.
-
-    Returns:
-        Parameter names in ``model.named_parameters()`` order; the layer's own weight is among them.
-    """
-    layer = get_layer(model, layer)
-    modules = list(model.named_modules())
-    starts: dict[int, int] = {}
-    ends: dict[int, int] = {}
-    clock = [0]
-
-    def pre_hook(mod: nn.Module, _args: object) -> None:
-        starts.setdefault(id(mod), clock[0])
-        clock[0] += 1
-
-    def post_hook(mod: nn.Module, _args: object, _out: object) -> None:
-        ends[id(mod)] = clock[0]
-        clock[0] += 1
-
-    handles = []
-    try:
-        for _, mod in modules:
-            handles.append(mod.register_forward_pre_hook(pre_hook))
-            handles.append(mod.register_forward_hook(post_hook))
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-
-    t0 = starts.get(id(layer.module))
-    if t0 is None:
-        raise SurgeryError(
-            f"layer {layer.name!r} did not run in the forward pass, so no parameters follow it; "
-            "is it used by model.forward?"
-        )
-    selected: set[int] = set()
-    for name, mod in modules:
-        t = starts.get(id(mod))
-        if t is None:
-            continue
-        own = list(mod.named_parameters(recurse=False))
-        if t >= t0:
-            selected.update(id(p) for _, p in own)
-        elif own and ends.get(id(mod), -1) > t0:
-            logger.info(
-                "module %s encloses %s and owns parameters directly (%s); they are not counted as "
-                "after the layer",
-                name or "<model>", layer.name, ", ".join(n for n, _ in own),
-            )
-    return [n for n, p in model.named_parameters() if id(p) in selected]
-
-
-def parameters_after_keys(
-    model: nn.Module, layer: EditableLayer, example_input: torch.Tensor
-) -> frozenset[str]:
-    """Parameters that can change without changing the layer's captured keys and block context.
-
-    :func:`suffix_parameters` minus those of the modules the block's context is read from (e.g. a
-    ResNet shortcut's downsample, which runs after the layer but feeds the residual add).
-    """
-    return frozenset(
-        n for n in suffix_parameters(model, layer, example_input) if not _feeds_context(layer, n)
-    )
-
-
-def _feeds_context(layer: EditableLayer, param: str) -> bool:
-    """Whether parameter ``param`` belongs to a module the layer's block context is read from."""
-    return any(
-        site.module == "" or param.startswith(site.module + ".") for site in layer.context_sites.values()
-    )
 
 
 class _FromKeys(nn.Module):
@@ -151,7 +64,6 @@ def _forward_fn(
     model: nn.Module, layer: EditableLayer, images: torch.Tensor, names: list[str], chunk: int
 ) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None:
     """``forward(overrides, idx)`` from the keys of ``images`` captured once, or ``None`` when it cannot."""
-    from .suffix import network_suffix
 
     try:
         suffix = network_suffix(model, layer)
@@ -159,7 +71,7 @@ def _forward_fn(
         logger.info("finetune: full forward passes (%s)", e)
         return None
     # `names` are the layer's weight or suffix_parameters: all after the keys, unless they feed the context
-    if any(_feeds_context(layer, n) for n in names):
+    if any(feeds_context(layer, n) for n in names):
         logger.info("finetune: full forward passes (a trained parameter feeds the block's context)")
         return None
     keys, context = layer.capture_keys(model, images, batch_size=chunk)
@@ -285,8 +197,6 @@ def finetune(
 
     batches = _batches(n, batch_size, steps)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, total=steps, desc=f"finetune {layer.name} ({scope})", unit="step")
     leaves = list(trainable.values())
     with torch.enable_grad():

@@ -2,7 +2,7 @@
 
 In the spirit of baukit's ``nethook.Trace``::
 
-    with surgery.trace(model, "layer4.1.conv3", retain_input=True, stop=True) as t:
+    with surgery.Trace(model, "layer4.1.conv3", retain_input=True, stop=True) as t:
         model(images)          # ends right after layer4.1.conv3; the rest of the network never runs
     keys, out = t.input, t.output
 
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LayerNotFoundError, SurgeryError
+from surgery.errors import LayerNotFoundError, SurgeryError
 
-__all__ = ["StopForward", "Trace", "TraceDict", "trace", "trace_dict", "get_module"]
+__all__ = ["StopForward", "Trace", "TraceDict", "get_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,23 @@ class _StopSignal(StopForward):
 
 
 class Trace:
-    """Capture the input and/or output of one module; see :func:`trace`.
+    """Capture the input and/or output of the module ``name`` of ``model`` during a forward pass.
+
+    Use as a context manager; hooks are removed when the block ends, however it ends.
+
+    Args:
+        model: any ``nn.Module``.
+        name: module name as in ``model.named_modules()`` (``""`` is the model itself).
+        retain_input: keep the positional inputs of the call (``t.input`` is the first one).
+        retain_output: keep what the module returns (``t.output``).
+        clone: copy captured tensors, so later in-place operations cannot change them.
+        detach: detach captured tensors from the autograd graph.
+        stop: end the forward as soon as what was asked for is captured: right after the module runs,
+            or right before it when only its input is retained. The ``with`` block then continues
+            normally after the model call.
+
+    Raises:
+        LayerNotFoundError: ``name`` is not a module of ``model``.
 
     Attributes:
         input: the first positional argument of the module's last call (when ``retain_input``).
@@ -168,7 +184,7 @@ class Trace:
 
 
 class TraceDict(OrderedDict):
-    """Traces of several modules at once, keyed by module name; see :func:`trace_dict`.
+    """Traces of several modules at once, keyed by module name (the arguments of :class:`Trace`).
 
     With ``stop=True`` the forward ends as soon as every traced module has fired at least once.
     """
@@ -231,67 +247,3 @@ class TraceDict(OrderedDict):
 
     def __eq__(self, other: object) -> bool:
         return self is other
-
-
-def trace(
-    model: nn.Module,
-    name: str,
-    *,
-    retain_input: bool = False,
-    retain_output: bool = True,
-    clone: bool = True,
-    detach: bool = True,
-    stop: bool = False,
-) -> Trace:
-    """Capture the input and/or output of the module ``name`` of ``model`` during a forward pass.
-
-    Use as a context manager; hooks are removed when the block ends, however it ends.
-
-    Args:
-        model: any ``nn.Module``.
-        name: module name as in ``model.named_modules()`` (``""`` is the model itself).
-        retain_input: keep the positional inputs of the call (``t.input`` is the first one).
-        retain_output: keep what the module returns (``t.output``).
-        clone: copy captured tensors, so later in-place operations cannot change them.
-        detach: detach captured tensors from the autograd graph.
-        stop: end the forward as soon as what was asked for is captured: right after the module runs,
-            or right before it when only its input is retained. The ``with`` block then continues
-            normally after the model call.
-
-    Returns:
-        A :class:`Trace`.
-
-    Raises:
-        LayerNotFoundError: ``name`` is not a module of ``model``.
-    """
-    return Trace(
-        model,
-        name,
-        retain_input=retain_input,
-        retain_output=retain_output,
-        clone=clone,
-        detach=detach,
-        stop=stop,
-    )
-
-
-def trace_dict(
-    model: nn.Module,
-    names: Iterable[str],
-    *,
-    retain_input: bool = False,
-    retain_output: bool = True,
-    clone: bool = True,
-    detach: bool = True,
-    stop: bool = False,
-) -> TraceDict:
-    """Like :func:`trace` for several modules; ``stop`` waits until every one of them has fired."""
-    return TraceDict(
-        model,
-        names,
-        retain_input=retain_input,
-        retain_output=retain_output,
-        clone=clone,
-        detach=detach,
-        stop=stop,
-    )

@@ -9,17 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .editable import EditableLayer
-from .errors import LayerNotFoundError
-from .hooks import trace_dict
+from surgery.adapters import get_adapter
+from surgery.editable import EditableLayer
+from surgery.errors import LayerNotFoundError
+from surgery.hooks import TraceDict
 
-__all__ = ["editable_layers", "get_layer", "LayerInfo", "describe_layers"]
+__all__ = ["editable_layers", "get_layer", "LayerInfo", "describe_layers", "format_layer_table"]
 
 
 def editable_layers(model: nn.Module) -> list[EditableLayer]:
     """Every editable layer of ``model``, found by the adapter of its family, in module order."""
-    from surgery.adapters import get_adapter
-
     return get_adapter(model).layers(model)
 
 
@@ -68,7 +67,7 @@ def describe_layers(
         device = p.device if p is not None else "cpu"
     names = sorted({s.module for l in layers for s in (l.key_site, l.value_site)})
     x = torch.zeros(1, *input_size, device=device)
-    with torch.no_grad(), trace_dict(
+    with torch.no_grad(), TraceDict(
         model, names, retain_input=True, retain_output=True, clone=False
     ) as traces:
         model(x)
@@ -79,3 +78,27 @@ def describe_layers(
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
     return [LayerInfo(l, shape(l.key_site), shape(l.value_site)) for l in layers]
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "-" if shape is None else "x".join(str(d) for d in shape)
+
+
+def format_layer_table(infos: Sequence[LayerInfo]) -> str:
+    """A plain-text table of :class:`LayerInfo` rows."""
+    header = ("layer", "kind", "weight", "key", "value", "block")
+    rows = [
+        (
+            i.layer.name,
+            i.layer.kind,
+            _shape(tuple(i.layer.weight.shape)),
+            _shape(i.key_shape),
+            _shape(i.value_shape),
+            i.layer.block,
+        )
+        for i in infos
+    ]
+    widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in (header, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -17,15 +17,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._checks import model_device, require_eval
-from .data import ImageLike, Transform, load_images, load_masks
-from .direction import flatten_keys, key_weights, rank_one_direction
-from .edit import Edit, architecture_id
-from .editable import EditableLayer
-from .errors import SurgeryError, SurgeryWarning
-from .layers import get_layer
-from .solvers import EditProblem, solve_fast, solve_reference, value_weights
-from .stats import KeyStats
+from surgery._checks import model_device, require_eval
+from surgery.editable import EditableLayer
+from surgery.edits.edit import Edit
+from surgery.errors import SurgeryError, SurgeryWarning
+from surgery.identity import architecture_id
+from surgery.inputs.images import ImageLike, Transform, load_images
+from surgery.inputs.masks import load_masks
+from surgery.inputs.preprocess import Preprocess
+from surgery.layers import get_layer
+from surgery.solvers import EditProblem, solve_fast, solve_reference, value_weights
+from surgery.solvers.direction import flatten_keys, key_weights, rank_one_direction
+from surgery.stats.keystats import KeyStats
 
 __all__ = ["rewrite", "prepare_problem", "SOLVERS"]
 
@@ -72,9 +75,7 @@ def _load_exemplars(
     def load(images: Images, what: str) -> torch.Tensor:
         tf = transform
         if tf is None and not isinstance(images, torch.Tensor):
-            from .models import preprocess
-
-            tf = preprocess(model)
+            tf = Preprocess.from_model(model).model_input()
         try:
             return load_images(images, tf)
         except SurgeryError as e:

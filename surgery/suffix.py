@@ -1,4 +1,5 @@
-"""The network after a site: run only the rest of a model from a tensor captured there.
+"""The network after a site: run only the rest of a model from a tensor captured there, and which
+parameters lie after a layer.
 
 Evaluating many candidate edits of one layer over a test set does not need the part of the network
 before the layer: cache the keys (and the block's context) once, recompute the block's value with each
@@ -14,11 +15,12 @@ import sys
 import torch
 from torch import fx, nn
 
-from .editable import EditableLayer, Site
-from .errors import UnsupportedModelError
-from .hooks import get_module
+from surgery.editable import EditableLayer, Site
+from surgery.errors import SurgeryError, UnsupportedModelError
+from surgery.hooks import get_module
+from surgery.layers import get_layer
 
-__all__ = ["network_suffix", "NetworkSuffix", "suffix_logits"]
+__all__ = ["network_suffix", "NetworkSuffix", "suffix_logits", "suffix_parameters", "parameters_after_keys", "feeds_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +140,93 @@ def suffix_logits(
 ) -> torch.Tensor:
     """Model outputs from cached ``keys`` (and context) with ``weight`` in place of the layer's."""
     return suffix(layer.block_forward(keys, weight, context))
+
+
+def suffix_parameters(
+    model: nn.Module, layer: str | EditableLayer, example_input: torch.Tensor
+) -> list[str]:
+    """Names of the parameters from ``layer`` to the output, found from the forward order.
+
+    Runs one forward pass on ``example_input`` (no grad) with pre-hooks on every module, and keeps the
+    parameters owned directly (``recurse=False``) by every module whose first forward call started at
+    or after the first call of the layer's module. Modules that started earlier are left out: those
+    that ran only before the layer, and enclosing modules still running when the layer started (the
+    model itself, a ``Sequential`` or block containing the layer). Parameters such modules own
+    directly are therefore never included, even when they are used after the layer (e.g. a
+    projection matrix held by the top-level model); they are logged. Modules that never ran, or that
+    were called without ``__call__`` (``module.forward(x)``), are left out too.
+
+    Args:
+        model: the model, in any mode (the pass runs without gradients).
+        layer: the edited layer or its module name.
+        example_input: one batch the model accepts, e.g. a single image ``(1, 3, H, W)``.
+
+    Returns:
+        Parameter names in ``model.named_parameters()`` order; the layer's own weight is among them.
+    """
+    layer = get_layer(model, layer)
+    modules = list(model.named_modules())
+    starts: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    clock = [0]
+
+    def pre_hook(mod: nn.Module, _args: object) -> None:
+        starts.setdefault(id(mod), clock[0])
+        clock[0] += 1
+
+    def post_hook(mod: nn.Module, _args: object, _out: object) -> None:
+        ends[id(mod)] = clock[0]
+        clock[0] += 1
+
+    handles = []
+    try:
+        for _, mod in modules:
+            handles.append(mod.register_forward_pre_hook(pre_hook))
+            handles.append(mod.register_forward_hook(post_hook))
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+
+    t0 = starts.get(id(layer.module))
+    if t0 is None:
+        raise SurgeryError(
+            f"layer {layer.name!r} did not run in the forward pass, so no parameters follow it; "
+            "is it used by model.forward?"
+        )
+    selected: set[int] = set()
+    for name, mod in modules:
+        t = starts.get(id(mod))
+        if t is None:
+            continue
+        own = list(mod.named_parameters(recurse=False))
+        if t >= t0:
+            selected.update(id(p) for _, p in own)
+        elif own and ends.get(id(mod), -1) > t0:
+            logger.info(
+                "module %s encloses %s and owns parameters directly (%s); they are not counted as "
+                "after the layer",
+                name or "<model>", layer.name, ", ".join(n for n, _ in own),
+            )
+    return [n for n, p in model.named_parameters() if id(p) in selected]
+
+
+def parameters_after_keys(
+    model: nn.Module, layer: EditableLayer, example_input: torch.Tensor
+) -> frozenset[str]:
+    """Parameters that can change without changing the layer's captured keys and block context.
+
+    :func:`suffix_parameters` minus those of the modules the block's context is read from (e.g. a
+    ResNet shortcut's downsample, which runs after the layer but feeds the residual add).
+    """
+    return frozenset(
+        n for n in suffix_parameters(model, layer, example_input) if not feeds_context(layer, n)
+    )
+
+
+def feeds_context(layer: EditableLayer, param: str) -> bool:
+    """Whether parameter ``param`` belongs to a module the layer's block context is read from."""
+    return any(
+        site.module == "" or param.startswith(site.module + ".") for site in layer.context_sites.values()
+    )

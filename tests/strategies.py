@@ -8,9 +8,9 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from surgery.edit import Edit, architecture_id
-
-from .tiny_models import randomize_batchnorm
+from surgery.edits.edit import Edit
+from surgery.identity import architecture_id
+from tests.tiny_models import randomize_batchnorm
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -145,6 +145,6 @@ def edits(model: nn.Module, layer: str | None = None) -> st.SearchStrategy[Edit]
 
 def state_hashes(model: nn.Module) -> dict[str, str]:
     """SHA-256 of every parameter and buffer."""
-    from surgery.edit import tensor_sha256
+    from surgery.identity import tensor_sha256
 
     return {name: tensor_sha256(t) for name, t in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Small models for fast tests, with the zero-init pitfalls of DESIGN.md section 5 removed."""
+"""Small models for fast tests, without the zero-init pitfalls (timm and open_clip zero-init the last BatchNorm of a block)."""
 
 from __future__ import annotations
 

@@ -31,10 +31,14 @@ from PIL import Image
 from torch import nn
 
 import surgery
-from surgery.class_folders import LabelledPhotos, Preprocess
-from surgery.data import load_images
-from surgery.edit import Edit, tensor_sha256
+from surgery.edits.edit import Edit
 from surgery.errors import ModelLoadError, SurgeryError
+from surgery.evaluation.metrics import predict
+from surgery.identity import tensor_sha256
+from surgery.inputs.folders import LabelledPhotos
+from surgery.inputs.images import load_images
+from surgery.inputs.masks import load_masks
+from surgery.inputs.preprocess import Preprocess
 
 from ..random_weights import randomize_batchnorm
 
@@ -297,11 +301,10 @@ def load_exemplar_files(
         transformed = load_images([args.exemplar_transformed], transform)
     mask = None
     if args.mask is not None:
-        from surgery.concepts import load_mask
 
         with Image.open(args.exemplar) as im:
             w, h = im.size
-        m = load_mask(args.mask, size=(h, w))
+        m = load_masks(args.mask, size=(h, w))[0, 0] >= 0.5
         mask = pre.mask_pixels(m[None, None].float(), size)
         if not bool((mask > 0).any()):
             raise ScenarioError(f"mask {str(args.mask)!r} covers nothing inside the center crop")
@@ -345,12 +348,7 @@ class Comparison:
 
 
 def _predict(model: nn.Module, x: torch.Tensor, pre: Preprocess, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            out.append(surgery.predict(model, pre.normalize(x[i : i + batch_size]).to(device), device=device))
-    return torch.cat(out)
+    return predict(model, x, preprocess=pre.normalize, batch_size=batch_size)
 
 
 def _fingerprints(model: nn.Module, names: set[str]) -> dict[str, str]:

@@ -33,10 +33,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from surgery.concepts import paste_texture
-from surgery.class_folders import Preprocess, load_labelled_photos, resolve_class
-from surgery.data import load_images
-from surgery.models import IMAGENET_MEAN, IMAGENET_STD, imagenet_classes, load_model
+from surgery.concepts.paste import paste_texture
+from surgery.inputs.folders import load_labelled_photos, resolve_class
+from surgery.inputs.images import ImageFolder, load_images
+from surgery.inputs.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from surgery.models.loading import imagenet_classes, load_model
 
 from . import common
 from .common import Exemplar, PretrainedWeights, ScenarioError
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace, model: nn.Module | None = None) -> dict[str, A
         notes.append("no clean accuracy: pass --clean DIR (clean photos, one folder per class)")
     exemplar = build_exemplar(args)
     label = None if args.exemplar_class is None else resolve_class(args.exemplar_class, class_names)
-    stats_data = None if args.stats_data is None else PREPROCESS.folder(args.stats_data, args.size)
+    stats_data = None if args.stats_data is None else ImageFolder(args.stats_data, PREPROCESS.model_input(args.size))
     if weights == "random":
         notes.insert(0, "random weights: these numbers are meaningless")
     comparison = common.compare_methods(

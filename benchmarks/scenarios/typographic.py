@@ -35,9 +35,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from surgery.class_folders import Preprocess, load_labelled_photos, resolve_class
-from surgery.data import load_images
-from surgery.models import imagenet_classes, load_model
+from surgery.inputs.folders import load_labelled_photos, resolve_class
+from surgery.inputs.images import ImageFolder, load_images
+from surgery.inputs.preprocess import Preprocess
+from surgery.models.loading import imagenet_classes, load_model
 
 from . import common
 from .common import Exemplar, PretrainedWeights, ScenarioError
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace, model: nn.Module | None = None) -> dict[str, A
     attacked, _ = add_paper(photos.images, args.box, args.text)
     exemplar = build_exemplar(args)
     label = None if args.exemplar_class is None else resolve_class(args.exemplar_class, *class_lists)
-    stats_data = None if args.stats_data is None else PREPROCESS.folder(args.stats_data, args.size)
+    stats_data = None if args.stats_data is None else ImageFolder(args.stats_data, PREPROCESS.model_input(args.size))
     notes = ["random weights: these numbers are meaningless"] if weights == "random" else []
     if args.text != "iPod":
         notes.append(f"the attack's text is {args.text!r}; the watched class is still 'iPod'")

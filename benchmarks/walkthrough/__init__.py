@@ -33,10 +33,11 @@ import torch
 from PIL import Image
 
 import surgery
-from surgery.class_folders import Preprocess
-from surgery.concepts import load_mask, paste_texture
-from surgery.models import default_input_size, load_model, preprocess
-from surgery.photos import sample_photos, sample_textures
+from surgery.concepts.paste import paste_texture
+from surgery.inputs.masks import load_masks
+from surgery.inputs.photos import sample_photos, sample_textures
+from surgery.inputs.preprocess import Preprocess, default_input_size
+from surgery.models.loading import load_model
 
 from .make_masks import MASKS, mask_path
 
@@ -162,7 +163,7 @@ def _run(
         model = load_model("surgery:efficientnet_lite0")
     model.eval()
     classes = model.class_names
-    transform = preprocess(model)
+    transform = Preprocess.from_model(model).model_input()
     mask_geometry = Preprocess.from_model(model).pixels(default_input_size(model)[1])  # the photos' resize + crop
     images = sample_photos(names)
     tex = sample_textures([texture])[texture]
@@ -172,7 +173,7 @@ def _run(
     t = time.perf_counter()
     x, x2, masks, concepts = [], [], [], {}
     for n, im in images.items():
-        mask = load_mask(mask_path(n), size=(im.height, im.width))
+        mask = load_masks(mask_path(n), size=(im.height, im.width))[0, 0] >= 0.5
         textured = paste_texture(_to_tensor(im), mask, tex, scale=scale)
         x.append(transform(im))
         x2.append(transform(_to_pil(textured)))

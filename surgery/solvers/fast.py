@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import torch
 from torch.func import jvp, vmap
 
-from ..edit import rank_one_delta
-from ..errors import UnsupportedModelError
+from surgery.edits.edit import rank_one_delta
+from surgery.errors import UnsupportedModelError
+
 from .problem import EditProblem
 
 __all__ = ["solve_fast", "FastSolver"]
@@ -123,7 +125,9 @@ class FastSolver:
             z = self.layer_output(mat)
             # One forward-mode product per tap, batched: the block's response to each tap, every channel.
             tangents = torch.stack([a.expand_as(z) for a in self.designs])
-            v, jt = vmap(lambda dz: jvp(self.post, (z,), (dz,)), out_dims=(None, 0))(tangents)
+            with warnings.catch_warnings():  # torch.func's vmap over jvp warns about torch.jit internals
+                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+                v, jt = vmap(lambda dz: jvp(self.post, (z,), (dz,)), out_dims=(None, 0))(tangents)
             j = torch.stack([self._per_channel(t) for t in jt], dim=1).to(torch.float64)  # (m, taps, e)
             r = self._per_channel(v - self.problem.values).to(torch.float64)
             d = None if self.d is None else self._per_channel(self.d).to(torch.float64)

@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..edit import rank_one_delta
-from ..editable import EditableLayer
-from ..errors import SurgeryError
+from surgery.editable import EditableLayer
+from surgery.edits.edit import rank_one_delta
+from surgery.errors import SurgeryError
 
 __all__ = ["EditProblem", "Loss", "value_weights"]
 

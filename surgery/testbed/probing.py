@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.probe import ProbeResult, Transform, probe
+from surgery.probe.run import ProbeResult, Transform, probe
 
 from .objects import CLASS_NAMES
 from .scenes import Testbed, TestbedData

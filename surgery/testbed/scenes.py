@@ -11,6 +11,10 @@ region's other concepts uniformly. Every concept is preferred by 4 classes.
 
 A :class:`SceneSpec` holds every render parameter, so a scene can be re-rendered exactly: without
 its object, with another concept, or with a region restyled (see :mod:`.styles`).
+
+This module is long because sampling a spec, rendering it (regions, object, masks, restyles) and
+batching the renders into a dataset must change together: a re-render is exact only if every step
+reads the same spec the same way, and the generator version covers them all.
 """
 
 from __future__ import annotations

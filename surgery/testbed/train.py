@@ -10,6 +10,10 @@ A weights file holds the state dict and string metadata: ``config`` (the :class:
 JSON, including the testbed's config key), ``val_accuracy``, ``context`` (validation accuracy by how
 many of a scene's two concepts the class prefers), ``train_seconds``, ``torch`` and ``timm``
 versions. :func:`load_trained` reuses a file only when its stored config equals the requested one.
+
+This module is long because the config, the training loop, the evaluation by preferred concepts and
+the weights file are one record: a file is reused only when the config that trained it is the one
+asked for, so they are defined side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from surgery.evaluation.metrics import predict as predict_labels
 
 from .models import ARCHS, build_model
 from .scenes import Testbed, TestbedConfig, TestbedData, make_dataset
@@ -119,15 +125,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 def predict(
     model: nn.Module, images: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """Predicted labels of uint8 images, in eval mode."""
+    """Predicted labels of uint8 images (:func:`surgery.evaluation.metrics.predict` in eval mode, the
+    model's mode restored afterwards: this also runs between training epochs)."""
     was_training = model.training
     model.eval()
-    out = [
-        model(normalize(images[i : i + batch_size])).argmax(1)
-        for i in range(0, len(images), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    try:
+        if len(images) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        return predict_labels(model, images, batch_size=batch_size, preprocess=normalize)
+    finally:
+        model.train(was_training)
 
 
 def context_accuracy(

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.efficacy``."""
+
+from .driver import main
+
+main()

@@ -1,0 +1,174 @@
+"""Running the efficacy benchmark: one architecture's data, statistics, pairs and units (split over
+torchrun processes), and the command line (see the package docstring for the protocol)."""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+import surgery
+from surgery import collect_key_stats
+from surgery._files import write_text
+from surgery.evaluation import CachedImages
+from surgery.stats.distributed import process_group
+from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed.protocol import select_pairs
+
+from .models import load_model, preprocessor, tiny_classifier
+from .report import summarize, write_report
+from .settings import PAPER_FT_GRID, Settings, settings_for
+from .units import prepare_pair, run_unit
+
+__all__ = ["main", "run_arch", "RESULTS"]
+
+logger = logging.getLogger("benchmarks.efficacy")
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` outside a torchrun job)."""
+    return process_group() or (0, 1)
+
+
+def gather_units(units: list[dict], ns: tuple[int, ...]) -> list[dict]:
+    """Every rank's units, in (pair, N, draw) order as one process makes them (all ranks get all)."""
+    rank, world = dist_rank_world()
+    if world > 1:
+        parts: list[list[dict] | None] = [None] * world
+        dist.all_gather_object(parts, units)
+        units = [u for part in parts for u in (part or [])]
+    return sorted(units, key=lambda u: (u["pair"], ns.index(u["n"]), u["draw"]))
+
+
+def run_arch(arch: str, s: Settings, cache: Path) -> dict:
+    rng = np.random.default_rng(s.seed)
+    tb = Testbed(TestbedConfig(size=s.size), seed=s.seed)
+    if arch == "tiny":
+        model, info = tiny_classifier(tb, s.seed)
+    else:
+        model, info = load_model(arch)
+    prep = preprocessor(info)
+    layers = info["candidate_layers"]
+    t0 = time.perf_counter()
+    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache if arch != "tiny" else None)
+    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache if arch != "tiny" else None)
+    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache if arch != "tiny" else None)
+    train_x = prep(train.images)
+    stats = {
+        layer: collect_key_stats(model, layer, train_x, progress=False, cache_dir=None if arch == "tiny" else cache / "stats")
+        for layer in dict.fromkeys(layers["deep"] + layers["high_res"])
+    }
+    logger.info("%s: data and key statistics in %.1fs", arch, time.perf_counter() - t0)
+    pairs, all_pairs = select_pairs(
+        model, tb, prep, clean_val, k=s.pairs, rng=rng, min_drop=s.min_drop, min_hurt=s.min_hurt,
+        concepts=s.concepts, styles=s.styles,
+    )
+    concept_ref = {}
+    for p in pairs:
+        has = train.has_concept(p["concept"]).nonzero().flatten()[: s.n_concept_ref]
+        concept_ref[p["concept"]] = {"x": train_x[has], "m": train.mask(p["concept"])[has].float()}
+    clean_val_c = CachedImages(model, prep(clean_val.images), batch_size=256)
+    clean_test_c = CachedImages(model, prep(clean_test.images), batch_size=256)
+    rank, world = dist_rank_world()
+    units = []
+    for i, p in enumerate(pairs):
+        if i % world != rank:  # pairs are dealt round-robin to the ranks of a torchrun job
+            continue
+        if s.deadline is not None and time.time() > s.deadline:
+            break
+        pd = prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, i]))
+        for n in s.ns:
+            for d in range(s.draws):
+                if s.deadline is not None and time.time() > s.deadline:
+                    logger.warning("time budget spent: skipping the remaining units of %s/%s", pd.concept, pd.style)
+                    break
+                units.append(run_unit(
+                    model, pd, n, d, stats, layers, clean_val_c, clean_val.labels, clean_test_c, clean_test,
+                    concept_ref, s, np.random.default_rng([s.seed, i, n, d]), i < s.reference_pairs, i,
+                ))
+        del pd
+    units = gather_units(units, s.ns)
+    clean_acc = 100.0 * (clean_test_c.logits0.argmax(1) == clean_test.labels).double().mean().item()
+    return {
+        "model_info": {k: v for k, v in info.items() if isinstance(v, (str, int, float, list, dict, bool))},
+        "clean_test_acc": clean_acc,
+        "candidate_layers": layers,
+        "pairs": pairs,
+        "pair_screen": all_pairs,
+        "units": units,
+        "truncated_by_time_budget": s.deadline is not None and time.time() > s.deadline,
+        "summary": summarize(units, s),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="vgg", choices=["vgg", "resnet", "all"])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="3 pairs, N=3, 2 draws, small grids")
+    mode.add_argument("--tiny", action="store_true", help="a tiny classifier trained here; seconds (tests)")
+    p.add_argument("--pairs", type=int)
+    p.add_argument("--draws", type=int)
+    p.add_argument("--ns", type=int, nargs="+")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-clean-drop", type=float)
+    p.add_argument("--paper-ft-grid", action="store_true", help="the paper's whole fine-tuning grid at every layer (slow)")
+    p.add_argument("--max-minutes", type=float, help="start no new (pair, N, draw) unit after this long")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    p.add_argument("--name", default=None, help="file stem (default efficacy[_quick|_tiny])")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only re-render an earlier run's markdown and figure")
+    args = p.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        write_report(result, args.render.parent, args.render.stem)
+        return result
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("surgery.edits.apply").setLevel(logging.WARNING)
+    mode_name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    archs = ["tiny"] if args.tiny else (["vgg", "resnet"] if args.arch == "all" else [args.arch])
+    s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
+                     ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
+    if args.paper_ft_grid:
+        s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
+    if args.max_minutes is not None:
+        s.deadline = time.time() + 60 * args.max_minutes
+    rank, world = init_distributed()
+    cache = RESULTS / "efficacy_cache"
+    stem = args.name or ("efficacy" if mode_name == "full" else f"efficacy_{mode_name}")
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    result = {
+        "mode": mode_name,
+        "command": f"{launcher} -m benchmarks.efficacy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "processes": world,
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("arch", "deadline")},
+        "surgery_version": surgery.__version__,
+        "restricted_to_correct_originals": True,
+        "archs": {},
+    }
+    for arch in archs:
+        s.arch = arch
+        result["archs"][arch] = run_arch(arch, s, cache)
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text(args.out / f"{stem}.json", json.dumps(result, indent=1, default=float))
+        write_report(result, args.out, stem)
+    return result
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun job described by the environment (gloo), if any: ``(rank, world size)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist_rank_world()

@@ -1,0 +1,174 @@
+"""The efficacy report: means and bootstrap intervals over units, the README's headline table, the
+markdown report and the Figure-5-style figure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surgery._files import save_figure, write_text
+
+from .settings import GROUPS, Settings
+
+__all__ = ["bootstrap_ci", "summarize", "headline", "markdown", "figure", "write_report", "HEADLINE_METHODS"]
+
+
+# --------------------------------------------------------------------------- aggregate
+def bootstrap_ci(vals: list[float], reps: int, rng: np.random.Generator) -> tuple[float, float]:
+    a = np.asarray(vals, float)
+    if len(a) < 2:
+        return (float(a.mean()), float(a.mean())) if len(a) else (math.nan, math.nan)
+    means = a[rng.integers(0, len(a), size=(reps, len(a)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(units: list[dict], s: Settings) -> dict:
+    rng = np.random.default_rng(s.seed + 7)
+    out: dict[str, Any] = {}
+    for n in s.ns:
+        for method in s.methods:
+            rs = [u["methods"][method] for u in units if u["n"] == n and method in u["methods"]]
+            if not rs:
+                continue
+            row: dict[str, Any] = {"units": len(rs), "no_edit": sum(r["chosen"] is None for r in rs)}
+            for g in GROUPS:
+                vals = [r["pct"][g] for r in rs if r["pct"][g] is not None]
+                lo, hi = bootstrap_ci(vals, s.bootstrap, rng)
+                row[g] = {"mean": float(np.mean(vals)) if vals else None, "ci95": [lo, hi] if vals else None, "n": len(vals)}
+            cl = [r["clean_acc_change_pp"] for r in rs]
+            row["clean_acc_change_pp"] = {"mean": float(np.mean(cl)), "ci95": list(bootstrap_ci(cl, s.bootstrap, rng))}
+            for g in ("other-prefer", "other-nonprefer", "clean-no-concept"):
+                v = [r["logit_shifts"][g]["true_logit_change"] for r in rs if g in r["logit_shifts"]]
+                mb = [r["logit_shifts"][g]["margin_before"] for r in rs if g in r["logit_shifts"]]
+                row[f"true_logit_change/{g}"] = float(np.mean(v)) if v else None
+                row[f"margin_before/{g}"] = float(np.mean(mb)) if mb else None
+            out[f"N={n}/{method}"] = row
+    return out
+
+
+HEADLINE_METHODS = ("edit", "edit +mask", "finetune local", "finetune global")
+
+
+def headline(result: dict) -> str:
+    """The compact table of the README: mean % errors corrected [95% interval], main methods, per N."""
+    def cell(row: dict, g: str) -> str:
+        m = row[g]["mean"]
+        return "n/a" if m is None else f"{m:+.0f} [{row[g]['ci95'][0]:+.0f}, {row[g]['ci95'][1]:+.0f}]"
+
+    lines = [
+        "| model | N | method | units (no edit) | target, same | other, same | other, held-out | other preferring the concept | other not preferring | clean acc. (pp) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, a in result["archs"].items():
+        for key, row in a["summary"].items():
+            n, method = key.split("/", 1)
+            if method not in HEADLINE_METHODS:
+                continue
+            lines.append(
+                f"| {arch} | {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | {cell(row, 'target/same')} | "
+                f"{cell(row, 'other/same')} | {cell(row, 'other/held-out')} | {cell(row, 'other-prefer/same')} | "
+                f"{cell(row, 'other-nonprefer/same')} | {row['clean_acc_change_pp']['mean']:+.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Efficacy benchmark ({result['mode']} run)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        ("% errors corrected on TEST images (mean over (pair, draw) units [bootstrap 95% interval]); counted only "
+        "on images whose clean original the unedited model classifies correctly. Hyperparameters chosen on "
+        f"validation among settings with clean-accuracy drop <= {result['settings']['max_clean_drop']} pp; "
+        "'no edit' = no setting qualified. 'same' = the exemplars' style variant, 'held-out' = the other variants."),
+        "",
+    ]
+    lines += ["## Headline (main methods)", "", headline(result), ""]
+    for arch, a in result["archs"].items():
+        lines += [f"## {arch}", ""]
+        n_units = len(a["units"])
+        planned = len(a["pairs"]) * len(result["settings"]["ns"]) * result["settings"]["draws"]
+        if a.get("truncated_by_time_budget") or n_units < planned:
+            lines += [(f"**Only {n_units} of {planned} planned (pair, N, draw) units ran (time budget, --max-minutes): "
+                      "intervals over so few units mean nothing.**"), ""]
+        lines += [f"Clean test accuracy of the unedited model: {a['clean_test_acc']:.1f}%.", ""]
+        lines += ["Pairs: " + ", ".join(
+            f"{p['concept']}->{p['style']} ({p['n_hurt']} classes hurt{'' if p['qualifies'] else ', DOES NOT QUALIFY'})"
+            for p in a["pairs"]), ""]
+        cols = ["target/same", "target/held-out", "other/same", "other/held-out", "other-prefer/same", "other-nonprefer/same"]
+        lines.append("| N | method | units (no edit) | " + " | ".join(cols) + " | clean acc change (pp) | true-logit change: other non-prefer (margin) | true-logit change: clean, no concept (margin) |")
+        lines.append("|---" * (len(cols) + 6) + "|")
+        for key, row in a["summary"].items():
+            n, method = key.split("/", 1)
+            cells = []
+            for c in cols:
+                m = row[c]["mean"]
+                cells.append("n/a" if m is None else f"{m:+.0f} [{row[c]['ci95'][0]:+.0f}, {row[c]['ci95'][1]:+.0f}]")
+            def shift(g, row=row):
+                tl, mb = row[f"true_logit_change/{g}"], row[f"margin_before/{g}"]
+                return "n/a" if tl is None else f"{tl:+.2f} ({mb:.2f})"
+
+            lines.append(
+                f"| {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | " + " | ".join(cells)
+                + f" | {row['clean_acc_change_pp']['mean']:+.2f} | {shift('other-nonprefer')} | {shift('clean-no-concept')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: Path) -> None:
+    """Bars in the style of the paper's Figure 5: % errors corrected per group and method; one row per
+    model, one column per N, 95% bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(result["archs"])
+    ns = list(dict.fromkeys(k.split("/", 1)[0] for a in result["archs"].values() for k in a["summary"]))
+    methods = list(dict.fromkeys(
+        k.split("/", 1)[1] for a in result["archs"].values() for k in a["summary"]
+    ))
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
+    groups = ["target/same", "target/held-out", "other/same", "other/held-out"]
+    fig, axes = plt.subplots(len(archs), len(ns), figsize=(4.6 * len(ns), 3.2 * len(archs) + 0.8), squeeze=False)
+    lo_all = 0.0
+    for r, arch in enumerate(archs):
+        summ = result["archs"][arch]["summary"]
+        for c, nkey in enumerate(ns):
+            ax = axes[r][c]
+            present = [m for m in methods if f"{nkey}/{m}" in summ]
+            w = 0.84 / max(len(present), 1)
+            for j, m in enumerate(present):
+                row = summ[f"{nkey}/{m}"]
+                means = [row[g]["mean"] if row[g]["mean"] is not None else 0.0 for g in groups]
+                err = [
+                    [max(0.0, mu - row[g]["ci95"][0]) if row[g]["ci95"] else 0.0 for mu, g in zip(means, groups)],
+                    [max(0.0, row[g]["ci95"][1] - mu) if row[g]["ci95"] else 0.0 for mu, g in zip(means, groups)],
+                ]
+                lo_all = min(lo_all, *(mu - e for mu, e in zip(means, err[0])))
+                ax.bar(np.arange(len(groups)) + (j - (len(present) - 1) / 2) * w, means, w, yerr=err, capsize=1.5,
+                       color=colors[m], label=m, error_kw={"lw": 0.7})
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_xticks(range(len(groups)), ["target\nsame", "target\nheld-out", "other\nsame", "other\nheld-out"])
+            ax.set_title(f"{arch}, N={nkey[2:]} exemplars", fontsize=10)
+            if c == 0:
+                ax.set_ylabel("% errors corrected")
+    for ax in axes.flat:
+        ax.set_ylim(min(-25.0, lo_all - 5), 100)
+        ax.grid(axis="y", lw=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods]
+    fig.legend(handles, methods, loc="lower center", ncol=min(len(methods), 8), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path, dpi=110)
+
+
+def write_report(result: dict, out: Path, stem: str) -> None:
+    """``<stem>.md`` and ``<stem>.png`` next to the JSON, and the markdown on stdout."""
+    write_text(out / f"{stem}.md", markdown(result) + f"\n![figure]({stem}.png)\n")
+    figure(result, out / f"{stem}.png")
+    print(markdown(result))

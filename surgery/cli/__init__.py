@@ -1,0 +1,1 @@
+"""The ``surgery`` command: :func:`surgery.cli.main.main`, one module per command."""

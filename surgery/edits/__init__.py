@@ -1,0 +1,26 @@
+"""Edits: what an edit is, its file, patching a model with it and taking it off, and checkpoints.
+
+:class:`~surgery.edits.edit.Edit` (factors or dense deltas, with provenance), its safetensors file
+(:mod:`surgery.edits.file`, docs/edit-format.md), :func:`~surgery.edits.apply.apply_edit` /
+:func:`~surgery.edits.apply.revert_edit` on a loaded model, and the same on checkpoint files
+(:mod:`surgery.edits.checkpoint`).
+"""
+
+from surgery.edits.apply import EditHandle, apply_edit, edited, list_edits, revert_edit
+from surgery.edits.checkpoint import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
+from surgery.edits.checks import RevertReport
+from surgery.edits.edit import Edit, Presence
+
+__all__ = [
+    "Edit",
+    "Presence",
+    "apply_edit",
+    "revert_edit",
+    "edited",
+    "list_edits",
+    "EditHandle",
+    "RevertReport",
+    "apply_to_checkpoint",
+    "revert_from_checkpoint",
+    "inspect_edit",
+]

@@ -1,0 +1,228 @@
+"""The checks every apply and revert makes before touching a weight, on a model or on a checkpoint.
+
+:func:`plan_update` computes the new values of the parameters an edit changes and refuses, before
+anything is modified, tensors an edit must never change (buffers, counters, integer tensors), other
+shapes or dtypes, non-finite results, and (warning, or refusing under ``strict``) updates far larger
+than their weight. :func:`check_base` compares the weights with those the edit was made on;
+:func:`check_presence` makes sure an edit is on the weights, at the given strength, before a revert
+subtracts it; :class:`RevertReport` says what a revert did.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from surgery.edits.edit import Edit, Presence
+from surgery.errors import IncompatibleEditError, SurgeryError, SurgeryWarning
+from surgery.identity import tensor_sha256
+
+__all__ = [
+    "plan_update",
+    "check_parameter",
+    "check_base",
+    "check_presence",
+    "combine",
+    "not_a_parameter",
+    "RevertReport",
+]
+
+
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+_MAX_RELATIVE_UPDATE = 10.0
+
+
+def not_a_parameter(name: str, where: str, why: str) -> IncompatibleEditError:
+    return IncompatibleEditError(
+        f"the edit changes {name!r}, which in {where} is {why}; edits change only floating-point "
+        "parameters (weights and biases), so this file was not made by model-surgery for this model"
+    )
+
+
+def check_parameter(name: str, value: torch.Tensor, where: str) -> None:
+    """Refuse tensors an edit must never change: integer tensors and BatchNorm statistics/counters."""
+    if not value.is_floating_point():
+        raise not_a_parameter(name, where, f"an integer tensor ({str(value.dtype).removeprefix('torch.')})")
+    if name.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES:
+        raise not_a_parameter(name, where, "a BatchNorm buffer (running statistics or a counter)")
+
+
+def combine(p: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``p + alpha * delta`` computed in float64 and rounded once to ``p``'s dtype."""
+    return (p.detach().to(torch.float64) + alpha * delta.detach().to(p.device, torch.float64)).to(p.dtype)
+
+
+def _check_size(name: str, p: torch.Tensor, delta: torch.Tensor, alpha: float, strict: bool, stacklevel: int) -> None:
+    """Warn (raise under ``strict``) when an update is far larger than the weight it changes."""
+    w = float(p.detach().to(torch.float64).norm())
+    d = abs(alpha) * float(delta.detach().to(torch.float64).norm())
+    if w > 0 and d > _MAX_RELATIVE_UPDATE * w:
+        message = (
+            f"the edit's update of {name!r} is {d / w:.3g} times the norm of the weight it changes (more than "
+            f"{_MAX_RELATIVE_UPDATE:g}x): a crafted or corrupted edit, or a far too large alpha"
+        )
+        if strict:
+            raise IncompatibleEditError(message + "; nothing was changed")
+        warnings.warn(message + "; pass strict=True (--strict) to refuse such edits", SurgeryWarning, stacklevel=stacklevel + 1)
+
+
+def plan_update(
+    lookup: Callable[[str], torch.Tensor],
+    edit: Edit,
+    alpha: float,
+    sign: float = 1.0,
+    where: str = "the model",
+    *,
+    strict: bool = False,
+    stacklevel: int = 2,
+) -> dict[str, torch.Tensor]:
+    """New values of every parameter the edit changes, from their current values ``lookup(name)``.
+
+    Shared by the in-memory model and checkpoints on disk: checks alpha, that every changed tensor is a
+    floating-point parameter, shapes, dtypes, the update's size (when applying) and finiteness, and
+    raises before anything is modified; ``lookup`` raises for a missing name.
+    """
+    if not math.isfinite(alpha):
+        raise SurgeryError(f"alpha must be a finite number, got {alpha}")
+    planned: dict[str, torch.Tensor] = {}
+    for name, delta in edit.parameter_deltas().items():
+        p = lookup(name)
+        check_parameter(name, p, where)
+        if tuple(delta.shape) != tuple(p.shape):
+            raise IncompatibleEditError(
+                f"the edit's update of {name!r} has shape {tuple(delta.shape)} but {where}'s parameter has "
+                f"{tuple(p.shape)}; the edit was made for another architecture"
+            )
+        base = edit.base.get(name, {})
+        dtype = str(p.dtype).removeprefix("torch.")
+        if base.get("dtype", dtype) != dtype:
+            raise IncompatibleEditError(
+                f"the edit was made on {base['dtype']} weights but {name!r} is {dtype}; convert the model "
+                f"(e.g. model.to(torch.{base['dtype']})) before applying it"
+            )
+        if sign > 0:
+            _check_size(name, p, delta, alpha, strict, stacklevel + 1)
+        new = combine(p, delta, sign * alpha)
+        if not torch.isfinite(new).all():
+            raise SurgeryError(f"applying the edit would put non-finite values into {name!r}; nothing was changed")
+        planned[name] = new
+    return planned
+
+
+def check_base(
+    edit: Edit,
+    originals: Mapping[str, torch.Tensor],
+    strict: bool,
+    stacklevel: int = 2,
+    where: str = "the model",
+    also: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Warn (or, under ``strict``, raise) when ``originals`` differ from the weights the edit was made on.
+
+    ``also``: other acceptable values (on a checkpoint, the weights after the edits applied before
+    this one, for an edit made on an already edited model).
+    """
+    for name, current in originals.items():
+        expected = edit.base.get(name, {}).get("sha256")
+        if not expected or tensor_sha256(current) == expected:
+            continue
+        if also is not None and name in also and tensor_sha256(also[name]) == expected:
+            continue
+        message = (
+            f"{name!r} in {where} differs from the weights the edit was made on (another checkpoint or a "
+            "fine-tuned copy?); the edit may not do what it did there"
+        )
+        if strict:
+            raise IncompatibleEditError(message + "; pass strict=False to apply it anyway")
+        warnings.warn(message, SurgeryWarning, stacklevel=stacklevel + 1)
+
+
+@dataclass(frozen=True)
+class RevertReport:
+    """What :func:`revert_edit` (and :func:`surgery.edits.checkpoint.revert_from_checkpoint`) did.
+
+    Truthy when the weights are now exactly the bytes the edit was made on.
+
+    Attributes:
+        exact: every reverted parameter has its original bytes (always, through a handle; for a revert by
+            subtraction, when its SHA-256 equals the base fingerprint recorded in the edit).
+        through_handle: the edit was active on this model, and its handle restored the saved bytes.
+        found: how strongly the edit was found on the weights before the revert (by subtraction only;
+            ``None`` through a handle, or for an edit that does not record its base along the edit).
+        after: the same measurement after the revert: its ``strength`` is the deviation from the
+            original weights along the edit (0 up to rounding when the revert undid the edit).
+        forced: the revert went ahead although the checks failed (``force=True``).
+    """
+
+    exact: bool
+    through_handle: bool
+    found: Presence | None = None
+    after: Presence | None = None
+    forced: bool = False
+
+    def __bool__(self) -> bool:
+        return self.exact
+
+    def describe(self) -> str:
+        if self.through_handle:
+            return "the original weights restored exactly (from the bytes saved at apply time)"
+        if self.exact:
+            return "the original weights restored exactly (SHA-256 of the base fingerprint)"
+        deviation = "" if self.after is None else f"; along the edit they deviate by {self.after.describe()}"
+        return (
+            "restored within rounding: the weights differ from the originals' SHA-256 by float rounding "
+            f"(each element within 1 ulp when the edit was applied once with this alpha){deviation}"
+        )
+
+
+_STRENGTH_SLACK = 0.1
+
+
+def check_presence(
+    edit: Edit, current: Mapping[str, torch.Tensor], alpha: float, *, force: bool, where: str, stacklevel: int = 2
+) -> tuple[Presence | None, bool]:
+    """Make sure the edit is on ``current`` at strength ``alpha`` before it is subtracted.
+
+    The strength found must be within 10% of ``alpha`` (or rounding, when larger): other edits of the
+    same layer applied as well move it a little; an edit that is not there, or is there at another
+    strength, is refused (unless ``force``, which warns instead). Returns the measurement and whether
+    the checks passed.
+    """
+    found = edit.presence(dict(current))
+    if found is not None:
+        slack = max(found.tolerance, _STRENGTH_SLACK * abs(alpha))
+        if abs(found.strength - alpha) <= slack:
+            if not found.clean:
+                warnings.warn(
+                    f"{where} also changed along the edit in another way ({found.describe()}): another edit of "
+                    "the same layer applied as well? Only this edit is subtracted",
+                    SurgeryWarning,
+                    stacklevel=stacklevel + 1,
+                )
+            return found, True
+    if found is None:
+        message = (
+            f"this edit does not record its original weights along the edit (an edit file of format version 1), "
+            f"so it cannot be told whether it is applied to {where}"
+        )
+    elif abs(found.strength) <= max(found.tolerance, _STRENGTH_SLACK * abs(alpha)):
+        message = (
+            f"the edit is not applied to {where} (found at strength {found.strength:.3g}): subtracting it would "
+            "change weights that never had it"
+        )
+    else:
+        message = (
+            f"the edit is on {where} at strength {found.strength:.4g}, not at the {alpha:g} asked for; revert it "
+            f"with alpha={found.strength:.3g} (the --alpha it was applied with)"
+            + ("" if found.clean else f", or its layer changed since ({found.describe()})")
+        )
+    if not force:
+        raise SurgeryError(message + "; nothing was changed. Pass force=True (--force) to subtract it anyway")
+    warnings.warn(message + "; subtracting it anyway (force)", SurgeryWarning, stacklevel=stacklevel + 1)
+    return found, False

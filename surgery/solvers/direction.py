@@ -1,0 +1,125 @@
+"""The rank-one direction ``u`` of an edit (docs/method.md section 3).
+
+With ``C`` the second moment of the layer's keys and ``Z = C^{-1/2}``, the exemplar keys inside the
+concept mask are whitened, and ``u = normalize(Z s)`` for the top right singular vector ``s``. This is
+the top generalized eigenvector of ``(sum_j w_j^2 k_j k_j^T, C)``: the direction in which the concept's
+keys stand out most against typical keys. For one key it is ``C^{-1} k``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from surgery.errors import SurgeryError
+
+__all__ = ["inverse_sqrt", "rank_one_direction", "key_weights", "flatten_keys"]
+
+logger = logging.getLogger(__name__)
+
+_RCOND = 1e-10
+
+
+def inverse_sqrt(moment: torch.Tensor, *, eps: float | None = None) -> torch.Tensor:
+    """``C^{-1/2}`` of a symmetric positive semi-definite ``moment``, in float64.
+
+    When ``C`` is singular or ill-conditioned (smallest eigenvalue below ``1e-10`` times the largest),
+    ``eps * I`` is added first, with a logged warning; ``eps`` defaults to ``1e-6 * trace(C) / n``.
+    """
+    if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
+        raise SurgeryError(f"the key second moment must be square, got shape {tuple(moment.shape)}")
+    c = moment.detach().to(torch.float64)
+    if not torch.isfinite(c).all():
+        raise SurgeryError("the key second moment has NaN or inf entries; recollect the statistics")
+    c = (c + c.T) / 2
+    n = c.shape[0]
+    # one decomposition: adding eps * I shifts the eigenvalues and keeps the eigenvectors
+    evals, evecs = torch.linalg.eigh(c)
+    top = float(evals[-1])
+    if top <= 0:
+        raise SurgeryError("the key second moment is zero: the statistics saw no non-zero keys")
+    if eps is None and float(evals[0]) <= _RCOND * top:
+        eps = 1e-6 * float(torch.trace(c)) / n
+        logger.warning(
+            "key second moment is ill-conditioned (eigenvalues %.3g .. %.3g); adding %.3g * I",
+            float(evals[0]),
+            top,
+            eps,
+        )
+    if eps:
+        evals = evals + eps
+    evals = evals.clamp_min(_RCOND * float(evals[-1]))
+    return (evecs * evals.rsqrt()) @ evecs.T
+
+
+def flatten_keys(keys: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Keys as rows ``(positions, n)``: the channel axis last, every other axis flattened."""
+    return keys.movedim(channel_dim, -1).reshape(-1, keys.shape[channel_dim])
+
+
+def key_weights(
+    masks: torch.Tensor | None, keys: torch.Tensor, channel_dim: int
+) -> torch.Tensor | None:
+    """Per-position weights of ``keys`` from image masks ``(N, 1, H, W)``, area-pooled to key resolution.
+
+    Returns ``None`` without masks. Key maps must be spatial: ``(N, n, h, w)`` or ``(N, h, w, n)``.
+    """
+    if masks is None:
+        return None
+    spatial = keys.movedim(channel_dim, -1).shape[1:-1]
+    if len(spatial) != 2:
+        raise SurgeryError(
+            f"masks need spatial keys (N, C, H, W) or (N, H, W, C); this layer's keys have shape "
+            f"{tuple(keys.shape)}. Pass masks=None to use every position"
+        )
+    pooled = F.adaptive_avg_pool2d(masks.to(torch.float64), tuple(spatial))  # (N, 1, h, w)
+    return pooled.reshape(-1)
+
+
+def rank_one_direction(
+    moment: torch.Tensor,
+    keys: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    rank: int = 1,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """The edit direction(s) ``u``, unit rows of shape ``(rank, n)`` in float64.
+
+    Args:
+        moment: ``C``, the ``(n, n)`` second moment of the layer's keys.
+        keys: exemplar keys as rows ``(positions, n)`` (see :func:`flatten_keys`).
+        weights: per-position weights (the mask at key resolution); ``None`` weighs all equally.
+        rank: how many directions: the top ``rank`` singular vectors.
+        eps: ridge added to ``C``; by default only when ``C`` is ill-conditioned.
+    """
+    n = moment.shape[0]
+    if keys.ndim != 2 or keys.shape[1] != n:
+        raise SurgeryError(f"keys must be (positions, {n}) to match the statistics, got {tuple(keys.shape)}")
+    if not 1 <= rank <= n:
+        raise SurgeryError(f"rank must be between 1 and {n}, got {rank}")
+    k = keys.detach().to(device=moment.device, dtype=torch.float64)
+    if weights is not None:
+        w = weights.detach().to(device=k.device, dtype=torch.float64).reshape(-1)
+        if w.shape[0] != k.shape[0]:
+            raise SurgeryError(f"{w.shape[0]} weights for {k.shape[0]} key positions")
+        k = k * w[:, None]
+    if not torch.isfinite(k).all():
+        raise SurgeryError("exemplar keys contain NaN or inf")
+    if not k.abs().sum() > 0:
+        raise SurgeryError(
+            "the exemplar keys inside the mask are all zero, so they define no direction; "
+            "check the mask covers the concept (or pass no mask)"
+        )
+    z = inverse_sqrt(moment, eps=eps)
+    whitened = k @ z
+    _, _, vh = torch.linalg.svd(whitened, full_matrices=False)
+    u = vh[:rank] @ z  # Z is symmetric: u_i = Z s_i
+    u = u / u.norm(dim=1, keepdim=True)
+    # A deterministic sign: positive projection of the (weighted) mean exemplar key.
+    mean_key = k.mean(dim=0)
+    signs = torch.sign(u @ mean_key)
+    signs[signs == 0] = 1
+    return u * signs[:, None]

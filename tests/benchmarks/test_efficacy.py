@@ -1,0 +1,141 @@
+"""A tiny end-to-end run of the efficacy benchmark (benchmarks/efficacy/)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from benchmarks import efficacy
+from benchmarks.efficacy import units as _units  # noqa: F401  (efficacy.units is patched below)
+
+
+def _hashes(x: torch.Tensor) -> set[str]:
+    return {hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest() for img in x}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("efficacy")
+    seen = {"selection": set(), "test": set(), "n_select": 0}
+    select, match, evaluate = efficacy.units.select_strength, efficacy.units.select_by_concept_match, efficacy.units.evaluate_on_test
+
+    def spy_select(model, cands, val_images, *a, **kw):
+        seen["selection"] |= _hashes(val_images.images)
+        seen["n_select"] += 1
+        return select(model, cands, val_images, *a, **kw)
+
+    def spy_match(model, cands, images, *a, **kw):
+        seen["selection"] |= _hashes(images.images)
+        seen["n_select"] += 1
+        return match(model, cands, images, *a, **kw)
+
+    def spy_evaluate(cand, pd, test_idx, test_sets, *a, **kw):
+        t = torch.as_tensor(test_idx)
+        for v, x in pd.xv.items():
+            seen["test"] |= _hashes(x.images[t])
+            assert torch.equal(test_sets[v].images, x.images[t])
+        return evaluate(cand, pd, test_idx, test_sets, *a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(efficacy.units, "select_strength", spy_select)
+    mp.setattr(efficacy.units, "select_by_concept_match", spy_match)
+    mp.setattr(efficacy.units, "evaluate_on_test", spy_evaluate)
+    try:
+        result = efficacy.main(["--tiny", "--out", str(out)])
+    finally:
+        mp.undo()
+    return out, result, seen
+
+
+def test_outputs_have_the_expected_keys(tiny_run):
+    out, _result, _ = tiny_run
+    for ext in ("json", "md", "png"):
+        assert (out / f"efficacy_tiny.{ext}").is_file()
+    data = json.loads((out / "efficacy_tiny.json").read_text())
+    assert data["mode"] == "tiny" and data["restricted_to_correct_originals"] is True
+    assert data["command"].startswith("python -m benchmarks.efficacy")
+    arch = data["archs"]["tiny"]
+    assert {"pairs", "pair_screen", "units", "summary", "clean_test_acc", "candidate_layers"} <= set(arch)
+    assert len(arch["pairs"]) == 1 and {"concept", "style", "hurt", "qualifies"} <= set(arch["pairs"][0])
+    assert len(arch["units"]) == 1
+    unit = arch["units"][0]
+    assert set(unit["methods"]) == {"edit", "reference", "finetune local", "finetune global", "edit label-free"}
+    for res in unit["methods"].values():
+        assert set(res["pct"]) == set(efficacy.GROUPS)
+        assert {"clean_acc_change_pp", "logit_shifts", "selection_table", "chosen"} <= set(res)
+    summary = arch["summary"]
+    assert "N=1/edit" in summary and "N=1/finetune global" in summary
+    row = summary["N=1/edit"]
+    assert set(efficacy.GROUPS) <= set(row) and "clean_acc_change_pp" in row
+    md = (out / "efficacy_tiny.md").read_text()
+    assert "| N | method |" in md and "other-nonprefer/same" in md
+
+
+def test_test_split_never_used_for_selection(tiny_run):
+    _, result, seen = tiny_run
+    for unit in result["archs"]["tiny"]["units"]:
+        val, test, ex = set(unit["val_idx"]), set(unit["test_idx"]), set(unit["exemplar_idx"])
+        assert val and test
+        assert not val & test and not ex & test and not ex & val
+        assert len(val) + len(test) + len(ex) == len(unit["pool_idx"])
+    assert seen["n_select"] >= 5 and seen["selection"] and seen["test"]
+    assert not seen["selection"] & seen["test"], "a test image was shown to the selection"
+
+
+def test_bootstrap_interval_contains_the_mean():
+    import numpy as np
+
+    lo, hi = efficacy.bootstrap_ci([0.0, 10.0, 20.0, 30.0], 500, np.random.default_rng(0))
+    assert lo <= 15.0 <= hi and lo >= 0.0 and hi <= 30.0
+
+
+def _same(a, b, path="$"):
+    """Equal JSON values; floats up to 1e-6 relative (sums over shards are added in another order)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys differ"
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _strip_timing(x):
+    if isinstance(x, dict):
+        return {k: _strip_timing(v) for k, v in x.items() if k not in ("seconds", "command", "processes")}
+    if isinstance(x, list):
+        return [_strip_timing(v) for v in x]
+    return x
+
+
+def test_torchrun_two_processes_give_the_same_report(tmp_path):
+    """The grid split across 2 torchrun processes (gloo) reports what one process reports."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    args = ["-m", "benchmarks.efficacy", "--tiny", "--pairs", "2", "--name", "grid"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *args, "--out", str(one)], check=True, env=env, cwd=root, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, "--out", str(two)],
+        env=env, cwd=root, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = json.loads((one / "grid.json").read_text())
+    b = json.loads((two / "grid.json").read_text())
+    assert a["processes"] == 1 and b["processes"] == 2 and b["command"].startswith("torchrun --nproc_per_node=2")
+    units = b["archs"]["tiny"]["units"]
+    assert [u["pair"] for u in units] == [0, 1], "both pairs ran, in order"
+    _same(_strip_timing(a), _strip_timing(b))

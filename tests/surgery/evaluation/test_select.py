@@ -1,0 +1,217 @@
+"""surgery.evaluation.select: choosing the strongest edit within a clean-accuracy budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.vgg import VGG
+
+from surgery import Edit, SurgeryError, finetune, get_layer
+from surgery.edits.edit import base_record
+from surgery.evaluation.select import (
+    CachedImages,
+    Candidate,
+    NoCandidateError,
+    select_by_concept_match,
+    select_strength,
+    strength_grid,
+)
+from tests.tiny_models import randomize_batchnorm
+
+LAYER = "features.4"
+
+
+def tiny_vgg(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    features = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+    )
+    model = VGG(features, num_classes=10, init_weights=False)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Linear(12, 10)
+    randomize_batchnorm(model, seed)
+    model.eval()
+    with torch.no_grad():  # standardize the pooled features so that predictions spread over the classes
+        f = model.avgpool(model.features(torch.randn(256, 3, 16, 16))).flatten(1)
+        mean, std = f.mean(0), f.std(0) + 1e-6
+        wc = torch.randn(10, 12) / std
+        model.classifier.weight.copy_(wc)
+        model.classifier.bias.copy_(-wc @ mean)
+    return model
+
+
+def dense_edit(model: nn.Module, delta: torch.Tensor, name: str) -> Edit:
+    layer = get_layer(model, LAYER)
+    return Edit(
+        layer=LAYER, method="test", hparams={"name": name}, deltas={layer.param_name: delta},
+        base=base_record({layer.param_name: layer.weight}),
+    )
+
+
+def predictions(model: nn.Module, x: torch.Tensor, edit: Edit | None = None, alpha: float = 1.0):
+    from surgery import edited
+
+    with torch.no_grad():
+        if edit is None:
+            return model(x).argmax(1)
+        with edited(model, edit, alpha=alpha):
+            return model(x).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """Candidates with known outcomes: B corrects every validation error, C breaks clean accuracy."""
+    model = tiny_vgg()
+    g = torch.Generator().manual_seed(1)
+    w = get_layer(model, LAYER).weight.detach()
+    direction = torch.randn(w.shape, generator=g)
+    b = dense_edit(model, 0.01 * w.norm() / direction.norm() * direction, "B")
+    pool = torch.randn(600, 3, 16, 16, generator=g)
+    base = predictions(model, pool)
+    changed = predictions(model, pool, b) != base
+    assert changed.sum() >= 10, "edit B must change some predictions"
+    val = pool[changed][:20]
+    val_labels = predictions(model, val, b)  # B's predictions are the "truth": it corrects everything
+    clean = pool[~changed][:200]
+    clean = torch.cat([clean, pool[changed][20:25]])  # B costs exactly 5 of 205 clean images
+    clean_labels = predictions(model, clean)  # the unedited model is 100% right on clean data
+    a = dense_edit(model, 1e-6 * direction, "A")  # changes nothing
+    c = dense_edit(model, 8.0 * b.delta(), "C")  # far too strong
+    drop_b = 100 * (predictions(model, clean, b) != clean_labels).double().mean().item()
+    drop_c = 100 * (predictions(model, clean, c) != clean_labels).double().mean().item()
+    assert drop_c > drop_b + 0.5
+    return {
+        "model": model, "a": a, "b": b, "c": c, "val": val, "val_labels": val_labels, "clean": clean,
+        "clean_labels": clean_labels, "drop_b": drop_b, "drop_c": drop_c,
+    }
+
+
+def test_known_winner_and_budget_exclusion(case):
+    budget = case["drop_b"] + 0.1
+    sel = select_strength(
+        case["model"], [case["a"], case["b"], case["c"]], case["val"], case["val_labels"],
+        clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=budget,
+    )
+    assert sel.index == 1 and sel.edit is case["b"]
+    a, b, c = sel.table
+    assert a.score == 0.0 and a.clean_drop == 0.0 and a.qualifies
+    assert b.score == 100.0 and b.errors_after == 0 and b.qualifies
+    assert b.clean_drop == pytest.approx(case["drop_b"])
+    assert not c.qualifies and c.clean_drop == pytest.approx(case["drop_c"])
+    assert sel.path == "suffix"
+    assert "chosen" in sel.to_markdown()
+    # with a budget below B's drop, A (the only one left) wins
+    sel2 = select_strength(
+        case["model"], [case["a"], case["b"], case["c"]], case["val"], case["val_labels"],
+        clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=case["drop_b"] / 2,
+    )
+    assert sel2.index == 0
+
+
+def test_suffix_path_equals_full_forward(case):
+    cands = [Candidate(case["b"], 0.5), Candidate(case["b"], 1.0), Candidate(case["c"], 0.3)]
+    kw = {"clean_images": case["clean"], "clean_labels": case["clean_labels"], "max_clean_drop": 100.0}
+    fast = select_strength(case["model"], cands, case["val"], case["val_labels"], **kw)
+    full = select_strength(case["model"], cands, case["val"], case["val_labels"], use_suffix=False, **kw)
+    assert fast.path == "suffix" and full.path == "full"
+    assert fast.index == full.index
+    for r1, r2 in zip(fast.table, full.table):
+        assert (r1.score, r1.errors_after, r1.clean_acc_after) == (r2.score, r2.errors_after, r2.clean_acc_after)
+    # and the logits themselves agree
+    cached = CachedImages(case["model"], case["val"], batch_size=16)
+    assert cached.path(cands[0]) == "suffix" and cached.path(cands[0], use_suffix=False) == "full"
+    for c in (*cands, cands[0]):  # strengths of one edit share its layer-output change; then another edit
+        torch.testing.assert_close(cached.logits(c), cached.logits(c, use_suffix=False), rtol=1e-4, atol=1e-5)
+    # a factored rank-one rewrite of a conv with a bias, on a subset
+    from surgery import collect_key_stats, rewrite
+
+    x = case["val"]
+    e = rewrite(case["model"], LAYER, x[:2], x[2:4], stats=collect_key_stats(case["model"], LAYER, x, progress=False))
+    assert e.factored and get_layer(case["model"], LAYER).module.bias is not None
+    sub = CachedImages(case["model"], torch.cat([x, case["clean"][:30]])).subset(range(5, 40))
+    for a in (0.25, 1.0):
+        torch.testing.assert_close(sub.logits(Candidate(e, a)), sub.logits(Candidate(e, a), use_suffix=False), rtol=1e-4, atol=1e-5)
+
+
+def test_cached_images_reused_across_calls_and_subsets(case):
+    """CachedImages (and subsets of them) give the same selection as plain tensors."""
+    model = case["model"]
+    cands = [Candidate(case["b"], 0.5), Candidate(case["b"], 1.0), Candidate(case["c"], 0.3)]
+    pool = torch.cat([case["val"], case["clean"]])
+    cached_pool = CachedImages(model, pool, batch_size=32)
+    cached_pool.logits(cands[0])  # fill the layer cache on the parent before taking subsets
+    n = len(case["val"])
+    val, clean = cached_pool.subset(range(n)), cached_pool.subset(range(n, len(pool)))
+    kw = {"clean_labels": case["clean_labels"], "max_clean_drop": case["drop_b"] + 0.01}
+    plain = select_strength(model, cands, case["val"], case["val_labels"], clean_images=case["clean"], **kw)
+    for _ in range(2):  # the second call reuses everything cached by the first
+        sel = select_strength(model, cands, val, case["val_labels"], clean_images=clean, **kw)
+        assert sel.index == plain.index == 1 and sel.path == "suffix"
+        assert [r.to_dict() for r in sel.table] == [r.to_dict() for r in plain.table]
+    torch.testing.assert_close(val.logits0, CachedImages(model, case["val"]).logits0)
+    assert val.layer_cache(LAYER).keys.shape[0] == n
+    with pytest.raises(SurgeryError, match="out of range"):
+        cached_pool.subset([len(pool)])
+    with pytest.raises(SurgeryError, match="another model"):
+        select_strength(tiny_vgg(1), cands, val, case["val_labels"], clean_images=clean, **kw)
+
+
+def test_cached_images_multi_parameter_edits():
+    """Global fine-tuning is evaluated from cached keys when it changes only parameters after them, and
+    with full forwards when it changes the module a residual block's context comes from."""
+    vgg = tiny_vgg(2)
+    x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ft = finetune(vgg, LAYER, x[:4], [1, 2, 3, 4], scope="global", steps=5, lr=0.05)
+    assert len(ft.parameter_deltas()) > 1
+    cached = CachedImages(vgg, x)
+    cand = Candidate(ft)
+    assert cached.path(cand) == "suffix"
+    torch.testing.assert_close(cached.logits(cand), cached.logits(cand, use_suffix=False), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(cached.logits(cand), cached.logits0)
+
+    resnet = randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
+    xr = torch.randn(6, 3, 32, 32)
+    cached = CachedImages(resnet, xr)
+    local = Candidate(finetune(resnet, "layer4.0.conv2", xr[:2], 1, scope="local", steps=2, lr=0.1))
+    glob = Candidate(finetune(resnet, "layer4.0.conv2", xr[:2], 1, scope="global", steps=2, lr=0.1))
+    assert any(k.startswith("layer4.0.downsample.") for k in glob.edit.parameter_deltas())
+    assert cached.path(local) == "suffix" and cached.path(glob) == "full"
+    for c in (local, glob):
+        torch.testing.assert_close(cached.logits(c), cached.logits(c, use_suffix=False), rtol=1e-4, atol=1e-4)
+
+
+def test_error_when_none_qualifies(case):
+    with pytest.raises(NoCandidateError, match="smallest drop was") as info:
+        select_strength(
+            case["model"], [case["c"], Candidate(case["c"], 2.0)], case["val"], case["val_labels"],
+            clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=0.0,
+        )
+    assert f"{case['drop_c']:.3f}" in str(info.value)
+    assert len(info.value.table) == 2
+
+
+def test_custom_score_and_strength_grid(case):
+    grid = strength_grid(case["b"], n=4, lo=0.125, hi=1.0)
+    assert [c.alpha for c in grid] == pytest.approx([0.125, 0.25, 0.5, 1.0])
+    # a score that prefers the weakest edit
+    sel = select_strength(
+        case["model"], grid, case["val"], case["val_labels"], clean_images=case["clean"],
+        clean_labels=case["clean_labels"], max_clean_drop=100.0, score=lambda l0, l1, y: -float((l1 - l0).abs().sum()),
+    )
+    assert sel.alpha == 0.125
+
+
+def test_concept_match_picks_the_matching_strength(case):
+    model = case["model"]
+    x = case["val"][:8]
+    masks = torch.ones(8, 16, 16)
+    grid = [Candidate(case["b"], a) for a in (1.0, 0.0, 0.5)]
+    # the "concept" images are the same images: the unedited activations match exactly at alpha 0
+    sel = select_by_concept_match(
+        model, grid, x, masks, x, masks, clean_images=case["clean"], max_clean_drop=100.0
+    )
+    assert sel.alpha == 0.0 and sel.result.extra["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert sel.table[0].extra["distance"] > sel.table[2].extra["distance"] > 0

@@ -1,0 +1,181 @@
+"""Solvers: the fast solver reaches at least the reference's objective, exactly so on affine blocks."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from surgery.rewrite import prepare_problem
+from surgery.solvers import FastSolver, solve_fast, solve_reference
+from surgery.solvers.direction import flatten_keys
+from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, tiny_clip
+
+
+def _exemplar(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, size, size, generator=g)
+    x2 = x.clone()
+    x2[:, :, size // 2 :] = torch.randn(1, 3, size - size // 2, size, generator=g)  # a changed "floor"
+    return x, x2
+
+
+def _moment(model: nn.Module, layer: str, size: int) -> torch.Tensor:
+    """Second moment of the layer's keys over random images, kept well-conditioned."""
+    from surgery import get_layer
+
+    l = get_layer(model, layer)
+    x = torch.randn(8, 3, size, size, dtype=l.weight.dtype)
+    keys = flatten_keys(l.capture(model, x).keys, l.key_channel_dim)
+    k = keys.to(torch.float64)
+    return k.T @ k / len(k) + 0.05 * torch.eye(k.shape[1], dtype=torch.float64)
+
+
+# Small layers of each family keep the default suite fast; the paper's layers run in the slow suite.
+FAMILIES = {
+    "vgg_block": (lambda: torchvision.models.vgg11_bn(), "features.4", 32),  # conv-BN-ReLU-MaxPool
+    "resnet_basic": (lambda: torchvision.models.resnet18(), "layer1.1.conv2", 32),
+    "resnet_bottleneck": (lambda: torchvision.models.resnet50(), "layer1.2.conv3", 32),
+    "clip_block": (lambda: tiny_clip().visual, "layer4.0.conv3", 64),
+    "efficientnet_pwl": (lambda: timm.create_model("tf_efficientnet_lite0"), "blocks.2.1.conv_pwl", 64),
+}
+PAPER_LAYERS = {
+    "vgg16_bn_features40": (lambda: torchvision.models.vgg16_bn(), "features.40", 224),
+    "resnet50_layer4.1.conv3": (lambda: torchvision.models.resnet50(), "layer4.1.conv3", 224),
+    "resnet18_layer4.0.conv2": (lambda: torchvision.models.resnet18(), "layer4.0.conv2", 224),
+}
+
+
+def _problem(key: str, loss: str, *, dtype=torch.float32, ridge: float = 0.0):
+    factory, layer, size = {**FAMILIES, **PAPER_LAYERS}[key]
+    model = randomize_layer_scale(randomize_batchnorm(factory())).eval().to(dtype)
+    x, x2 = _exemplar(size)
+    moment = _moment(model, layer, size)
+    return prepare_problem(
+        model, layer, x.to(dtype), x2.to(dtype), stats=moment, loss=loss, ridge=ridge
+    )
+
+
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+@pytest.mark.parametrize(
+    "key", [*FAMILIES, *(pytest.param(k, marks=pytest.mark.slow) for k in PAPER_LAYERS)]
+)
+def test_fast_is_no_worse_than_reference_and_other_starts(key, loss):
+    problem = _problem(key, loss)
+    lam, info = solve_fast(problem)
+    fast = float(problem.objective(lam).detach())
+    assert fast == pytest.approx(info["objective"], rel=1e-6)
+    assert fast < info["objective_before"]
+
+    _, ref = solve_reference(problem, steps=2000)
+    assert fast <= ref["objective"] * (1 + 1e-6), (fast, ref["objective"])
+
+    solver = FastSolver(problem)
+    scale = lam.abs().max().item() + 1e-3
+    others = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        start = solver.to_mat(scale * torch.randn(lam.shape, generator=g, dtype=lam.dtype))
+        _, obj, _ = solver.run(start, max_iter=100)
+        others.append(float(obj.sum()))
+    assert fast <= 1.001 * min(others), (fast, others)
+
+
+def _exact_affine_lstsq(problem, bn_scale: torch.Tensor) -> torch.Tensor:
+    """Ridge least squares written out for a block v = s * conv(k, W + lam u) + c, per channel."""
+    a = torch.einsum("n,bnhw->bhw", problem.u[0], problem.keys).reshape(-1)  # u^T k per position
+    with torch.no_grad():
+        r = problem.values - problem.forward(problem.weight0)  # (1, m, h, w)
+    r = r.movedim(1, 0).reshape(r.shape[1], -1)
+    numel = problem.values.numel()
+    s = bn_scale
+    return (s * (r @ a)) / (s**2 * (a @ a) + problem.ridge * numel)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-3])
+def test_affine_block_l2_is_exact_least_squares(ridge):
+    problem = _problem("efficientnet_pwl", "l2", dtype=torch.float64, ridge=ridge)
+    bn = problem.layer.eval_modules[0]
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    expected = _exact_affine_lstsq(problem, s.detach())
+    lam, _ = solve_fast(problem)
+    got = lam[0, :, 0, 0]
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < 1e-6, rel
+
+
+def test_linear_token_layer_affine_exact():
+    model = randomize_layer_scale(timm.create_model("test_vit", init_values=1e-5)).eval().double()
+    x, x2 = _exemplar(64)
+    from surgery import get_layer
+
+    layer = get_layer(model, "blocks.1.mlp.fc2")
+    problem = prepare_problem(
+        model, layer, x.double(), x2.double(), stats=torch.eye(layer.weight.shape[1], dtype=torch.float64), loss="l2"
+    )
+    lam, _ = solve_fast(problem)
+    gamma = model.blocks[1].ls2.gamma.detach()
+    a = problem.keys @ problem.u[0]  # (1, L)
+    with torch.no_grad():
+        r = (problem.values - problem.forward(problem.weight0))[0]  # (L, m)
+    expected = gamma * (a[0] @ r) / (gamma**2 * (a[0] @ a[0]))
+    assert ((lam[0] - expected).norm() / expected.norm()).item() < 1e-6
+
+
+def test_reference_without_rank_restriction_returns_a_dense_update():
+    problem = _problem("resnet_basic", "l1")
+    delta, info = solve_reference(problem, steps=30, restrict_rank=False)
+    assert delta.shape == problem.weight0.shape
+    flat = delta.transpose(0, 1).reshape(delta.shape[1], -1)
+    assert torch.linalg.matrix_rank(flat.double(), rtol=1e-4) > 1
+    lam, _ = solve_reference(problem, steps=30, restrict_rank=True)
+    assert lam.shape == problem.lam_shape
+
+
+def test_ridge_shrinks_the_edit():
+    norms = []
+    for ridge in (0.0, 1e-3, 1e-1):
+        problem = _problem("resnet_basic", "l1", ridge=ridge)
+        lam, _ = solve_fast(problem)
+        norms.append(lam.norm().item())
+    assert norms[0] > norms[1] > norms[2] > 0
+
+
+@settings(max_examples=15)
+@given(
+    m=st.integers(1, 6),
+    n=st.integers(2, 6),
+    k=st.sampled_from([1, 3]),
+    rank=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_update_is_rank_r_along_u_and_blind_to_orthogonal_keys(m, n, k, rank, seed):
+    from surgery.rewrite import rewrite
+
+    rank = min(rank, n - 1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, n, 1), nn.Conv2d(n, m, k, padding=k // 2), nn.BatchNorm2d(m), nn.ReLU())
+    model = randomize_batchnorm(model, seed).eval().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    x2 = x + torch.randn_like(x)
+    moment = torch.eye(n, dtype=torch.float64) + 0.1
+    edit = rewrite(model, "1", x, x2, stats=moment, loss="l2", rank=rank, steps=5)
+    delta = edit.delta()
+    assert delta.shape == model[1].weight.shape
+    flat = delta.transpose(0, 1).reshape(n, -1)  # (n, m*kh*kw)
+    sv = torch.linalg.svdvals(flat)
+    assert (sv[rank:] <= 1e-10 * max(sv[0].item(), 1e-300)).all()
+    # keys orthogonal to every u in the channel axis give exactly the same layer output
+    u = edit.u.to(torch.float64)
+    keys = torch.randn(1, n, 5, 5, dtype=torch.float64)
+    proj = torch.einsum("rn,bnhw->brhw", torch.linalg.pinv(u.T), keys)
+    orth = keys - torch.einsum("rn,brhw->bnhw", u, proj)
+    assert torch.einsum("rn,bnhw->brhw", u, orth).abs().max() < 1e-10
+    conv = model[1]
+    before = conv._conv_forward(orth, conv.weight, conv.bias)
+    after = conv._conv_forward(orth, conv.weight + delta, conv.bias)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
