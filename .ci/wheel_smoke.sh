@@ -13,7 +13,9 @@ project_python=${PROJECT_PYTHON:-$repo/.venv/bin/python}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+rm -rf build  # setuptools reuses build/lib: a stale module there would ship in the wheel
 "$project_python" -m pip wheel --no-deps --quiet --wheel-dir "$work/dist" .
+rm -rf build
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
 deps=$("$project_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -35,4 +37,7 @@ PY
 "$work/venv/bin/surgery" --help > /dev/null
 "$work/venv/bin/surgery" layers timm:resnet18 | head -3
 "$work/venv/bin/surgery" demo --photos | tail -3
+# the concept demo, as the README tells an installed user to run it (the testbed ships in the wheel)
+"$work/venv/bin/surgery" demo --out "$work/demo" | tail -12
+test -s "$work/demo/demo.png" && test -s "$work/demo/demo.md"
 echo "wheel smoke test passed"

@@ -254,4 +254,4 @@ def _figure(
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.9), h_pad=1.5)
-    return save_figure(fig, path, dpi=100)
+    return save_figure(fig, path, dpi=80)
