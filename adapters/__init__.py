@@ -4,15 +4,24 @@ Installed as ``surgery.adapters``. Adapters recognize models by class name and o
 never imports timm or open_clip.
 """
 
-from ._base import Adapter, Rule, chain, class_from, is_editable_module, plain_layer
+from ._base import Adapter, NotEditable, Rule, chain, class_from, is_editable_module, plain_layer
 from ._registry import get_adapter, list_adapters, register_adapter
 from .clip import CLIPAdapter, ZeroShotClassifier
+from .convnext import ConvNeXtAdapter
+from .efficientnet import EfficientNetAdapter
 from .generic import GenericAdapter, TimmAdapter
+from .maxxvit import MaxxVitAdapter
+from .metaformer import MetaFormerAdapter
+from .mixer import MixerAdapter
+from .regnet import RegNetAdapter, ResNetV2Adapter
 from .resnet import ResNetAdapter
+from .swin import SwinAdapter
 from .vgg import VGGAdapter
+from .vit import ViTAdapter
 
 __all__ = [
     "Adapter",
+    "NotEditable",
     "Rule",
     "register_adapter",
     "get_adapter",
@@ -22,9 +31,18 @@ __all__ = [
     "is_editable_module",
     "plain_layer",
     "CLIPAdapter",
+    "ConvNeXtAdapter",
+    "EfficientNetAdapter",
     "GenericAdapter",
+    "MaxxVitAdapter",
+    "MetaFormerAdapter",
+    "MixerAdapter",
+    "RegNetAdapter",
     "ResNetAdapter",
+    "ResNetV2Adapter",
+    "SwinAdapter",
     "TimmAdapter",
     "VGGAdapter",
+    "ViTAdapter",
     "ZeroShotClassifier",
 ]

@@ -4,13 +4,23 @@ An :class:`EditableLayer` is architecture-agnostic; the adapters in ``surgery.ad
 for each family. The edited weight is a Conv2d or Linear weight. Keys are the layer's input; values
 are the output of the layer *block* (for a ResNet block: ``act(bn(conv(k)) + identity)``), and
 ``block_forward`` recomputes that value from keys with a candidate weight, differentiably.
+
+Each layer also says how its keys and values are laid out (:class:`Layout`): NCHW or NHWC maps,
+tokens ``(N, L, C)`` with a number of class/register/distillation tokens before a row-major patch
+grid, or flat vectors. Image masks are mapped onto the first three (:meth:`Layout.pool_mask`).
+
+A site is normally the input or the output of a module call. A ``"call"`` site is a tensor computed
+from a module's call (its captured arguments) by a function: this is how keys are read for a layer
+whose weight a module uses functionally (``nn.MultiheadAttention``'s ``out_proj``, torchvision Swin's
+``attn.proj``): the module's call is rerun with that layer's weight replaced by the identity and its
+bias by zeros, which returns exactly the layer's input (:func:`call_with_identity`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +29,210 @@ from torch import nn
 from .errors import SurgeryError
 from .hooks import trace_dict
 
-__all__ = ["Site", "LayerIO", "EditableLayer", "BlockFn"]
+__all__ = ["Site", "LayerIO", "EditableLayer", "BlockFn", "Layout", "call_with_identity", "token_grid"]
 
-Port = Literal["input", "output"]
+Port = Literal["input", "output", "call"]
+LayoutKind = Literal["nchw", "nhwc", "tokens", "flat", "last"]
+Derive = Callable[[nn.Module, tuple, dict], torch.Tensor]
+"""``derive(module, args, kwargs)`` -> the tensor a ``"call"`` site denotes, from the module's call."""
 BlockFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """The part of a block after the edited conv/linear: ``(layer_output, context) -> value``."""
 
 
 @dataclass(frozen=True)
 class Site:
-    """A place in the forward pass: the input or the output of the module called ``module``."""
+    """A place in the forward pass: the input or the output of the module called ``module``.
+
+    With ``port="call"`` the site is ``derive(module, args, kwargs)`` computed from that module's call
+    (its first positional argument is what a plain input site would read); ``what`` names it.
+    """
 
     module: str
     port: Port = "output"
+    derive: Derive | None = field(default=None, compare=False, repr=False)
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        if self.port not in ("input", "output", "call"):
+            raise SurgeryError(f"a site's port is 'input', 'output' or 'call', got {self.port!r}")
+        if (self.port == "call") != (self.derive is not None):
+            raise SurgeryError("a 'call' site needs a derive function, and only a 'call' site takes one")
+
+    @property
+    def needs_input(self) -> bool:
+        """Whether reading the site needs the module's call arguments (``"input"`` and ``"call"``)."""
+        return self.port != "output"
+
+    def read(self, trace: Any) -> torch.Tensor:
+        """The tensor at this site, from a :class:`surgery.hooks.Trace` of ``module`` that retained
+        what :attr:`needs_input` says (inputs for ``"input"``/``"call"``, the output otherwise).
+
+        This is the one place that turns a trace into a site's tensor; ``surgery.stats`` reads key
+        sites through it too.
+        """
+        if self.port == "input":
+            return trace.input
+        if self.port == "output":
+            return trace.output
+        assert self.derive is not None
+        with torch.no_grad():
+            return self.derive(trace.module, tuple(trace.inputs or ()), dict(trace.kwargs or {}))
 
     def __str__(self) -> str:
-        return f"{self.module or '<model>'}:{self.port}"
+        port = f"call({self.what})" if self.port == "call" else self.port
+        return f"{self.module or '<model>'}:{port}"
+
+
+class _Call(nn.Module):
+    """Runs ``fn(*args, **kwargs)`` with ``root`` registered as a submodule, for functional_call."""
+
+    def __init__(self, root: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.root = root
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+
+def call_with_identity(
+    root: nn.Module, linear: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``fn(*args, **kwargs)`` with ``root.<linear>``'s weight replaced by the identity, its bias by 0.
+
+    ``linear`` is a square Linear or 1x1 Conv2d inside ``root`` that ``fn`` uses, possibly through
+    ``F.linear`` on its weight. Whatever ``fn`` computes after that layer must act per token/position
+    (dropout in eval, window reversal, cropping): the result is then exactly the layer's input, laid
+    out as ``fn``'s output. The parameters are swapped with ``torch.func.functional_call`` and are
+    back in place afterwards, also when ``fn`` raises.
+    """
+    layer = root.get_submodule(linear)
+    w = layer.weight
+    if w.shape[0] != w.shape[1] or (w.ndim == 4 and tuple(w.shape[2:]) != (1, 1)):
+        raise SurgeryError(
+            f"{linear} has weight shape {tuple(w.shape)}: reading its input through the identity needs a "
+            "square Linear or 1x1 Conv2d"
+        )
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device).reshape(w.shape)
+    params = {f"root.{linear}.weight": eye}
+    if getattr(layer, "bias", None) is not None:
+        params[f"root.{linear}.bias"] = torch.zeros_like(layer.bias)
+    return torch.func.functional_call(_Call(root, fn), params, args, kwargs, strict=False)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the keys or values of a layer are laid out.
+
+    ``kind``:
+        ``"nchw"``: maps ``(N, C, H, W)``; ``"nhwc"``: maps ``(N, H, W, C)`` (ConvNeXt/Swin/MaxViT
+        channels-last); ``"tokens"``: ``(N, L, C)`` with ``prefix`` class/register/distillation tokens
+        first, then a row-major grid whose shape follows from the token count and the image's aspect
+        ratio; ``"flat"``: no spatial structure known (masks are refused); ``"last"``: channels last,
+        structure read from the rank when used (2-D flat, 3-D tokens with ``prefix``, 4-D nhwc): what
+        a plain Linear gets, since its call alone does not say.
+    ``prefix``:
+        tokens before the grid; ``None`` until the adapter fills in the model's count.
+    ``channel_dim``:
+        the axis indexed by the edited layer's output channels when it is not the layout's channel
+        axis (token-mixing MLPs, whose outputs are tokens).
+    """
+
+    kind: LayoutKind
+    prefix: int | None = None
+    channel_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("nchw", "nhwc", "tokens", "flat", "last"):
+            raise SurgeryError(f"unknown layout kind {self.kind!r}")
+        if self.prefix is not None and self.prefix < 0:
+            raise SurgeryError(f"a layout's prefix token count must be >= 0, got {self.prefix}")
+
+    @property
+    def channel_axis(self) -> int:
+        """The axis of channels: 1 for NCHW, -1 otherwise (unless ``channel_dim`` overrides it)."""
+        if self.channel_dim is not None:
+            return self.channel_dim
+        return 1 if self.kind == "nchw" else -1
+
+    @property
+    def spatial(self) -> bool:
+        """Whether image masks can be mapped onto this layout (given a tensor for ``"last"``)."""
+        return self.kind in ("nchw", "nhwc", "tokens", "last")
+
+    def resolve(self, t: torch.Tensor) -> Layout:
+        """This layout with ``"last"`` replaced by what ``t``'s rank says."""
+        if self.kind != "last":
+            return self
+        kind = {2: "flat", 3: "tokens", 4: "nhwc"}.get(t.ndim, "flat")
+        return Layout(kind, self.prefix, self.channel_dim)  # type: ignore[arg-type]
+
+    def pool_mask(
+        self, masks: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image masks ``(N, 1, H, W)`` area-pooled onto the positions of ``t``.
+
+        Returns ``(pooled, prefix)``: ``pooled`` has ``t``'s rank with size 1 on the channel axis (for
+        tokens ``(N, L, 1)``, prefix tokens 0), and ``prefix`` is a boolean tensor of the same shape,
+        True at the prefix tokens, or ``None`` when there are none.
+
+        Raises:
+            SurgeryError: the layout has no spatial structure, or the token count does not factor
+                into a grid with the image's aspect ratio.
+        """
+        lay = self.resolve(t)
+        masks = masks.to(device=t.device, dtype=torch.float64)
+        if masks.ndim != 4 or masks.shape[1] != 1:
+            raise SurgeryError(f"masks must be (N, 1, H, W), got {tuple(masks.shape)}")
+        if masks.shape[0] != t.shape[0]:
+            raise SurgeryError(f"{masks.shape[0]} masks for a batch of {t.shape[0]}")
+        if lay.kind == "nchw" and t.ndim == 4:
+            return F.adaptive_avg_pool2d(masks, tuple(t.shape[2:])), None
+        if lay.kind == "nhwc" and t.ndim == 4:
+            return F.adaptive_avg_pool2d(masks, tuple(t.shape[1:3])).permute(0, 2, 3, 1), None
+        if lay.kind == "tokens" and t.ndim == 3:
+            n_prefix = lay.prefix or 0
+            grid = t.shape[1] - n_prefix
+            if grid < 0:
+                raise SurgeryError(f"{t.shape[1]} tokens but {n_prefix} prefix tokens")
+            pooled = torch.zeros(t.shape[0], t.shape[1], 1, dtype=torch.float64, device=t.device)
+            if grid:
+                h, w = token_grid(grid, tuple(masks.shape[-2:]))
+                cells = F.adaptive_avg_pool2d(masks, (h, w))  # (N, 1, h, w), row-major tokens
+                pooled[:, n_prefix:, 0] = cells.reshape(t.shape[0], -1)
+            prefix = None
+            if n_prefix:
+                prefix = torch.zeros_like(pooled, dtype=torch.bool)
+                prefix[:, :n_prefix] = True
+            return pooled, prefix
+        raise SurgeryError(
+            f"masks need spatial keys/values: (N, C, H, W), (N, H, W, C) maps or (N, L, C) tokens; this "
+            f"layer's have shape {tuple(t.shape)} and layout {lay.kind!r}"
+        )
+
+
+def token_grid(count: int, image_hw: tuple[int, int], *, tolerance: float = 1.5) -> tuple[int, int]:
+    """The ``(h, w)`` grid of ``count`` tokens for an image of ``image_hw``: ``h * w == count`` and
+    ``h / w`` closest to the image's ``H / W`` (within a factor ``tolerance``)."""
+    import math
+
+    H, W = image_hw
+    target = math.log(H / W)
+    best = None
+    for h in range(1, count + 1):
+        if count % h:
+            continue
+        err = abs(math.log(h / (count // h)) - target)
+        if best is None or err < best[0]:
+            best = (err, h)
+    assert best is not None
+    if best[0] > math.log(tolerance):
+        raise SurgeryError(
+            f"{count} grid tokens do not factor into a grid with the image's aspect ratio {H}:{W} "
+            f"(closest {best[1]}x{count // best[1]}); is the number of class/register tokens "
+            "(the layout's prefix) right?"
+        )
+    return best[1], count // best[1]
 
 
 @dataclass(frozen=True)
@@ -60,11 +258,17 @@ class EditableLayer:
         post: the block after ``module``; ``None`` when the value is ``module``'s own output.
         block: a short human-readable description, e.g. ``"conv -> bn -> +identity -> relu"``.
         family: which adapter built it.
-        key_channel_dim: the channel axis of keys (1 for NCHW maps, -1 for tokens/channels-last).
-        value_channel_dim: the channel axis of values.
+        key_layout: how keys are laid out (:class:`Layout`); by default NCHW for a conv, ``"last"``
+            for a Linear.
+        value_layout: how values are laid out; by default the key layout.
+        key_channel_dim: the channel axis of keys (1 for NCHW maps, -1 for tokens/channels-last);
+            derived from ``key_layout`` (passing it alone picks NCHW for 1 and ``"last"`` for -1).
+        value_channel_dim: the axis of values indexed by the edited layer's output channels; derived
+            from ``value_layout``.
         eval_modules: modules whose train/eval mode changes ``block_forward``; they must be in eval mode.
         channelwise: True when ``post`` acts on each output channel separately (BN, ReLU, pooling,
-            residual add, layer-scale); the fast solver relies on it. Squeeze-excite breaks it.
+            residual add, layer-scale); the fast solver relies on it. Squeeze-excite after the edited
+            conv and post-norm transformer blocks (LayerNorm on the branch) break it.
     """
 
     name: str
@@ -76,10 +280,27 @@ class EditableLayer:
     post: BlockFn | None = None
     block: str = "conv"
     family: str = "generic"
-    key_channel_dim: int = 1
-    value_channel_dim: int = 1
+    key_channel_dim: int | None = None
+    value_channel_dim: int | None = None
     eval_modules: tuple[nn.Module, ...] = ()
     channelwise: bool = True
+    key_layout: Layout | None = None
+    value_layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        def from_dim(dim: int | None) -> Layout | None:
+            if dim is None:
+                return None
+            return Layout("nchw") if dim == 1 else Layout("last", channel_dim=None if dim == -1 else dim)
+
+        if self.key_layout is None:
+            self.key_layout = from_dim(self.key_channel_dim) or (
+                Layout("nchw") if self.kind == "conv" else Layout("last")
+            )
+        if self.value_layout is None:
+            self.value_layout = from_dim(self.value_channel_dim) or self.key_layout
+        self.key_channel_dim = self.key_layout.channel_axis
+        self.value_channel_dim = self.value_layout.channel_axis
 
     @property
     def weight(self) -> nn.Parameter:
@@ -156,8 +377,10 @@ class EditableLayer:
             )
 
         def read(site: Site) -> torch.Tensor:
-            t = traces[site.module]
-            return t.input if site.port == "input" else t.output
+            value = site.read(traces[site.module])
+            if not isinstance(value, torch.Tensor):
+                raise SurgeryError(f"the site {site} of layer {self.name!r} carries a {type(value).__name__}, not a tensor")
+            return value
 
         return LayerIO(
             keys=read(self.key_site),
