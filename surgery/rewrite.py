@@ -106,8 +106,14 @@ def prepare_problem(
     ntrain: int | None = None,
     rank: int = 1,
     transform: Transform | None = None,
+    prefix_weight: float = 1.0,
 ) -> EditProblem:
-    """Capture keys and values, compute the direction ``u``, and return the problem a solver takes."""
+    """Capture keys and values, compute the direction ``u``, and return the problem a solver takes.
+
+    ``prefix_weight`` (token layers only): each class/register/distillation token counts as
+    ``prefix_weight`` grid tokens fully inside the concept, in the masked direction, in the masked
+    loss, and in the unmasked loss (where every grid token weighs 1); see :func:`rewrite`.
+    """
     layer = get_layer(model, layer)
     require_eval(model, "rewrite")
     x, x2, m = _load_exemplars(model, originals, transformed, masks, transform)
@@ -119,6 +125,8 @@ def prepare_problem(
                 "a mask is all zero, so with use_mask=True its exemplar would weigh nothing; "
                 "check the masks cover the concept"
             )
+    if not (prefix_weight >= 0 and prefix_weight < float("inf")):
+        raise SurgeryError(f"prefix_weight must be a finite number >= 0, got {prefix_weight}")
     n_ex = x.shape[0]
     if ntrain is None:
         ntrain = n_ex
@@ -132,15 +140,17 @@ def prepare_problem(
     io_o = layer.capture(model, x.to(device, dtype))
 
     # The direction uses every concept exemplar; the key/value pairs only the first `ntrain`.
-    weights = key_weights(None if m is None else m.to(device), io_t.keys, layer.key_channel_dim)
+    weights = key_weights(
+        None if m is None else m.to(device), io_t.keys, layer.key_layout, prefix_weight=prefix_weight
+    )
     u = rank_one_direction(
         moment.to(device), flatten_keys(io_t.keys, layer.key_channel_dim), weights, rank=rank
     )
     values = io_o.values[:ntrain]
-    loss_weights = None
-    if use_mask:
-        assert m is not None
-        loss_weights = value_weights(m[:ntrain].to(device), values, layer.value_channel_dim)
+    loss_masks = m[:ntrain].to(device) if (use_mask and m is not None) else None
+    loss_weights = value_weights(
+        loss_masks, values, layer.value_layout, prefix_weight=prefix_weight, loss=loss
+    )
     return EditProblem(
         layer=layer,
         keys=io_t.keys[:ntrain],
@@ -172,6 +182,7 @@ def rewrite(
     rank: int = 1,
     transform: Transform | None = None,
     progress: bool = False,
+    prefix_weight: float = 1.0,
 ) -> Edit:
     """Compute the edit of ``layer`` that makes ``model`` see ``transformed`` as it sees ``originals``.
 
@@ -197,6 +208,10 @@ def rewrite(
         rank: number of directions.
         transform: preprocessing for path / PIL inputs.
         progress: a progress bar for the reference solver.
+        prefix_weight: on token layers (ViT, DeiT, EVA, CLIP ViT), each class/register/distillation
+            token counts as ``prefix_weight`` grid tokens fully inside the concept: in the direction
+            when masks are given, in the masked loss, and in the unmasked loss (where every grid token
+            weighs 1). 1.0 (the default) treats them like any fully masked grid token.
 
     Returns:
         An :class:`Edit` with factors ``lam``, ``u`` (or a dense delta when ``restrict_rank=False``).
@@ -229,6 +244,7 @@ def rewrite(
         ntrain=ntrain,
         rank=rank,
         transform=transform,
+        prefix_weight=prefix_weight,
     )
     layer = problem.layer
     hparams: dict[str, Any] = {
@@ -239,6 +255,8 @@ def rewrite(
         "rank": rank,
         "ntrain": int(problem.keys.shape[0]),
     }
+    if prefix_weight != 1.0:
+        hparams["prefix_weight"] = prefix_weight
     if solver == "fast":
         max_iter = steps or _FAST_MAX_ITER
         lam, info = solve_fast(problem, max_iter=max_iter)
