@@ -165,6 +165,21 @@ class Adapter:
             return 1
         return 0
 
+    def head_reads_prefix(self, model: nn.Module) -> bool:
+        """Whether ``model``'s classifier head reads the prefix tokens (class-token pooling).
+
+        timm models with ``global_pool == "token"``, torchvision's ``VisionTransformer`` and
+        open_clip's ``VisionTransformer`` with ``pool_type == "tok"``; average-pooled heads (and
+        register tokens, which no head reads) do not. ``rewrite``'s ``prefix_weight="auto"`` uses it.
+        """
+        root = self.root(model)
+        base = model.get_submodule(root) if root else model
+        if class_from(base, "torchvision.models.vision_transformer", "VisionTransformer"):
+            return True
+        if class_from(base, "open_clip.transformer", "VisionTransformer"):
+            return getattr(base, "pool_type", "tok") == "tok" and getattr(base, "attn_pool", None) is None
+        return getattr(base, "global_pool", None) == "token"
+
     def _modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
         """``(name, module, skipped)`` for every module under the root, in module order."""
         root = self.root(model)

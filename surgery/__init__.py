@@ -23,7 +23,7 @@ from .errors import (
 )
 from .finetune import finetune
 from .hooks import StopForward, Trace, TraceDict, get_module, trace, trace_dict
-from .layers import LayerInfo, describe_layers, editable_layers, get_layer
+from .layers import LayerInfo, describe_layers, editable_layers, get_layer, recommended_layers
 from .metrics import EditReport, errors_corrected, evaluate_edit, predict
 from .models import load_model
 from .probe import ProbeResult, probe
@@ -38,6 +38,8 @@ from .select import (
     strength_grid,
 )
 from .stats import KeyStats, collect_key_stats
+
+from . import adapters  # noqa: E402  (``surgery.adapters``, installed from ``adapters/``, after its imports)
 
 __all__ = [
     "__version__",
@@ -83,6 +85,8 @@ __all__ = [
     # layers and hooks
     "editable_layers",
     "get_layer",
+    "recommended_layers",
+    "adapters",
     "describe_layers",
     "EditableLayer",
     "LayerInfo",

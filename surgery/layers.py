@@ -13,7 +13,7 @@ from .editable import EditableLayer
 from .errors import LayerNotFoundError
 from .hooks import trace_dict
 
-__all__ = ["editable_layers", "get_layer", "LayerInfo", "describe_layers"]
+__all__ = ["editable_layers", "get_layer", "recommended_layers", "LayerInfo", "describe_layers"]
 
 
 def editable_layers(model: nn.Module) -> list[EditableLayer]:
@@ -21,6 +21,21 @@ def editable_layers(model: nn.Module) -> list[EditableLayer]:
     from surgery.adapters import get_adapter
 
     return get_adapter(model).layers(model)
+
+
+def recommended_layers(model: nn.Module, k: int = 3) -> list[EditableLayer]:
+    """Where to edit ``model``: its family's ``k`` best candidate layers, best first.
+
+    Candidates are layers valued after a residual add (or at a block end), ranked by the adapter
+    (``Adapter.candidates``) in the order the breadth benchmark (``benchmarks/breadth.py``) measured
+    to move a concept's logits most for that family. Fewer than ``k`` come back when the model has
+    fewer candidates.
+    """
+    from surgery.adapters import get_adapter
+
+    if k < 1:
+        raise LayerNotFoundError(f"k must be at least 1, got {k}")
+    return get_adapter(model).candidates(model)[:k]
 
 
 def get_layer(model: nn.Module, name: str | EditableLayer) -> EditableLayer:
@@ -75,7 +90,9 @@ def describe_layers(
 
     def shape(site) -> tuple[int, ...] | None:
         t = traces[site.module]
-        value = t.input if site.port == "input" else t.output
+        if not t.fired:
+            return None
+        value = site.read(t)  # "call" sites derive their tensor from the module's call
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
     return [LayerInfo(l, shape(l.key_site), shape(l.value_site)) for l in layers]

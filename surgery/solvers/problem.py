@@ -85,6 +85,7 @@ class EditProblem:
         weights: loss weights broadcastable to ``values`` (``sqrt`` of the pooled mask), or ``None``.
         loss: ``"l1"`` or ``"l2"``.
         ridge: ``ridge * ||lam||^2`` is added to the objective.
+        prefix_weight: the class/register-token weight the weights were built with (a record).
     """
 
     layer: EditableLayer
@@ -95,6 +96,7 @@ class EditProblem:
     weights: torch.Tensor | None = None
     loss: Loss = "l1"
     ridge: float = 0.0
+    prefix_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("l1", "l2"):
