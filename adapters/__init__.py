@@ -4,7 +4,7 @@ Installed as ``surgery.adapters``. Adapters recognize models by class name and o
 never imports timm or open_clip.
 """
 
-from ._base import Adapter, NotEditable, Rule, chain, class_from, is_editable_module, plain_layer
+from ._base import Adapter, NotEditable, Rule, branch_of, chain, class_from, is_editable_module, plain_layer
 from ._registry import get_adapter, list_adapters, register_adapter
 from .clip import CLIPAdapter, ZeroShotClassifier
 from .convnext import ConvNeXtAdapter
@@ -23,6 +23,7 @@ __all__ = [
     "Adapter",
     "NotEditable",
     "Rule",
+    "branch_of",
     "register_adapter",
     "get_adapter",
     "list_adapters",

@@ -28,6 +28,7 @@ from surgery.editable import BlockFn, EditableLayer, Layout, Site
 __all__ = [
     "Adapter",
     "NotEditable",
+    "branch_of",
     "Rule",
     "class_from",
     "is_editable_module",
@@ -216,18 +217,55 @@ class Adapter:
                 found.append(_with_prefix(plain_layer(name, module, family=self.family), prefix))
         return found
 
+    preference: ClassVar[Sequence[tuple[str, float]]] = (("any", 1.0),)
+    """Where the family's edits worked best, best first: ``(branch, relative depth)`` pairs, where
+    branch is ``"attn"`` (attention / token-mixer output), ``"mlp"`` (MLP output), ``"conv"`` (the
+    last conv of a CNN block) or ``"any"``, and depth runs from 0 (first block) to 1 (last block)."""
+
     def candidates(self, model: nn.Module) -> list[EditableLayer]:
         """Where to edit: the layers valued after a residual add (or at a block end), best first.
 
-        The default ranks blocks from the deepest up, which the paper found best for CNNs; family
-        adapters override it with the order the breadth benchmark measured for them.
+        One layer per ``preference`` entry (the closest in depth of that branch), then every other
+        block-valued layer by its depth distance to the first preference. The default (the deepest
+        blocks first) is what the paper found for CNNs; family adapters set the order the breadth
+        benchmark measured for them.
         """
         blocks = [l for l in self.layers(model) if l.post is not None]
         with_skip = [l for l in blocks if "skip" in l.context_sites or "identity" in l.context_sites]
-        return list(reversed(with_skip or blocks))
+        pool = with_skip or blocks
+        if not pool:
+            return []
+        by_branch: dict[str, list[EditableLayer]] = {}
+        for l in pool:
+            by_branch.setdefault(branch_of(l), []).append(l)
+        depth = {}
+        for ls in by_branch.values():
+            for i, l in enumerate(ls):
+                depth[l.name] = i / max(len(ls) - 1, 1)
+        chosen: list[EditableLayer] = []
+        for branch, target in self.preference:
+            options = [l for l in pool if (branch == "any" or branch_of(l) == branch) and l not in chosen]
+            if options:
+                chosen.append(min(options, key=lambda l: (abs(depth[l.name] - target), -depth[l.name])))
+        first = self.preference[0][1] if self.preference else 1.0
+        rest = sorted((l for l in pool if l not in chosen), key=lambda l: (abs(depth[l.name] - first), -depth[l.name]))
+        return chosen + rest
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
+
+
+def branch_of(layer: EditableLayer) -> str:
+    """``"attn"`` for attention outputs and token mixers, ``"mlp"`` for MLP outputs, ``"conv"``
+    otherwise (the last conv of a CNN block), read from the layer's module name."""
+    n = layer.name
+    if "mlp_tokens" in n or "linear_tokens" in n:  # Mixer/ResMLP token mixing
+        return "attn"
+    if any(s in n for s in ("mlp", "block.5", "c_proj")):  # also MaxViT's attn_block.mlp.fc2
+        return "mlp"
+    if any(s in n for s in ("attn", "token_mixer", "self_attention")):
+        return "attn"
+    return "conv"
 
 
 def _with_prefix(layer: EditableLayer, prefix: int) -> EditableLayer:

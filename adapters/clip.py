@@ -109,6 +109,9 @@ class CLIPAdapter(Adapter):
     family = "clip"
     priority = 30
     rules = (residual_block_rule, clip_vit_block_rule)
+    # CLIP ViTs as the other ViTs (the MLP output of the last block first); ResNet towers have no MLP
+    # or attention branches, so their candidates run from the deepest block up, as the paper's
+    preference = (("mlp", 1.0), ("mlp", 0.25), ("attn", 1.0))
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

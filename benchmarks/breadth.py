@@ -473,24 +473,23 @@ def sweep_layers(model: nn.Module) -> list:
 
 def _branch(layer) -> str:
     """``"attn"`` for attention/token-mixer outputs, ``"mlp"`` for MLP outputs, ``"conv"`` otherwise."""
-    n = layer.name
-    if any(s in n for s in ("attn", "token_mixer", "mlp_tokens", "linear_tokens", "self_attention")):
-        return "attn"
-    if any(s in n for s in ("mlp", "block.5", "c_proj")):
-        return "mlp"
-    return "conv"
+    from surgery.adapters import branch_of
+
+    return branch_of(layer)
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def run_model(spec: ModelSpec, *, mode: str, k: int, period: int = 2) -> dict[str, Any]:
+def run_model(
+    spec: ModelSpec, *, mode: str, k: int, period: int = 2, images: dict[str, int] | None = None
+) -> dict[str, Any]:
     import surgery
     from surgery.adapters import GenericAdapter, get_adapter
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    data = make_data(spec.size, period=period)
+    data = make_data(spec.size, period=period, **(images or {}))
     model = prepare_model(spec.build().eval(), data.calibration)
     adapter = get_adapter(model)
     layers_all = adapter.layers(model)
@@ -555,8 +554,13 @@ def run(
     k: int = 3,
     quick: bool = False,
     period: int = 2,
+    images: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark on ``model_ids`` (default: all, or the quick set) and return the results."""
+    """Run the benchmark on ``model_ids`` (default: all, or the quick set) and return the results.
+
+    ``images`` overrides how many images ``make_data`` draws (``exemplars``, ``held_out``, ``clean``,
+    ``calibration``), for tests.
+    """
     specs = {s.id: s for s in MODELS}
     ids = list(model_ids) if model_ids else list(QUICK if quick else specs)
     unknown = [i for i in ids if i not in specs]
@@ -568,7 +572,7 @@ def run(
     for i in ids:
         print(f"[{len(results) + 1}/{len(ids)}] {i}", file=sys.stderr, flush=True)
         try:
-            results.append(run_model(specs[i], mode=mode, k=k, period=period))
+            results.append(run_model(specs[i], mode=mode, k=k, period=period, images=images))
         except Exception as e:  # noqa: BLE001
             results.append({"model": i, "error": f"{type(e).__name__}: {e}"})
             print(f"  {i}: {results[-1]['error']}", file=sys.stderr, flush=True)
@@ -603,7 +607,7 @@ def summarize_sweep(res: dict[str, Any]) -> dict[str, Any]:
     """What the sweep says: best branch/depth per family, attention vs MLP, the scores' rankings."""
     fam: dict[str, list] = {}
     attn_vs_mlp = []
-    ranking = {"grad_x_act": [], "masked_patch": [], "value_objective_ratio": []}
+    ranking = {"grad_x_act": [], "masked_patch": [], "value_objective_ratio": [], "exemplar_ratio": []}
     prefix = []
     for m in res["models"]:
         rows = [r for r in _ok_rows(m) if r.get("prefix_weight_setting", "auto") == "auto"]
@@ -632,8 +636,8 @@ def summarize_sweep(res: dict[str, Any]) -> dict[str, Any]:
                 score = [r.get(key, float("nan")) for r in rows]
                 if any(isinstance(v, float) and math.isnan(v) for v in score):
                     continue
-                # higher attribution = better; value_objective_ratio: lower = better
-                sign = 1 if key == "value_objective_ratio" else -1
+                # higher attribution = better; the ratios: lower = better
+                sign = 1 if key in ("value_objective_ratio", "exemplar_ratio") else -1
                 pick = min(range(len(rows)), key=lambda i: sign * score[i])
                 ranking[key].append(
                     {"model": m["model"], "spearman": _spearman([sign * v for v in score], truth),

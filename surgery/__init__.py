@@ -23,7 +23,7 @@ from .errors import (
 )
 from .finetune import finetune
 from .hooks import StopForward, Trace, TraceDict, get_module, trace, trace_dict
-from .layers import LayerInfo, describe_layers, editable_layers, get_layer, recommended_layers
+from .layers import LayerInfo, describe_layers, editable_layers, get_layer, rank_layers, recommended_layers
 from .metrics import EditReport, errors_corrected, evaluate_edit, predict
 from .models import load_model
 from .probe import ProbeResult, probe
@@ -86,6 +86,7 @@ __all__ = [
     "editable_layers",
     "get_layer",
     "recommended_layers",
+    "rank_layers",
     "adapters",
     "describe_layers",
     "EditableLayer",

@@ -297,12 +297,23 @@ def test_surgery_adapters_is_reachable_after_import_surgery():
 
 
 def test_recommended_layers():
-    model, _ = _build("timm_vit")
+    model, x = _build("timm_vit")
     rec = recommended_layers(model, k=3)
-    assert len(rec) == 3 and all(l.post is not None and "skip" in l.context_sites for l in rec)
-    assert len({l.name for l in rec}) == 3
+    # the family's measured order: the last MLP output, an early MLP output, the last attention output
+    assert [l.name for l in rec] == ["blocks.1.mlp.fc2", "blocks.0.mlp.fc2", "blocks.1.attn.proj"]
+    assert all(l.post is not None and "skip" in l.context_sites for l in rec)
     resnet = randomize_batchnorm(tv.resnet18()).eval()
     assert [l.name for l in recommended_layers(resnet, k=2)] == ["layer4.1.conv2", "layer4.0.conv2"]
     assert len(recommended_layers(nn.Sequential(nn.Conv2d(3, 4, 1)), k=3)) <= 1
     with pytest.raises(surgery.LayerNotFoundError):
         recommended_layers(resnet, k=0)
+    # measured on the user's exemplars: each candidate edited, scored on a left-out exemplar
+    x2 = x.clone()
+    x2[:, :, 16:] = 0.5
+    x, x2 = torch.cat([x, x + 0.1]), torch.cat([x2, x2 + 0.1])
+    ranked = surgery.rank_layers(model, x, x2, layers=rec)
+    assert sorted(l.name for l, _ in ranked) == sorted(l.name for l in rec)
+    ratios = [r for _, r in ranked]
+    assert ratios == sorted(ratios) and all(r >= 0 for r in ratios)
+    measured = recommended_layers(model, k=2, originals=x, transformed=x2, pool=3)
+    assert [l.name for l in measured] == [l.name for l, _ in ranked[:2]]
