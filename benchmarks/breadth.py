@@ -414,7 +414,12 @@ def measure_layer(
     from surgery.apply import edited
 
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"layer": layer.name, "block": layer.block, "channelwise": layer.channelwise}
+    row: dict[str, Any] = {
+        "layer": layer.name,
+        "block": layer.block,
+        "channelwise": layer.channelwise,
+        "module_type": type(layer.module).__name__,
+    }
     io_t = layer.capture(model, data.x2)
     with torch.no_grad():
         row["block_forward_rel_err"] = _rel_err(layer.block_forward(io_t.keys, layer.weight, io_t.context), io_t.values)
@@ -584,8 +589,110 @@ def run(
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         "texture_period": period,
+        "images": {**_IMAGES, **(images or {})},
         "models": results,
     }
+
+
+# --------------------------------------------------------------------------- after the add vs the branch alone
+
+
+BRANCH_CASES = (
+    ("vit_tiny_patch16_224", "blocks.11.mlp.fc2"),
+    ("vit_tiny_patch16_224", "blocks.11.attn.proj"),
+    ("vit_tiny_reg4_gap", "blocks.3.mlp.fc2"),
+    ("convnext_atto", "stages.1.blocks.1.mlp.fc2"),
+    ("tv_convnext_tiny", "features.3.1.block.5"),
+    ("swin_tiny_patch4_window7_224", "layers.1.blocks.1.mlp.fc2"),
+    ("efficientnet_b0", "blocks.5.3.conv_pwl"),
+    ("mixer_s16_224", "blocks.7.mlp_channels.fc2"),
+)
+
+
+def branch_only_row(model: nn.Module, layer, data: Data, base: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The same edit solved against the branch's value before the add (the old adapters' value).
+
+    The branch value is the block computed with a zero skip; keys, direction and solver are the
+    library's; the solved factors are applied to the weight and the logits measured as for the
+    default (after-the-add) edit.
+    """
+    from surgery import collect_key_stats
+    from surgery.edit import rank_one_delta
+    from surgery.rewrite import prepare_problem
+    from surgery.solvers import solve_fast
+
+    stats = collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
+    problem = prepare_problem(model, layer, data.x, data.x2, data.masks, stats=stats)
+    io_o = layer.capture(model, data.x)
+    zero = {k: torch.zeros_like(v) for k, v in problem.context.items()}
+    with torch.no_grad():
+        problem.values = layer.block_forward(io_o.keys, layer.weight, {k: torch.zeros_like(v) for k, v in io_o.context.items()})
+    problem.context = zero
+    lam, info = solve_fast(problem)
+    w = layer.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.add_(rank_one_delta(lam.to(w.dtype), problem.u.to(w.dtype)))
+        after = {k: _logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    return {
+        "exemplar_ratio": _dist(after["x2"], base["x"]) / max(_dist(base["x2"], base["x"]), 1e-30),
+        "heldout_ratio": _dist(after["h2"], base["h"]) / max(_dist(base["h2"], base["h"]), 1e-30),
+        "clean_change": _dist(after["clean"], base["clean"]) / max(_dist(base["h2"], base["h"]), 1e-30),
+        "branch_objective_ratio": info["objective"] / max(info["objective_before"], 1e-30),
+    }
+
+
+def run_branch_comparison(cases: Sequence[tuple[str, str]] = BRANCH_CASES) -> dict[str, Any]:
+    """After-the-add values (the default) vs branch-only values, on the same layers."""
+    specs = {s.id: s for s in MODELS}
+    rows = []
+    built: dict[str, tuple] = {}
+    for model_id, layer_name in cases:
+        import surgery
+
+        if model_id not in built:
+            spec = specs[model_id]
+            data = make_data(spec.size)
+            torch.manual_seed(0)
+            model = prepare_model(spec.build().eval(), data.calibration)
+            base = {k: _logits(model, getattr(data, k)) for k in ("x", "x2", "h", "h2", "clean")}
+            built = {model_id: (model, data, base)}
+        model, data, base = built[model_id]
+        layer = surgery.get_layer(model, layer_name)
+        after_add = measure_layer(model, layer, data, base)
+        branch = branch_only_row(model, layer, data, base)
+        rows.append({"model": model_id, "layer": layer_name, "after_add": after_add, "branch_only": branch})
+        print(
+            f"  {model_id} {layer_name}: held-out after the add {after_add['heldout_ratio']:.3f}, "
+            f"branch only {branch['heldout_ratio']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"cases": rows}
+
+
+def branch_markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "# Values after the residual add vs the branch alone",
+        "",
+        f"Command: `{res.get('command', 'python -m benchmarks.breadth --branch-only')}`. Same models, images and "
+        "`rewrite` settings as `breadth.md`; the branch-only edit is solved against the block computed with a zero "
+        "skip (the value the adapters read before issue 17), then measured the same way.",
+        "",
+        "| model | layer | exemplars: after the add / branch only | held-out: after the add / branch only | clean: after the add / branch only |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["cases"]:
+        a, b = r["after_add"], r["branch_only"]
+        lines.append(
+            f"| {r['model']} | `{r['layer']}` | {_fmt(a['exemplar_ratio'])} / {_fmt(b['exemplar_ratio'])} | "
+            f"{_fmt(a['heldout_ratio'])} / {_fmt(b['heldout_ratio'])} | {_fmt(a['clean_change'])} / {_fmt(b['clean_change'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- the report
@@ -646,7 +753,7 @@ def summarize_sweep(res: dict[str, Any]) -> dict[str, Any]:
         for r in _ok_rows(m):
             if r.get("prefix_weight_setting") == 1.0:
                 same = next((q for q in rows if q["layer"] == r["layer"]), None)
-                if same:
+                if same and same["prefix_weight"] != 1.0:  # "auto" chose another weight: compare
                     prefix.append({"model": m["model"], "layer": r["layer"], "prefix_weight": same["prefix_weight"],
                                    "exemplar_pw1": r["exemplar_ratio"], "exemplar_pw": same["exemplar_ratio"],
                                    "heldout_pw1": r["heldout_ratio"], "heldout_pw": same["heldout_ratio"],
@@ -679,6 +786,71 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / (va * vb) if va and vb else float("nan")
 
 
+def diagnose(row: dict[str, Any]) -> str:
+    """Why an edit barely moved the held-out logits (held-out ratio above 0.9), from the measurements."""
+    if "error" in row or row["heldout_ratio"] <= 0.9:
+        return ""
+    reasons = []
+    if row["value_ratio"] > 0.9:
+        reasons.append(
+            f"the rank-one edit removes only {100 * (1 - row['value_ratio']):.0f}% of the value difference at this layer"
+        )
+    elif row["exemplar_ratio"] > 0.9:
+        reasons.append(
+            f"the value moves ({100 * (1 - row['value_ratio']):.0f}% closer) but the logits do not follow"
+        )
+    else:
+        reasons.append(f"fits the exemplars (logits {row['exemplar_ratio']:.2f}) but does not generalize")
+    if row["clean_change"] > 1.5 * max(1e-9, 1 - row["heldout_ratio"]) and row["clean_change"] > 0.1:
+        reasons.append(f"and moves clean images as much ({row['clean_change']:.2f})")
+    if "StdConv" in row.get("module_type", "") or row.get("weight_standardized"):
+        reasons.append("(weight standardization: the stored rank-one update is re-standardized per output channel)")
+    return "; ".join(reasons)
+
+
+_IMAGES = {"exemplars": 4, "held_out": 12, "clean": 12, "calibration": 48}
+
+
+def _acceptance(res: dict[str, Any]) -> list[str]:
+    """Per model: does the edit at the first recommended layer reduce the exemplars' and the held-out
+    images' logit distance; which models barely move (held-out ratio above 0.9), and why."""
+    ok_ex = ok_ho = total = 0
+    weak = []
+    best = []
+    for m in res["models"]:
+        rows = _ok_rows(m)
+        if not rows:
+            continue
+        total += 1
+        first = rows[0]
+        ok_ex += first["exemplar_ratio"] < 1
+        ok_ho += first["heldout_ratio"] < 1
+        b = min(rows, key=lambda r: r["heldout_ratio"])
+        best.append(b["heldout_ratio"])
+        if first["heldout_ratio"] > 0.9:
+            weak.append((m["model"], first, b))
+    lines = [
+        "",
+        "## Summary",
+        "",
+        f"At the first recommended layer the edit reduces the exemplars' logit distance in {ok_ex}/{total} models "
+        f"and the held-out images' in {ok_ho}/{total}; median held-out ratio "
+        f"{_fmt(sorted(r['heldout_ratio'] for m in res['models'] for r in _ok_rows(m)[:1])[len(best) // 2] if best else float('nan'))}"
+        f" (best of the {res.get('k', 3)} recommended layers: median {_fmt(sorted(best)[len(best) // 2] if best else float('nan'))}).",
+        "",
+    ]
+    if weak:
+        lines += ["Models where the edit at the first recommended layer barely moves the held-out logits (ratio > 0.9):", ""]
+        for model_id, first, b in weak:
+            alt = f"; best recommended layer `{b['layer']}` {_fmt(b['heldout_ratio'])}" if b is not first else ""
+            lines.append(f"- {model_id} (`{first['layer']}`, held-out {_fmt(first['heldout_ratio'])}): {diagnose(first)}{alt}")
+    return lines
+
+
+def _n(res: dict[str, Any], key: str) -> int:
+    return (res.get("images") or {}).get(key, _IMAGES[key])
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The results as Markdown: the command, one row per model and layer, and (sweep) the analyses."""
     lines = [
@@ -686,9 +858,12 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Command: `{res.get('command', 'python -m benchmarks.breadth')}`  ",
         f"torch {res['torch']}, {res['threads']} thread(s), {res['platform']}. Random weights (norms, layer-scales "
-        "re-randomized, BatchNorm recalibrated on smooth images); a fixed texture pasted as a square (1/3 of the "
-        "side) into smooth images is the concept; 4 exemplars, 16 held-out images with the texture elsewhere, 16 "
-        "clean images. Default `rewrite` (fast solver, L1, no loss mask; the mask weighs the direction).",
+        "re-randomized, BatchNorm recalibrated on smooth images); the concept is one fixed texture "
+        + ("(a 2x2 tile of random colors, the same in every even-sized patch)" if res.get("texture_period", 2) else "(5 px stripes and 7 px checks: its phase changes from patch to patch)")
+        + " pasted as a square (1/3 of the side) into smooth images; "
+        f"{_n(res, 'exemplars')} exemplars, {_n(res, 'held_out')} held-out images with the texture elsewhere, "
+        f"{_n(res, 'clean')} clean images, key statistics from {_n(res, 'calibration')} clean images. Default "
+        "`rewrite` (fast solver, L1, no loss mask; the mask weighs the direction; `prefix_weight=\"auto\"`).",
         "",
         "Ratios are after/before: **value** = distance of the transformed exemplars' value to the originals'; "
         "**exemplars** / **held-out** = mean logit distance of transformed images to their originals (1 = no effect, "
@@ -696,17 +871,20 @@ def markdown(res: dict[str, Any]) -> str:
         "change on clean images divided by the held-out distance before the edit. **bf err** = `block_forward` "
         "relative error against the hooked value.",
         "",
-        "| model | source | adapter | layer | block | bf err | value | exemplars (before) | held-out (before) | improved | clean | solver |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | source | adapter | layer | block | bf err | value | exemplars (before) | held-out (before) | improved | clean | solver | why it barely moves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in res["models"]:
         if "error" in m:
-            lines.append(f"| {m['model']} | | | error: {m['error']} | | | | | | | | |")
+            lines.append(f"| {m['model']} | | | error: {m['error']} | | | | | | | | | |")
             continue
+        auto_one = {r["layer"] for r in _ok_rows(m) if r.get("prefix_weight_setting", "auto") == "auto" and r["prefix_weight"] == 1.0}
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {m['model']} | {m['source']} | {m['adapter']} | {r['layer']} | error: {r['error']} | | | | | | | |")
+                lines.append(f"| {m['model']} | {m['source']} | {m['adapter']} | {r['layer']} | error: {r['error']} | | | | | | | | |")
                 continue
+            if r.get("prefix_weight_setting") == 1.0 and r["layer"] in auto_one:
+                continue  # "auto" resolved to 1 as well: the same edit
             pw = f" (prefix weight {r['prefix_weight']:g})" if r.get("prefix_weight", 1.0) != 1.0 or r.get("prefix_weight_setting") == 1.0 else ""
             lines.append(
                 f"| {m['model']} | {m['source']} | {m['adapter']} | `{r['layer']}`{pw} | {r['block']} | "
@@ -715,9 +893,11 @@ def markdown(res: dict[str, Any]) -> str:
                 f"({_fmt(r['heldout_before'])}) | {_fmt(r['heldout_improved_frac'], 2)} | {_fmt(r['clean_change'])} | "
                 f"{r['solver']} |"
             )
+    if res["mode"] == "recommended":
+        lines += _acceptance(res)
     if res["mode"] == "sweep":
         s = summarize_sweep(res)
-        lines += ["", "## Best layer per model (lowest held-out ratio)", "", "| family | model | layer | branch | depth | held-out | exemplars |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Best layer per model (lowest held-out ratio)", "", "Depth: position among all the model's editable layers (0 first, 1 last). The sweep edits each branch end at a quarter, half, three quarters and all of the depth.", "", "| family | model | layer | branch | depth | held-out | exemplars |", "|---|---|---|---|---|---|---|"]
         for f, picks in s["best_per_family"].items():
             for p in picks:
                 lines.append(f"| {f} | {p['model']} | `{p['layer']}` | {p['branch']} | {p['depth']} | {_fmt(p['heldout_ratio'])} | {_fmt(p['exemplar_ratio'])} |")
@@ -727,7 +907,20 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {a['model']} | `{a['attn_best']}` | {_fmt(a['attn_exemplar'])} | {_fmt(a['attn_heldout'])} | `{a['mlp_best']}` | "
                 f"{_fmt(a['mlp_exemplar'])} | {_fmt(a['mlp_heldout'])} | {_fmt(a['attn_mean_heldout'])} / {_fmt(a['mlp_mean_heldout'])} |"
             )
-        lines += ["", "## Choosing the layer by a score computed before editing", "", "| score | models | mean Spearman (score vs held-out ratio) | top-1 hits | mean regret |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Choosing the layer: attribution scores vs measuring the edit",
+            "",
+            "Per model, candidates ranked by each score against their measured held-out ratio. `grad_x_act`: "
+            "gradient of the exemplars' squared logit distance at the value site times the value difference (first "
+            "order, the activation patch); `masked_patch`: the distance removed by patching the value with the "
+            "originals' inside the concept mask only; `value_objective_ratio`: how much of the value loss the edit "
+            "removes; `exemplar_ratio`: the edit's own logit ratio on the exemplars (what `surgery.rank_layers` "
+            "measures, there with a left-out exemplar). Regret: held-out ratio of the pick minus the best's.",
+            "",
+            "| score | models | mean Spearman (score vs held-out ratio) | top-1 hits | mean regret |",
+            "|---|---|---|---|---|",
+        ]
         for key, items in s["ranking"].items():
             if not items:
                 continue
@@ -743,6 +936,8 @@ def markdown(res: dict[str, Any]) -> str:
                     f"| {p['model']} | `{p['layer']}` | {p['prefix_weight']:g} | {_fmt(p['exemplar_pw1'])} -> {_fmt(p['exemplar_pw'])} | "
                     f"{_fmt(p['heldout_pw1'])} -> {_fmt(p['heldout_pw'])} | {_fmt(p['clean_pw1'])} -> {_fmt(p['clean_pw'])} |"
                 )
+    if res.get("note"):
+        lines += ["", f"Note: {res['note']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -756,7 +951,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--aperiodic", action="store_true", help="a texture whose phase changes from patch to patch (5/7 px stripes)"
     )
+    ap.add_argument("--branch-only", action="store_true", help="compare values after the add with branch-only values")
     args = ap.parse_args(argv)
+    if args.branch_only:
+        res = run_branch_comparison()
+        res["command"] = "python -m benchmarks.breadth --branch-only"
+        stem = Path(args.out) if args.out else RESULTS / "breadth-branch"
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+        stem.with_suffix(".md").write_text(branch_markdown(res))
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        return 0
     mode = "sweep" if args.sweep else "recommended"
     ids = [m for m in args.models.split(",") if m]
     res = run(ids or None, mode=mode, k=args.k, quick=args.quick, period=0 if args.aperiodic else 2)

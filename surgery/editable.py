@@ -168,9 +168,9 @@ class Layout:
         return Layout(kind, self.prefix, self.channel_dim)  # type: ignore[arg-type]
 
     def pool_mask(
-        self, masks: torch.Tensor, t: torch.Tensor
+        self, masks: torch.Tensor, t: torch.Tensor, dtype: torch.dtype = torch.float64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image masks ``(N, 1, H, W)`` area-pooled onto the positions of ``t``.
+        """Image masks ``(N, 1, H, W)`` area-pooled onto the positions of ``t`` (computed in ``dtype``).
 
         Returns ``(pooled, prefix)``: ``pooled`` has ``t``'s rank with size 1 on the channel axis (for
         tokens ``(N, L, 1)``, prefix tokens 0), and ``prefix`` is a boolean tensor of the same shape,
@@ -181,7 +181,7 @@ class Layout:
                 into a grid with the image's aspect ratio.
         """
         lay = self.resolve(t)
-        masks = masks.to(device=t.device, dtype=torch.float64)
+        masks = masks.to(device=t.device, dtype=dtype)
         if masks.ndim != 4 or masks.shape[1] != 1:
             raise SurgeryError(f"masks must be (N, 1, H, W), got {tuple(masks.shape)}")
         if masks.shape[0] != t.shape[0]:
@@ -195,7 +195,7 @@ class Layout:
             grid = t.shape[1] - n_prefix
             if grid < 0:
                 raise SurgeryError(f"{t.shape[1]} tokens but {n_prefix} prefix tokens")
-            pooled = torch.zeros(t.shape[0], t.shape[1], 1, dtype=torch.float64, device=t.device)
+            pooled = torch.zeros(t.shape[0], t.shape[1], 1, dtype=dtype, device=t.device)
             if grid:
                 h, w = token_grid(grid, tuple(masks.shape[-2:]))
                 cells = F.adaptive_avg_pool2d(masks, (h, w))  # (N, 1, h, w), row-major tokens

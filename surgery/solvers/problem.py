@@ -55,13 +55,14 @@ def value_weights(
             f"layer's values have shape {tuple(values.shape)} and no spatial layout. Use use_mask=False"
         )
     try:
-        pooled, prefix = lay.pool_mask(masks, values)
+        # pooled in the values' dtype, as before layouts existed (bit-identical weights for CNNs)
+        pooled, prefix = lay.pool_mask(masks, values, dtype=values.dtype)
     except SurgeryError as e:
         raise SurgeryError(f"a loss mask needs spatial values: {e}. Use use_mask=False") from None
     d = pooled.sqrt()
     if prefix is not None:
         d = torch.where(prefix, torch.full_like(d, prefix_d), d)
-    return d.to(values.dtype)
+    return d
 
 
 def _int_layout(channel_dim: int, values: torch.Tensor) -> Layout:
