@@ -791,7 +791,7 @@ def diagnose(row: dict[str, Any]) -> str:
     if "error" in row or row["heldout_ratio"] <= 0.9:
         return ""
     reasons = []
-    if row["value_ratio"] > 0.9:
+    if row["value_ratio"] > 0.8:
         reasons.append(
             f"the rank-one edit removes only {100 * (1 - row['value_ratio']):.0f}% of the value difference at this layer"
         )

@@ -241,6 +241,8 @@ def test_adapter_selection_imports_neither_timm_nor_open_clip():
     code = textwrap.dedent(
         """
         import sys, torch, torchvision, surgery
+        # reachable as an attribute after `import surgery` alone (issue 17)
+        assert surgery.adapters.ZeroShotClassifier.__name__ == "ZeroShotClassifier"
         from surgery.adapters import get_adapter
         m = torchvision.models.resnet18()
         assert type(get_adapter(m)).__name__ == "ResNetAdapter"
