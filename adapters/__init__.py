@@ -4,16 +4,26 @@ Installed as ``surgery.adapters``. Adapters recognize models by class name and o
 never imports timm or open_clip.
 """
 
-from ._base import Adapter, Rule, chain, class_from, is_editable_module, plain_layer
+from ._base import Adapter, NotEditable, Rule, branch_of, chain, class_from, is_editable_module, plain_layer
 from ._registry import get_adapter, list_adapters, register_adapter
 from .clip import CLIPAdapter, ZeroShotClassifier
+from .convnext import ConvNeXtAdapter
+from .efficientnet import EfficientNetAdapter
 from .generic import GenericAdapter, TimmAdapter
+from .maxxvit import MaxxVitAdapter
+from .metaformer import MetaFormerAdapter
+from .mixer import MixerAdapter
+from .regnet import RegNetAdapter, ResNetV2Adapter
 from .resnet import ResNetAdapter
+from .swin import SwinAdapter
 from .vgg import VGGAdapter
+from .vit import ViTAdapter
 
 __all__ = [
     "Adapter",
+    "NotEditable",
     "Rule",
+    "branch_of",
     "register_adapter",
     "get_adapter",
     "list_adapters",
@@ -22,9 +32,18 @@ __all__ = [
     "is_editable_module",
     "plain_layer",
     "CLIPAdapter",
+    "ConvNeXtAdapter",
+    "EfficientNetAdapter",
     "GenericAdapter",
+    "MaxxVitAdapter",
+    "MetaFormerAdapter",
+    "MixerAdapter",
+    "RegNetAdapter",
     "ResNetAdapter",
+    "ResNetV2Adapter",
+    "SwinAdapter",
     "TimmAdapter",
     "VGGAdapter",
+    "ViTAdapter",
     "ZeroShotClassifier",
 ]

@@ -3,23 +3,33 @@
 An adapter answers two questions about a model: which of its weights can be edited, and how the value
 of each edited layer's block is computed. Family modules express the second as *rules*: a rule looks
 at one module (by class name and origin, never by importing timm or open_clip) and returns the
-:class:`EditableLayer` objects it knows how to build inside it. Every other dense Conv2d or Linear is
-still editable, with its own output as the value.
+:class:`EditableLayer` objects it knows how to build inside it, and :class:`NotEditable` markers for
+modules that must not be listed (their weight is used functionally, e.g. through ``F.linear``, so
+hooks on them never fire). Every other dense Conv2d or Linear is still editable, with its own output
+as the value.
+
+Adapters also say where to edit: :meth:`Adapter.candidates` lists the block-valued layers in the
+order the breadth benchmark (``benchmarks/breadth.py``) measured to work best for the family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from surgery.editable import BlockFn, EditableLayer, Site
+from surgery.layout import Layout
 
 __all__ = [
     "Adapter",
+    "NotEditable",
+    "branch_of",
     "Rule",
     "class_from",
     "is_editable_module",
@@ -30,8 +40,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Rule = Callable[[str, nn.Module], Iterable[EditableLayer]]
-"""``rule(name, module)`` -> the special editable layers found inside ``module`` (often none)."""
+@dataclass(frozen=True)
+class NotEditable:
+    """A rule's marker: the module ``name`` is a Conv2d/Linear that must not be listed, and why."""
+
+    name: str
+    reason: str
+
+
+Rule = Callable[[str, nn.Module], Iterable["EditableLayer | NotEditable"]]
+"""``rule(name, module)`` -> the special editable layers (and :class:`NotEditable` markers) found
+inside ``module`` (often none)."""
 
 
 def join(*names: str) -> str:
@@ -65,10 +84,17 @@ def _kind(module: nn.Module) -> str:
     return "conv" if isinstance(module, nn.Conv2d) else "linear"
 
 
-def plain_layer(name: str, module: nn.Module, *, family: str = "generic") -> EditableLayer:
-    """An editable layer whose value is the module's own output."""
+def plain_layer(
+    name: str, module: nn.Module, *, family: str = "generic", layout: Layout | None = None
+) -> EditableLayer:
+    """An editable layer whose value is the module's own output.
+
+    ``layout`` defaults to NCHW for a conv and ``"last"`` (channels last, structure from the rank) for
+    a Linear.
+    """
     kind = _kind(module)
-    dim = 1 if kind == "conv" else -1
+    if layout is None:
+        layout = Layout("nchw") if kind == "conv" else Layout("last")
     return EditableLayer(
         name=name,
         module=module,
@@ -77,8 +103,8 @@ def plain_layer(name: str, module: nn.Module, *, family: str = "generic") -> Edi
         value_site=Site(name, "output"),
         block=kind,
         family=family,
-        key_channel_dim=dim,
-        value_channel_dim=dim,
+        key_layout=layout,
+        value_layout=layout,
     )
 
 
@@ -115,41 +141,142 @@ class Adapter:
         return ""
 
     def skip(self, name: str, module: nn.Module) -> bool:
-        """True for modules (and their children) that must not be offered for editing.
+        """True for modules (and their children) that must not be offered as plain layers.
 
         By default ``nn.MultiheadAttention``: it calls its projections' weights functionally, so hooks
-        on them never fire.
+        on them never fire. Rules can still offer a layer inside a skipped module when they read its
+        keys functionally (a ``"call"`` site), as the ViT rules do for ``out_proj``.
         """
         return isinstance(module, nn.MultiheadAttention)
 
-    def _modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """How many class/register/distillation tokens precede the patch grid in ``model``'s tokens.
+
+        timm's ``num_prefix_tokens`` when the model (or its root) has one; 1 for torchvision's
+        ``VisionTransformer`` and open_clip's ``VisionTransformer`` (the class token); 0 otherwise.
+        Token layouts whose rule left the count open get this one.
+        """
+        root = self.root(model)
+        base = model.get_submodule(root) if root else model
+        n = getattr(base, "num_prefix_tokens", None)
+        if isinstance(n, int):
+            return n
+        if class_from(base, "torchvision.models.vision_transformer", "VisionTransformer"):
+            return 1
+        if class_from(base, "open_clip.transformer", "VisionTransformer"):
+            return 1
+        return 0
+
+    def head_reads_prefix(self, model: nn.Module) -> bool:
+        """Whether ``model``'s classifier head reads the prefix tokens (class-token pooling).
+
+        timm models with ``global_pool == "token"``, torchvision's ``VisionTransformer`` and
+        open_clip's ``VisionTransformer`` with ``pool_type == "tok"``; average-pooled heads (and
+        register tokens, which no head reads) do not. ``rewrite``'s ``prefix_weight="auto"`` uses it.
+        """
+        root = self.root(model)
+        base = model.get_submodule(root) if root else model
+        if class_from(base, "torchvision.models.vision_transformer", "VisionTransformer"):
+            return True
+        if class_from(base, "open_clip.transformer", "VisionTransformer"):
+            return getattr(base, "pool_type", "tok") == "tok" and getattr(base, "attn_pool", None) is None
+        return getattr(base, "global_pool", None) == "token"
+
+    def _modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+        """``(name, module, skipped)`` for every module under the root, in module order."""
         root = self.root(model)
         base = model.get_submodule(root) if root else model
         skipped: list[str] = []
         for name, module in base.named_modules():
             full = join(root, name)
-            if any(full == s or full.startswith(s + ".") for s in skipped):
-                continue
-            if self.skip(full, module):
+            inside = any(full == s or full.startswith(s + ".") for s in skipped)
+            if not inside and self.skip(full, module):
                 skipped.append(full)
-                continue
-            yield full, module
+                inside = True
+            yield full, module, inside
 
     def layers(self, model: nn.Module) -> list[EditableLayer]:
         """Every editable layer of ``model``, in module order."""
         modules = list(self._modules(model))
         special: dict[str, EditableLayer] = {}
-        for name, module in modules:
+        hidden: set[str] = set()
+        for name, module, skipped in modules:
+            if skipped:
+                continue
             for rule in self.rules:
-                for layer in rule(name, module):
-                    special.setdefault(layer.name, layer)
+                for found_layer in rule(name, module):
+                    if isinstance(found_layer, NotEditable):
+                        hidden.add(found_layer.name)
+                    else:
+                        special.setdefault(found_layer.name, found_layer)
+        prefix = self.prefix_tokens(model)
         found = []
-        for name, module in modules:
+        for name, module, skipped in modules:
             if name in special:
-                found.append(special.pop(name))
-            elif is_editable_module(module):
-                found.append(plain_layer(name, module, family=self.family))
+                found.append(_with_prefix(special.pop(name), prefix))
+            elif not skipped and name not in hidden and is_editable_module(module):
+                found.append(_with_prefix(plain_layer(name, module, family=self.family), prefix))
         return found
+
+    preference: ClassVar[Sequence[tuple[str, float]]] = (("any", 1.0),)
+    """Where the family's edits worked best, best first: ``(branch, relative depth)`` pairs, where
+    branch is ``"attn"`` (attention / token-mixer output), ``"mlp"`` (MLP output), ``"conv"`` (the
+    last conv of a CNN block) or ``"any"``, and depth runs from 0 (first block) to 1 (last block)."""
+
+    def candidates(self, model: nn.Module) -> list[EditableLayer]:
+        """Where to edit: the layers valued after a residual add (or at a block end), best first.
+
+        One layer per ``preference`` entry (the closest in depth of that branch), then every other
+        block-valued layer by its depth distance to the first preference. The default (the deepest
+        blocks first) is what the paper found for CNNs; family adapters set the order the breadth
+        benchmark measured for them.
+        """
+        blocks = [l for l in self.layers(model) if l.post is not None]
+        with_skip = [l for l in blocks if "skip" in l.context_sites or "identity" in l.context_sites]
+        pool = with_skip or blocks
+        if not pool:
+            return []
+        by_branch: dict[str, list[EditableLayer]] = {}
+        for l in pool:
+            by_branch.setdefault(branch_of(l), []).append(l)
+        depth = {}
+        for ls in by_branch.values():
+            for i, l in enumerate(ls):
+                depth[l.name] = i / max(len(ls) - 1, 1)
+        chosen: list[EditableLayer] = []
+        for branch, target in self.preference:
+            options = [l for l in pool if (branch == "any" or branch_of(l) == branch) and l not in chosen]
+            if options:
+                chosen.append(min(options, key=lambda l: (abs(depth[l.name] - target), -depth[l.name])))
+        first = self.preference[0][1] if self.preference else 1.0
+        rest = sorted((l for l in pool if l not in chosen), key=lambda l: (abs(depth[l.name] - first), -depth[l.name]))
+        return chosen + rest
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
+
+
+def branch_of(layer: EditableLayer) -> str:
+    """``"attn"`` for attention outputs and token mixers, ``"mlp"`` for MLP outputs, ``"conv"``
+    otherwise (the last conv of a CNN block), read from the layer's module name."""
+    n = layer.name
+    if "mlp_tokens" in n or "linear_tokens" in n:  # Mixer/ResMLP token mixing
+        return "attn"
+    if any(s in n for s in ("mlp", "block.5", "c_proj")):  # also MaxViT's attn_block.mlp.fc2
+        return "mlp"
+    if any(s in n for s in ("attn", "token_mixer", "self_attention")):
+        return "attn"
+    return "conv"
+
+
+def _with_prefix(layer: EditableLayer, prefix: int) -> EditableLayer:
+    """``layer`` with the model's prefix-token count filled into token layouts that left it open."""
+    changes = {}
+    for attr in ("key_layout", "value_layout"):
+        lay = getattr(layer, attr)
+        if lay is not None and lay.kind in ("tokens", "last") and lay.prefix is None:
+            changes[attr] = dataclasses.replace(lay, prefix=prefix)
+    if changes:
+        for attr, lay in changes.items():
+            setattr(layer, attr, lay)
+    return layer

@@ -2,8 +2,10 @@
 
 The edited weight of each block is ``conv3``, whose keys come after the block's anti-aliasing
 avgpool; the value is ``act3(bn3(conv3(k)) + downsample(x))`` with the avgpool-conv-BN downsample
-(see :func:`surgery.adapters.resnet.residual_block_rule`). The adapter accepts the CLIP model (layers
-under ``visual.``), its ``visual`` tower, or a :class:`ZeroShotClassifier`.
+(see :func:`surgery.adapters.resnet.residual_block_rule`). CLIP ViTs (open_clip ``VisionTransformer``)
+edit ``attn.out_proj`` and ``mlp.c_proj`` of each ``ResidualAttentionBlock``, valued after their
+residual adds (see :func:`surgery.adapters.vit.clip_vit_block_rule`). The adapter accepts the CLIP
+model (layers under ``visual.``), its ``visual`` tower, or a :class:`ZeroShotClassifier`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from surgery.errors import SurgeryError
 from ._base import Adapter, class_from
 from ._registry import register_adapter
 from .resnet import residual_block_rule
+from .vit import clip_vit_block_rule
 
 __all__ = ["CLIPAdapter", "ZeroShotClassifier"]
 
@@ -105,7 +108,10 @@ class CLIPAdapter(Adapter):
 
     family = "clip"
     priority = 30
-    rules = (residual_block_rule,)
+    rules = (residual_block_rule, clip_vit_block_rule)
+    # CLIP ViTs as the other ViTs (the MLP output of the last block first); ResNet towers have no MLP
+    # or attention branches, so their candidates run from the deepest block up, as the paper's
+    preference = (("mlp", 1.0), ("mlp", 0.25), ("attn", 1.0))
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -113,6 +119,7 @@ class CLIPAdapter(Adapter):
             isinstance(model, ZeroShotClassifier)
             or _is_clip_model(model)
             or class_from(model, "open_clip.modified_resnet", "ModifiedResNet")
+            or class_from(model, "open_clip.transformer", "VisionTransformer")
         )
 
     def root(self, model: nn.Module) -> str:

@@ -28,6 +28,7 @@ from surgery.errors import (
     SurgeryWarning,
     UnsupportedModelError,
 )
+from surgery.evaluation.layer_ranking import recommended_layers
 
 # 5. measure an edit, choose its strength
 from surgery.evaluation.metrics import errors_corrected, evaluate_edit
@@ -56,6 +57,7 @@ __all__ = [
     "load_model",
     "editable_layers",
     "get_layer",
+    "recommended_layers",
     "Trace",
     # 2. key statistics
     "collect_key_stats",

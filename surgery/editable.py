@@ -4,13 +4,23 @@ An :class:`EditableLayer` is architecture-agnostic; the adapters in ``surgery.ad
 for each family. The edited weight is a Conv2d or Linear weight. Keys are the layer's input; values
 are the output of the layer *block* (for a ResNet block: ``act(bn(conv(k)) + identity)``), and
 ``block_forward`` recomputes that value from keys with a candidate weight, differentiably.
+
+Each layer also says how its keys and values are laid out (:class:`Layout`): NCHW or NHWC maps,
+tokens ``(N, L, C)`` with a number of class/register/distillation tokens before a row-major patch
+grid, or flat vectors. Image masks are mapped onto the first three (:meth:`Layout.pool_mask`).
+
+A site is normally the input or the output of a module call. A ``"call"`` site is a tensor computed
+from a module's call (its captured arguments) by a function: this is how keys are read for a layer
+whose weight a module uses functionally (``nn.MultiheadAttention``'s ``out_proj``, torchvision Swin's
+``attn.proj``): the module's call is rerun with that layer's weight replaced by the identity and its
+bias by zeros, which returns exactly the layer's input (:func:`call_with_identity`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,23 +28,96 @@ from torch import nn
 
 from surgery.errors import SurgeryError
 from surgery.hooks import TraceDict
+from surgery.layout import Layout
 
-__all__ = ["Site", "LayerIO", "EditableLayer", "BlockFn"]
+__all__ = ["Site", "LayerIO", "EditableLayer", "BlockFn", "call_with_identity"]
 
-Port = Literal["input", "output"]
+Port = Literal["input", "output", "call"]
+Derive = Callable[[nn.Module, tuple, dict], torch.Tensor]
+"""``derive(module, args, kwargs)`` -> the tensor a ``"call"`` site denotes, from the module's call."""
 BlockFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 """The part of a block after the edited conv/linear: ``(layer_output, context) -> value``."""
 
 
 @dataclass(frozen=True)
 class Site:
-    """A place in the forward pass: the input or the output of the module called ``module``."""
+    """A place in the forward pass: the input or the output of the module called ``module``.
+
+    With ``port="call"`` the site is ``derive(module, args, kwargs)`` computed from that module's call
+    (its first positional argument is what a plain input site would read); ``what`` names it.
+    """
 
     module: str
     port: Port = "output"
+    derive: Derive | None = field(default=None, compare=False, repr=False)
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        if self.port not in ("input", "output", "call"):
+            raise SurgeryError(f"a site's port is 'input', 'output' or 'call', got {self.port!r}")
+        if (self.port == "call") != (self.derive is not None):
+            raise SurgeryError("a 'call' site needs a derive function, and only a 'call' site takes one")
+
+    @property
+    def needs_input(self) -> bool:
+        """Whether reading the site needs the module's call arguments (``"input"`` and ``"call"``)."""
+        return self.port != "output"
+
+    def read(self, trace: Any) -> torch.Tensor:
+        """The tensor at this site, from a :class:`surgery.hooks.Trace` of ``module`` that retained
+        what :attr:`needs_input` says (inputs for ``"input"``/``"call"``, the output otherwise).
+
+        This is the one place that turns a trace into a site's tensor; ``surgery.stats`` reads key
+        sites through it too.
+        """
+        if self.port == "input":
+            return trace.input
+        if self.port == "output":
+            return trace.output
+        assert self.derive is not None
+        with torch.no_grad():
+            return self.derive(trace.module, tuple(trace.inputs or ()), dict(trace.kwargs or {}))
 
     def __str__(self) -> str:
-        return f"{self.module or '<model>'}:{self.port}"
+        port = f"call({self.what})" if self.port == "call" else self.port
+        return f"{self.module or '<model>'}:{port}"
+
+
+class _Call(nn.Module):
+    """Runs ``fn(*args, **kwargs)`` with ``root`` registered as a submodule, for functional_call."""
+
+    def __init__(self, root: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.root = root
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+
+def call_with_identity(
+    root: nn.Module, linear: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``fn(*args, **kwargs)`` with ``root.<linear>``'s weight replaced by the identity, its bias by 0.
+
+    ``linear`` is a square Linear or 1x1 Conv2d inside ``root`` that ``fn`` uses, possibly through
+    ``F.linear`` on its weight. Whatever ``fn`` computes after that layer must act per token/position
+    (dropout in eval, window reversal, cropping): the result is then exactly the layer's input, laid
+    out as ``fn``'s output. The parameters are swapped with ``torch.func.functional_call`` and are
+    back in place afterwards, also when ``fn`` raises.
+    """
+    layer = root.get_submodule(linear)
+    w = layer.weight
+    if w.shape[0] != w.shape[1] or (w.ndim == 4 and tuple(w.shape[2:]) != (1, 1)):
+        raise SurgeryError(
+            f"{linear} has weight shape {tuple(w.shape)}: reading its input through the identity needs a "
+            "square Linear or 1x1 Conv2d"
+        )
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device).reshape(w.shape)
+    params = {f"root.{linear}.weight": eye}
+    if getattr(layer, "bias", None) is not None:
+        params[f"root.{linear}.bias"] = torch.zeros_like(layer.bias)
+    return torch.func.functional_call(_Call(root, fn), params, args, kwargs, strict=False)
 
 
 @dataclass(frozen=True)
@@ -60,11 +143,17 @@ class EditableLayer:
         post: the block after ``module``; ``None`` when the value is ``module``'s own output.
         block: a short human-readable description, e.g. ``"conv -> bn -> +identity -> relu"``.
         family: which adapter built it.
-        key_channel_dim: the channel axis of keys (1 for NCHW maps, -1 for tokens/channels-last).
-        value_channel_dim: the channel axis of values.
+        key_layout: how keys are laid out (:class:`Layout`); by default NCHW for a conv, ``"last"``
+            for a Linear.
+        value_layout: how values are laid out; by default the key layout.
+        key_channel_dim: the channel axis of keys (1 for NCHW maps, -1 for tokens/channels-last);
+            derived from ``key_layout`` (passing it alone picks NCHW for 1 and ``"last"`` for -1).
+        value_channel_dim: the axis of values indexed by the edited layer's output channels; derived
+            from ``value_layout``.
         eval_modules: modules whose train/eval mode changes ``block_forward``; they must be in eval mode.
         channelwise: True when ``post`` acts on each output channel separately (BN, ReLU, pooling,
-            residual add, layer-scale); the fast solver relies on it. Squeeze-excite breaks it.
+            residual add, layer-scale); the fast solver relies on it. Squeeze-excite after the edited
+            conv and post-norm transformer blocks (LayerNorm on the branch) break it.
     """
 
     name: str
@@ -76,10 +165,27 @@ class EditableLayer:
     post: BlockFn | None = None
     block: str = "conv"
     family: str = "generic"
-    key_channel_dim: int = 1
-    value_channel_dim: int = 1
+    key_channel_dim: int | None = None
+    value_channel_dim: int | None = None
     eval_modules: tuple[nn.Module, ...] = ()
     channelwise: bool = True
+    key_layout: Layout | None = None
+    value_layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        def from_dim(dim: int | None) -> Layout | None:
+            if dim is None:
+                return None
+            return Layout("nchw") if dim == 1 else Layout("last", channel_dim=None if dim == -1 else dim)
+
+        if self.key_layout is None:
+            self.key_layout = from_dim(self.key_channel_dim) or (
+                Layout("nchw") if self.kind == "conv" else Layout("last")
+            )
+        if self.value_layout is None:
+            self.value_layout = from_dim(self.value_channel_dim) or self.key_layout
+        self.key_channel_dim = self.key_layout.channel_axis
+        self.value_channel_dim = self.value_layout.channel_axis
 
     @property
     def weight(self) -> nn.Parameter:
@@ -156,8 +262,10 @@ class EditableLayer:
             )
 
         def read(site: Site) -> torch.Tensor:
-            t = traces[site.module]
-            return t.input if site.port == "input" else t.output
+            value = site.read(traces[site.module])
+            if not isinstance(value, torch.Tensor):
+                raise SurgeryError(f"the site {site} of layer {self.name!r} carries a {type(value).__name__}, not a tensor")
+            return value
 
         return LayerIO(
             keys=read(self.key_site),

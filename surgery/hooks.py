@@ -203,7 +203,7 @@ class TraceDict(OrderedDict):
         super().__init__()
         names = list(dict.fromkeys(names))
         if not names:
-            raise SurgeryError("trace_dict needs at least one module name")
+            raise SurgeryError("TraceDict needs at least one module name")
         self.stop = stop
         try:
             for name in names:

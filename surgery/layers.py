@@ -14,7 +14,13 @@ from surgery.editable import EditableLayer
 from surgery.errors import LayerNotFoundError
 from surgery.hooks import TraceDict
 
-__all__ = ["editable_layers", "get_layer", "LayerInfo", "describe_layers", "format_layer_table"]
+__all__ = [
+    "editable_layers",
+    "get_layer",
+    "LayerInfo",
+    "describe_layers",
+    "format_layer_table",
+]
 
 
 def editable_layers(model: nn.Module) -> list[EditableLayer]:
@@ -74,7 +80,9 @@ def describe_layers(
 
     def shape(site) -> tuple[int, ...] | None:
         t = traces[site.module]
-        value = t.input if site.port == "input" else t.output
+        if not t.fired:
+            return None
+        value = site.read(t)  # "call" sites derive their tensor from the module's call
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
     return [LayerInfo(l, shape(l.key_site), shape(l.value_site)) for l in layers]

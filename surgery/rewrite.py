@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from surgery._checks import model_device, require_eval
+from surgery.adapters import get_adapter
 from surgery.editable import EditableLayer
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError, SurgeryWarning
@@ -30,7 +31,7 @@ from surgery.solvers import EditProblem, solve_fast, solve_reference, value_weig
 from surgery.solvers.direction import flatten_keys, key_weights, rank_one_direction
 from surgery.stats.keystats import KeyStats
 
-__all__ = ["rewrite", "prepare_problem", "SOLVERS"]
+__all__ = ["rewrite", "prepare_problem", "auto_prefix_weight", "SOLVERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,26 @@ def _load_exemplars(
     return x, x2, m
 
 
+PrefixWeight = float | Literal["auto"]
+
+
+def auto_prefix_weight(model: nn.Module, layer: EditableLayer, keys: torch.Tensor) -> float:
+    """``prefix_weight="auto"``: when the model's head reads its class token(s) (class-token pooling),
+    the prefix tokens together weigh as much as the whole grid (each ``grid / prefix`` grid tokens);
+    otherwise (average-pooled heads, register tokens, layers without prefix tokens) 1.
+
+    Measured (``benchmarks/breadth.py --sweep``): with weight 1 an edit of a class-token ViT fits the
+    grid tokens, which the head never reads, and barely moves the logits.
+    """
+    lay = layer.key_layout.resolve(keys) if layer.key_layout is not None else None
+    if lay is None or lay.kind != "tokens" or not lay.prefix:
+        return 1.0
+    grid = keys.shape[1] - lay.prefix
+    if grid <= 0 or not get_adapter(model).head_reads_prefix(model):
+        return 1.0
+    return grid / lay.prefix
+
+
 def prepare_problem(
     model: nn.Module,
     layer: str | EditableLayer,
@@ -108,8 +129,15 @@ def prepare_problem(
     ntrain: int | None = None,
     rank: int = 1,
     transform: Transform | None = None,
+    prefix_weight: PrefixWeight = "auto",
 ) -> EditProblem:
-    """Capture keys and values, compute the direction ``u``, and return the problem a solver takes."""
+    """Capture keys and values, compute the direction ``u``, and return the problem a solver takes.
+
+    ``prefix_weight`` (token layers only): each class/register/distillation token counts as
+    ``prefix_weight`` grid tokens fully inside the concept, in the masked direction, in the masked
+    loss, and in the unmasked loss (where every grid token weighs 1); ``"auto"`` is
+    :func:`auto_prefix_weight`. The value used is ``problem.prefix_weight``; see :func:`rewrite`.
+    """
     layer = get_layer(model, layer)
     require_eval(model, "rewrite")
     x, x2, m = _load_exemplars(model, originals, transformed, masks, transform)
@@ -121,6 +149,10 @@ def prepare_problem(
                 "a mask is all zero, so with use_mask=True its exemplar would weigh nothing; "
                 "check the masks cover the concept"
             )
+    if prefix_weight != "auto" and not (
+        isinstance(prefix_weight, (int, float)) and 0 <= prefix_weight < float("inf")
+    ):
+        raise SurgeryError(f"prefix_weight must be 'auto' or a finite number >= 0, got {prefix_weight!r}")
     n_ex = x.shape[0]
     if ntrain is None:
         ntrain = n_ex
@@ -133,16 +165,25 @@ def prepare_problem(
     io_t = layer.capture(model, x2.to(device, dtype))
     io_o = layer.capture(model, x.to(device, dtype))
 
+    if prefix_weight == "auto":
+        prefix_weight = auto_prefix_weight(model, layer, io_t.keys)
+    prefix_weight = float(prefix_weight)
     # The direction uses every concept exemplar; the key/value pairs only the first `ntrain`.
-    weights = key_weights(None if m is None else m.to(device), io_t.keys, layer.key_channel_dim)
+    direction_masks = None if m is None else m.to(device)
+    if direction_masks is not None and not layer.key_layout.resolve(io_t.keys).spatial:
+        # keys that are not positions (token-mixing MLPs: one key per channel): the mask can weigh
+        # the loss (use_mask) but not the direction
+        logger.info("keys of %s have no spatial layout: the masks do not weigh the direction", layer.name)
+        direction_masks = None
+    weights = key_weights(direction_masks, io_t.keys, layer.key_layout, prefix_weight=prefix_weight)
     u = rank_one_direction(
         moment.to(device), flatten_keys(io_t.keys, layer.key_channel_dim), weights, rank=rank
     )
     values = io_o.values[:ntrain]
-    loss_weights = None
-    if use_mask:
-        assert m is not None
-        loss_weights = value_weights(m[:ntrain].to(device), values, layer.value_channel_dim)
+    loss_masks = m[:ntrain].to(device) if (use_mask and m is not None) else None
+    loss_weights = value_weights(
+        loss_masks, values, layer.value_layout, prefix_weight=prefix_weight, loss=loss
+    )
     return EditProblem(
         layer=layer,
         keys=io_t.keys[:ntrain],
@@ -152,6 +193,7 @@ def prepare_problem(
         weights=loss_weights,
         loss=loss,
         ridge=ridge,
+        prefix_weight=prefix_weight,
     )
 
 
@@ -174,6 +216,7 @@ def rewrite(
     rank: int = 1,
     transform: Transform | None = None,
     progress: bool = False,
+    prefix_weight: PrefixWeight = "auto",
 ) -> Edit:
     """Compute the edit of ``layer`` that makes ``model`` see ``transformed`` as it sees ``originals``.
 
@@ -186,7 +229,8 @@ def rewrite(
             by default the model's own preprocessing).
         transformed: the same images with the concept transformed.
         masks: ``(N, 1, H, W)`` in ``[0, 1]`` (or PNG paths): where the concept is. They weight the
-            exemplar keys that define the direction and, with ``use_mask``, the loss.
+            exemplar keys that define the direction (on maps and token grids; a layer whose keys are
+            not positions, like a token-mixing MLP, ignores them there) and, with ``use_mask``, the loss.
         stats: second moment of the layer's keys (``surgery.collect_key_stats``).
         solver: ``"fast"`` (per-channel Gauss-Newton) or ``"reference"`` (Adam, as the paper).
         loss: ``"l1"`` (the paper's) or ``"l2"``.
@@ -199,6 +243,12 @@ def rewrite(
         rank: number of directions.
         transform: preprocessing for path / PIL inputs.
         progress: a progress bar for the reference solver.
+        prefix_weight: on token layers (ViT, DeiT, EVA, CLIP ViT), each class/register/distillation
+            token counts as ``prefix_weight`` grid tokens fully inside the concept: in the direction
+            when masks are given, in the masked loss, and in the unmasked loss (where every grid token
+            weighs 1). ``"auto"`` (the default): where the head reads the class token, the prefix
+            tokens together weigh as much as the grid, else 1 (see :func:`auto_prefix_weight`);
+            1.0 treats them like any fully masked grid token.
 
     Returns:
         An :class:`Edit` with factors ``lam``, ``u`` (or a dense delta when ``restrict_rank=False``).
@@ -231,6 +281,7 @@ def rewrite(
         ntrain=ntrain,
         rank=rank,
         transform=transform,
+        prefix_weight=prefix_weight,
     )
     layer = problem.layer
     hparams: dict[str, Any] = {
@@ -241,6 +292,8 @@ def rewrite(
         "rank": rank,
         "ntrain": int(problem.keys.shape[0]),
     }
+    if problem.prefix_weight != 1.0 or prefix_weight != "auto":
+        hparams["prefix_weight"] = problem.prefix_weight
     if solver == "fast":
         max_iter = steps or _FAST_MAX_ITER
         lam, info = solve_fast(problem, max_iter=max_iter)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from benchmarks.breadth import randomize_norms, randomize_scales
 from benchmarks.random_weights import randomize_batchnorm
 
-__all__ = ["randomize_batchnorm", "randomize_layer_scale", "tiny_clip"]
+__all__ = ["randomize_batchnorm", "randomize_layer_scale", "randomize_norms", "randomize_scales", "tiny_clip"]
 
 
 def tiny_clip(image_size: int = 64):

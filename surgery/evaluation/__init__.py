@@ -1,8 +1,15 @@
 """Measuring edits: errors corrected and clean accuracy, fast evaluation of many candidates, and the
-choice of an edit's strength on validation data (docs/method.md sections 6 and 8)."""
+choice of an edit's strength on validation data, and of the layer to edit (docs/method.md sections 6 and 8)."""
 
 from surgery.evaluation.cached import CachedImages, Candidate
-from surgery.evaluation.metrics import EditReport, GroupResult, errors_corrected, evaluate_edit, predict
+from surgery.evaluation.layer_ranking import rank_layers, recommended_layers
+from surgery.evaluation.metrics import (
+    EditReport,
+    GroupResult,
+    errors_corrected,
+    evaluate_edit,
+    predict,
+)
 from surgery.evaluation.select import (
     CandidateResult,
     NoCandidateError,
@@ -26,4 +33,6 @@ __all__ = [
     "Selection",
     "CandidateResult",
     "NoCandidateError",
+    "recommended_layers",
+    "rank_layers",
 ]

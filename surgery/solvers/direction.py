@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from surgery.errors import SurgeryError
+from surgery.layout import Layout
 
 __all__ = ["inverse_sqrt", "rank_one_direction", "key_weights", "flatten_keys"]
 
@@ -60,22 +60,46 @@ def flatten_keys(keys: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 
 def key_weights(
-    masks: torch.Tensor | None, keys: torch.Tensor, channel_dim: int
+    masks: torch.Tensor | None,
+    keys: torch.Tensor,
+    layout: Layout | int,
+    *,
+    prefix_weight: float = 1.0,
 ) -> torch.Tensor | None:
     """Per-position weights of ``keys`` from image masks ``(N, 1, H, W)``, area-pooled to key resolution.
 
-    Returns ``None`` without masks. Key maps must be spatial: ``(N, n, h, w)`` or ``(N, h, w, n)``.
+    Returns ``None`` without masks. ``layout`` is the layer's key :class:`~surgery.layout.Layout`
+    (an int is read as a channel axis: 1 for NCHW maps, -1 for NHWC maps, as before layouts existed).
+    On a token layout the mask is pooled over each patch of the grid; each class/register/distillation
+    token counts as ``prefix_weight`` grid tokens fully inside the concept (its key is weighted by
+    ``sqrt(prefix_weight)``, since the direction weighs ``w^2 k k^T``).
     """
     if masks is None:
         return None
-    spatial = keys.movedim(channel_dim, -1).shape[1:-1]
-    if len(spatial) != 2:
+    lay = _as_layout(layout, keys)
+    if not lay.spatial:
         raise SurgeryError(
-            f"masks need spatial keys (N, C, H, W) or (N, H, W, C); this layer's keys have shape "
-            f"{tuple(keys.shape)}. Pass masks=None to use every position"
+            f"masks need spatial keys (N, C, H, W), (N, H, W, C) or tokens (N, L, C); this layer's keys "
+            f"have shape {tuple(keys.shape)} and no spatial layout. Pass masks=None to use every position"
         )
-    pooled = F.adaptive_avg_pool2d(masks.to(torch.float64), tuple(spatial))  # (N, 1, h, w)
-    return pooled.reshape(-1)
+    try:
+        pooled, prefix = lay.pool_mask(masks, keys)
+    except SurgeryError as e:
+        raise SurgeryError(f"masks need spatial keys: {e}. Pass masks=None to use every position") from None
+    if prefix is not None:
+        pooled = torch.where(prefix, torch.full_like(pooled, prefix_weight**0.5), pooled)
+    # rows in the order of flatten_keys: every axis but the channel axis, flattened
+    return pooled.movedim(lay.channel_axis, -1).reshape(-1)
+
+
+def _as_layout(layout: Layout | int, t: torch.Tensor) -> Layout:
+    if isinstance(layout, Layout):
+        return layout.resolve(t)
+    if layout == 1:
+        return Layout("nchw")
+    if layout == -1 and t.ndim == 4:
+        return Layout("nhwc")
+    return Layout("flat", channel_dim=layout)
 
 
 def rank_one_direction(

@@ -25,6 +25,7 @@ from torch.func import jvp, vmap
 from surgery.edits.edit import rank_one_delta
 from surgery.errors import UnsupportedModelError
 
+from .joint import linear_in_weight, solve_joint
 from .problem import EditProblem
 
 __all__ = ["solve_fast", "FastSolver"]
@@ -226,5 +227,12 @@ class FastSolver:
 
 
 def solve_fast(problem: EditProblem, *, max_iter: int = 100) -> tuple[torch.Tensor, dict]:
-    """Solve ``problem`` with the per-channel decomposition; returns ``(lam, info)``."""
+    """Solve ``problem`` with the per-channel decomposition; returns ``(lam, info)``.
+
+    Blocks that mix output channels (squeeze-excite after the edited conv, a LayerNorm on the
+    branch) and layers whose output is not linear in the weight (weight standardization) go to the
+    joint Gauss-Newton solver of :mod:`surgery.solvers.joint` instead.
+    """
+    if not problem.layer.channelwise or not linear_in_weight(problem):
+        return solve_joint(problem, max_iter=max_iter)
     return FastSolver(problem).solve(max_iter=max_iter)

@@ -12,31 +12,66 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from surgery.editable import EditableLayer
 from surgery.edits.edit import rank_one_delta
 from surgery.errors import SurgeryError
+from surgery.layout import Layout
 
 __all__ = ["EditProblem", "Loss", "value_weights"]
 
 Loss = Literal["l1", "l2"]
 
 
-def value_weights(masks: torch.Tensor, values: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``sqrt`` of image masks ``(N, 1, H, W)`` area-pooled to the values' resolution.
+def value_weights(
+    masks: torch.Tensor | None,
+    values: torch.Tensor,
+    layout: Layout | int,
+    *,
+    prefix_weight: float = 1.0,
+    loss: Loss = "l1",
+) -> torch.Tensor | None:
+    """Loss weights ``d``: ``sqrt`` of image masks ``(N, 1, H, W)`` area-pooled to the values' positions.
 
     Returned with the values' number of dimensions, size 1 on the channel axis, ready to broadcast.
+    ``layout`` is the layer's value :class:`~surgery.layout.Layout` (an int is read as a channel
+    axis, 1 for NCHW and -1 for NHWC maps). On token layouts, each class/register/distillation token
+    counts as ``prefix_weight`` grid tokens fully inside the concept: ``d = prefix_weight`` for L1 and
+    ``sqrt(prefix_weight)`` for L2, since the loss is ``mean(d |r|)`` or ``mean((d r)^2)``.
+
+    Without masks (``masks=None``) every grid token weighs 1 and prefix tokens as above; the result is
+    ``None`` (no weighting) when that changes nothing, i.e. ``prefix_weight == 1`` or no prefix tokens.
     """
-    moved = values.movedim(channel_dim, 1)
-    spatial = moved.shape[2:]
-    if len(spatial) != 2:
+    lay = layout.resolve(values) if isinstance(layout, Layout) else _int_layout(layout, values)
+    prefix_d = prefix_weight if loss == "l1" else prefix_weight**0.5
+    if masks is None:
+        if prefix_weight == 1.0 or lay.kind != "tokens" or not lay.prefix:
+            return None
+        d = torch.ones(values.shape[0], values.shape[1], 1, dtype=values.dtype, device=values.device)
+        d[:, : lay.prefix] = prefix_d
+        return d
+    if not lay.spatial:
         raise SurgeryError(
-            f"a loss mask needs spatial values (N, C, H, W); this layer's values have shape "
-            f"{tuple(values.shape)}. Use use_mask=False"
+            f"a loss mask needs spatial values (N, C, H, W), (N, H, W, C) or tokens (N, L, C); this "
+            f"layer's values have shape {tuple(values.shape)} and no spatial layout. Use use_mask=False"
         )
-    pooled = F.adaptive_avg_pool2d(masks.to(values.dtype), tuple(spatial)).sqrt()
-    return pooled.movedim(1, channel_dim)
+    try:
+        # pooled in the values' dtype, as before layouts existed (bit-identical weights for CNNs)
+        pooled, prefix = lay.pool_mask(masks, values, dtype=values.dtype)
+    except SurgeryError as e:
+        raise SurgeryError(f"a loss mask needs spatial values: {e}. Use use_mask=False") from None
+    d = pooled.sqrt()
+    if prefix is not None:
+        d = torch.where(prefix, torch.full_like(d, prefix_d), d)
+    return d
+
+
+def _int_layout(channel_dim: int, values: torch.Tensor) -> Layout:
+    if channel_dim == 1:
+        return Layout("nchw")
+    if channel_dim == -1 and values.ndim == 4:
+        return Layout("nhwc")
+    return Layout("flat", channel_dim=channel_dim)
 
 
 @dataclass
@@ -52,6 +87,7 @@ class EditProblem:
         weights: loss weights broadcastable to ``values`` (``sqrt`` of the pooled mask), or ``None``.
         loss: ``"l1"`` or ``"l2"``.
         ridge: ``ridge * ||lam||^2`` is added to the objective.
+        prefix_weight: the class/register-token weight the weights were built with (a record).
     """
 
     layer: EditableLayer
@@ -62,6 +98,7 @@ class EditProblem:
     weights: torch.Tensor | None = None
     loss: Loss = "l1"
     ridge: float = 0.0
+    prefix_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("l1", "l2"):

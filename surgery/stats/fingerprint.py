@@ -49,7 +49,7 @@ def prepare_batch(batch: torch.Tensor, device: torch.device, dtype: torch.dtype 
 
 def read_site(model: nn.Module, site: Site, batch: torch.Tensor, what: str) -> torch.Tensor:
     """One forward of ``batch`` that ends at ``site`` and returns the tensor found there."""
-    want_input = site.port == "input"
+    want_input = site.needs_input
     with Trace(
         model,
         site.module,
@@ -64,7 +64,7 @@ def read_site(model: nn.Module, site: Site, batch: torch.Tensor, what: str) -> t
             f"the key site {site} was never reached in the forward pass ({what}); is the layer "
             "part of this model's forward path?"
         )
-    keys = t.input if want_input else t.output
+    keys = site.read(t)  # a "call" site computes its keys from the module's call, here
     if not isinstance(keys, torch.Tensor):
         raise SurgeryError(f"the key site {site} carries a {type(keys).__name__}, not a tensor")
     return keys
@@ -84,7 +84,8 @@ class UpstreamRecorder:
     def attach(self) -> None:
         def make_hook(name: str) -> Callable[[nn.Module, Any], None]:
             def hook(module: nn.Module, args: Any) -> None:
-                if module is not self.key_module and name not in self.started:
+                # a "call" site's keys are computed by its module (rerun in Site.read): it counts
+                if (module is not self.key_module or self.site.port == "call") and name not in self.started:
                     self.started[name] = module
 
             return hook
@@ -95,7 +96,7 @@ class UpstreamRecorder:
 
         for name, module in self.model.named_modules():
             self._handles.append(module.register_forward_pre_hook(make_hook(name)))
-        if self.site.port == "input":
+        if self.site.port != "output":
             self._handles.append(self.key_module.register_forward_pre_hook(lambda m, args: record(args[0] if args else None)))
         else:
             self._handles.append(self.key_module.register_forward_hook(lambda m, args, out: record(out)))

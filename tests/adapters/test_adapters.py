@@ -12,17 +12,20 @@ import torch
 import torchvision
 from surgery.adapters import (
     CLIPAdapter,
+    ConvNeXtAdapter,
+    EfficientNetAdapter,
     GenericAdapter,
     ResNetAdapter,
-    TimmAdapter,
     VGGAdapter,
+    ViTAdapter,
     ZeroShotClassifier,
     get_adapter,
 )
 from torch import nn
 
 from surgery import LayerNotFoundError, SurgeryError, editable_layers, get_layer
-from surgery.editable import EditableLayer
+from surgery.editable import EditableLayer, Site
+from surgery.layout import Layout
 from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, tiny_clip
 
 REL_TOL = 1e-5
@@ -38,17 +41,17 @@ def _models():
         ("tv_resnet50", lambda: tv.resnet50(), 64, ResNetAdapter, ["layer3.5.conv3", "layer4.2.conv3"]),
         ("timm_test_resnet", lambda: timm.create_model("test_resnet"), 64, ResNetAdapter, []),
         ("timm_vgg11", lambda: timm.create_model("vgg11_bn"), 32, VGGAdapter, ["features.25"]),
-        ("timm_test_convnext", lambda: timm.create_model("test_convnext"), 64, TimmAdapter, []),
+        ("timm_test_convnext", lambda: timm.create_model("test_convnext"), 64, ConvNeXtAdapter, []),
         (
             "timm_convnext_conv_mlp",
             lambda: timm.create_model("test_convnext", conv_mlp=True),
             64,
-            TimmAdapter,
+            ConvNeXtAdapter,
             [],
         ),
-        ("timm_test_vit", lambda: timm.create_model("test_vit", init_values=1e-5), 64, TimmAdapter, []),
-        ("timm_test_efficientnet", lambda: timm.create_model("test_efficientnet"), 64, TimmAdapter, []),
-        ("timm_efficientnet_lite0", lambda: timm.create_model("tf_efficientnet_lite0"), 64, TimmAdapter, []),
+        ("timm_test_vit", lambda: timm.create_model("test_vit", init_values=1e-5), 64, ViTAdapter, []),
+        ("timm_test_efficientnet", lambda: timm.create_model("test_efficientnet"), 64, EfficientNetAdapter, []),
+        ("timm_efficientnet_lite0", lambda: timm.create_model("tf_efficientnet_lite0"), 64, EfficientNetAdapter, []),
         ("clip_visual", lambda: tiny_clip().visual, 64, CLIPAdapter, ["layer4.0.conv3"]),
         ("clip_model", lambda: tiny_clip(), 64, CLIPAdapter, ["visual.layer4.0.conv3"]),
     ]
@@ -134,7 +137,10 @@ def test_token_layouts():
     assert io.keys.ndim == 4 and io.keys.shape[-1] == fc2[-1].weight.shape[1]  # (N, H, W, C)
     vit, xv = _build("timm_test_vit")
     proj = get_layer(vit, "blocks.0.attn.proj")
-    assert proj.value_site.module == "blocks.0.ls1" and proj.block == "linear -> layer-scale"
+    # valued after the residual add: the intermediate stream, read at the input of norm2
+    assert proj.value_site == Site("blocks.0.norm2", "input") and proj.block == "linear -> ls1 -> +skip"
+    assert proj.context_sites == {"skip": Site("blocks.0", "input")}
+    assert proj.key_layout == Layout("tokens", prefix=vit.num_prefix_tokens)
     io = proj.capture(vit, xv)
     assert io.keys.ndim == 3  # (N, tokens, C)
 
@@ -154,7 +160,13 @@ def test_family_layer_names():
     effnet = timm.create_model("tf_efficientnet_lite0").eval()
     names = {l.name: l for l in editable_layers(effnet)}
     pwl = [n for n in names if n.endswith("conv_pwl")]
-    assert len(pwl) == 15 and all(names[n].value_site.module.endswith("bn3") for n in pwl)
+    assert len(pwl) == 15
+    # blocks with a skip connection are valued after the add (the block output), others at bn3
+    for n in pwl:
+        block = effnet.get_submodule(n.rsplit(".", 1)[0])
+        expected = n.rsplit(".", 1)[0] if block.has_skip else n.replace("conv_pwl", "bn3")
+        assert names[n].value_site.module == expected, n
+    assert names["blocks.2.1.conv_pwl"].block == "conv -> bn3 -> +skip"
     assert "blocks.0.0.conv_pw" in names and names["blocks.0.0.conv_pw"].block == "conv -> bn2"
     assert not any(n.endswith("conv_dw") for n in names)  # depthwise convs are not editable
 
@@ -229,6 +241,8 @@ def test_adapter_selection_imports_neither_timm_nor_open_clip():
     code = textwrap.dedent(
         """
         import sys, torch, torchvision, surgery
+        # reachable as an attribute after `import surgery` alone (issue 17)
+        assert surgery.adapters.ZeroShotClassifier.__name__ == "ZeroShotClassifier"
         from surgery.adapters import get_adapter
         m = torchvision.models.resnet18()
         assert type(get_adapter(m)).__name__ == "ResNetAdapter"

@@ -11,7 +11,7 @@ LIBRARY = ROOT / "surgery"
 ADAPTERS = ROOT / "adapters"
 
 # what an adapter may import from the library: the core layer types, the hooks and the errors
-ADAPTER_MAY_IMPORT = {"surgery.editable", "surgery.hooks", "surgery.errors"}
+ADAPTER_MAY_IMPORT = {"surgery.editable", "surgery.layout", "surgery.hooks", "surgery.errors"}
 # imports that may sit inside a function: optional or heavy dependencies, imported only when used
 LAZY_OK = {
     "timm", "open_clip", "matplotlib", "scipy", "skimage", "sklearn", "mlxtend", "huggingface_hub",

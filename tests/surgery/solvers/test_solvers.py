@@ -122,7 +122,10 @@ def test_linear_token_layer_affine_exact():
     a = problem.keys @ problem.u[0]  # (1, L)
     with torch.no_grad():
         r = (problem.values - problem.forward(problem.weight0))[0]  # (L, m)
-    expected = gamma * (a[0] @ r) / (gamma**2 * (a[0] @ a[0]))
+    # weighted least squares: the class token weighs as much as the grid (prefix_weight="auto")
+    w = torch.ones_like(a[0]) if problem.weights is None else problem.weights[0, :, 0] ** 2
+    assert w[0] == a.shape[1] - 1 and (w[1:] == 1).all()
+    expected = gamma * ((w * a[0]) @ r) / (gamma**2 * ((w * a[0]) @ a[0]))
     assert ((lam[0] - expected).norm() / expected.norm()).item() < 1e-6
 
 

@@ -1,0 +1,308 @@
+"""One small model per family: its own adapter (never the generic fallback), every listed layer real
+(captured in a forward pass), values after the residual add equal to the hooked block output, and a
+masked rewrite that runs."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torchvision
+from surgery.adapters import (
+    CLIPAdapter,
+    ConvNeXtAdapter,
+    EfficientNetAdapter,
+    GenericAdapter,
+    MaxxVitAdapter,
+    MetaFormerAdapter,
+    MixerAdapter,
+    RegNetAdapter,
+    ResNetV2Adapter,
+    SwinAdapter,
+    TimmAdapter,
+    ViTAdapter,
+    get_adapter,
+)
+from torch import nn
+
+import surgery
+from surgery import editable_layers, get_layer, recommended_layers
+from surgery.hooks import TraceDict
+from surgery.rewrite import rewrite
+from surgery.solvers.direction import flatten_keys
+from tests.tiny_models import (
+    randomize_batchnorm,
+    randomize_layer_scale,
+    randomize_norms,
+    randomize_scales,
+)
+
+REL_TOL = 1e-5
+tv = torchvision.models
+
+
+def _timm(name, **kw):
+    return lambda: timm.create_model(name, **kw)
+
+
+def _swin(name, **kw):
+    return _timm(name, img_size=32, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2), **kw)
+
+
+def _mixer(**kw):
+    from timm.models.mlp_mixer import MlpMixer
+
+    return lambda: MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=16, **kw)
+
+
+def _open_clip_vit():
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    return CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=16, image_size=32, patch_size=8),
+        text_cfg=CLIPTextCfg(context_length=8, vocab_size=49408, width=16, heads=1, layers=1),
+    ).visual
+
+
+def _tv_vit():
+    return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+
+def _metaformer(caformer: bool):
+    from timm.models import metaformer as mf
+
+    if caformer:
+        return lambda: mf.MetaFormer(
+            depths=(1, 1, 1, 1), dims=(8, 16, 32, 32), token_mixers=[mf.SepConv, mf.SepConv, mf.Attention, mf.Attention],
+            norm_layers=[mf.LayerNorm2dNoBias] * 2 + [mf.LayerNormNoBias] * 2,
+        )
+    return lambda: mf.MetaFormer(
+        depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True,
+        norm_layers=mf.GroupNorm1, layer_scale_init_values=1e-5, res_scale_init_values=None, use_mlp_head=False,
+    )
+
+
+def _tv_efficientnet(arch: str, **kw):
+    def build():
+        setting, last = tv.efficientnet._efficientnet_conf(arch, **kw)
+        return tv.efficientnet.EfficientNet(setting[:3], 0.2, last_channel=last)
+
+    return build
+
+
+def _tiny_bit():
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(
+        layers=(1, 1, 1, 1), channels=(16, 16, 32, 32), stem_chs=16, stem_type="fixed",
+        conv_layer=StdConv2d, norm_layer=lambda c, **kw: GroupNormAct(c, num_groups=8, **kw),
+    )
+
+
+# (factory, input size, adapter, layers that must be valued after a residual add)
+FAMILIES = {
+    "timm_vit": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, init_values=1e-5), 32, ViTAdapter,
+                 ["blocks.1.attn.proj", "blocks.1.mlp.fc2"]),
+    "timm_vit_reg_gap": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2, class_token=False,
+                               global_pool="avg"), 32, ViTAdapter, ["blocks.0.mlp.fc2"]),
+    "timm_vit_res_post": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, block_fn=timm.models.vision_transformer.ResPostBlock),
+                          32, ViTAdapter, ["blocks.1.attn.proj", "blocks.1.mlp.fc2"]),
+    "timm_deit_distilled": (_timm("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2), 32, ViTAdapter,
+                            ["blocks.0.attn.proj"]),
+    "timm_eva": (_timm("eva02_tiny_patch14_224", img_size=28, depth=2), 28, ViTAdapter, ["blocks.1.attn.proj", "blocks.1.mlp.fc2"]),
+    "timm_cait": (_timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, depth_token_only=1), 32, ViTAdapter,
+                  ["blocks.1.mlp.fc2", "blocks_token_only.0.attn.proj", "blocks_token_only.0.mlp.fc2"]),
+    "timm_beit": (_timm("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32, ViTAdapter,
+                  ["blocks.1.attn.proj", "blocks.1.mlp.fc2"]),
+    "tv_vit": (_tv_vit, 32, ViTAdapter,
+               ["encoder.layers.encoder_layer_1.self_attention.out_proj", "encoder.layers.encoder_layer_1.mlp.3"]),
+    "open_clip_vit": (_open_clip_vit, 32, CLIPAdapter, ["transformer.resblocks.1.attn.out_proj", "transformer.resblocks.1.mlp.c_proj"]),
+    "timm_swin": (_swin("swin_tiny_patch4_window7_224"), 32, SwinAdapter, ["layers.1.blocks.0.attn.proj", "layers.1.blocks.0.mlp.fc2"]),
+    "timm_swinv2": (_swin("swinv2_tiny_window8_256"), 32, SwinAdapter, ["layers.1.blocks.0.attn.proj", "layers.1.blocks.0.mlp.fc2"]),
+    "tv_swin": (lambda: tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4]),
+                32, SwinAdapter, ["features.1.0.attn.proj", "features.3.0.mlp.3"]),
+    "tv_swin_v2": (lambda: tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+                                              block=tv.swin_transformer.SwinTransformerBlockV2,
+                                              downsample_layer=tv.swin_transformer.PatchMergingV2),
+                   32, SwinAdapter, ["features.1.0.attn.proj", "features.3.0.mlp.3"]),
+    "timm_maxvit": (_timm("maxvit_tiny_tf_224", img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), stem_width=16),
+                    64, MaxxVitAdapter, ["stages.0.blocks.0.conv.conv3_1x1", "stages.0.blocks.0.attn_block.attn.proj",
+                                         "stages.0.blocks.0.attn_grid.mlp.fc2"]),
+    "timm_coatnet": (_timm("coatnet_0_rw_224", img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), stem_width=16),
+                     64, MaxxVitAdapter, ["stages.3.blocks.0.attn.proj", "stages.3.blocks.0.mlp.fc2"]),
+    "timm_mixer": (_mixer(), 32, MixerAdapter, ["blocks.1.mlp_tokens.fc2", "blocks.1.mlp_channels.fc2"]),
+    "timm_resmlp": (_mixer(mlp_ratio=4, block_layer=partial(timm.models.mlp_mixer.ResBlock, init_values=0.1),
+                           norm_layer=timm.models.mlp_mixer.Affine), 32, MixerAdapter,
+                    ["blocks.1.linear_tokens", "blocks.1.mlp_channels.fc2"]),
+    "timm_gmlp": (_mixer(mlp_ratio=6, block_layer=timm.models.mlp_mixer.SpatialGatingBlock,
+                         mlp_layer=timm.models.mlp_mixer.GatedMlp), 32, MixerAdapter, ["blocks.1.mlp_channels.fc2"]),
+    "timm_poolformer": (_metaformer(False), 32, MetaFormerAdapter, ["stages.3.blocks.0.mlp.fc2"]),
+    "timm_caformer": (_metaformer(True), 64, MetaFormerAdapter,
+                      ["stages.0.blocks.0.token_mixer.pwconv2", "stages.3.blocks.0.token_mixer.proj", "stages.3.blocks.0.mlp.fc2"]),
+    "timm_convnext": (_timm("test_convnext"), 32, ConvNeXtAdapter, ["stages.1.blocks.0.mlp.fc2"]),
+    "timm_convnextv2": (_timm("convnextv2_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)), 32, ConvNeXtAdapter,
+                        ["stages.3.blocks.0.mlp.fc2"]),
+    "tv_convnext": (lambda: tv.convnext.ConvNeXt([tv.convnext.CNBlockConfig(8, 16, 1), tv.convnext.CNBlockConfig(16, None, 1)]),
+                    32, ConvNeXtAdapter, ["features.1.0.block.5", "features.3.0.block.5"]),
+    "timm_efficientnet": (_timm("test_efficientnet"), 32, EfficientNetAdapter, []),
+    "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), 32, EfficientNetAdapter, ["blocks.2.1.conv_pwl"]),
+    "tv_efficientnet": (_tv_efficientnet("efficientnet_b0", width_mult=0.25, depth_mult=1.0), 32, EfficientNetAdapter,
+                        ["features.2.1.block.3.0"]),
+    "tv_efficientnet_v2": (_tv_efficientnet("efficientnet_v2_s"), 32, EfficientNetAdapter,
+                           ["features.1.1.block.0.0", "features.2.1.block.1.0"]),
+    "tv_mobilenet_v2": (lambda: tv.mobilenet_v2(width_mult=0.25), 32, EfficientNetAdapter, ["features.3.conv.2"]),
+    "tv_mobilenet_v3": (lambda: tv.mobilenet_v3_small(width_mult=0.25), 32, EfficientNetAdapter, ["features.5.block.3.0"]),
+    "timm_regnet": (_timm("regnety_002"), 32, RegNetAdapter, ["s3.b1.conv3.conv"]),
+    "tv_regnet": (lambda: tv.regnet_y_400mf(), 32, RegNetAdapter, ["trunk_output.block2.block2-1.f.c.0"]),
+    "timm_resnetv2": (_timm("resnetv2_18"), 32, ResNetV2Adapter, ["stages.1.blocks.1.conv2"]),
+    "timm_bit": (_tiny_bit, 32, ResNetV2Adapter, ["stages.1.blocks.0.conv3"]),
+}
+
+
+def _build(key: str) -> tuple[nn.Module, torch.Tensor]:
+    factory, size, _, _ = FAMILIES[key]
+    torch.manual_seed(0)
+    model = factory()
+    model = randomize_scales(randomize_norms(randomize_layer_scale(randomize_batchnorm(model)))).eval()
+    return model, torch.randn(2, 3, size, size)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_family(key):
+    model, x = _build(key)
+    _, _, adapter_cls, must = FAMILIES[key]
+    adapter = get_adapter(model)
+    assert type(adapter) is adapter_cls and not isinstance(adapter, (GenericAdapter, TimmAdapter))
+    layers = editable_layers(model)
+    by_name = {l.name: l for l in layers}
+    for name in must:
+        assert name in by_name, f"{name} is not listed"
+        assert by_name[name].context_sites.get("skip") is not None, f"{name} should be valued after its add"
+        assert "+" in by_name[name].block, by_name[name].block
+    # every listed layer is real: one forward with every site of every layer traced
+    sites = {s.module for l in layers for s in l.sites}
+    with torch.no_grad(), TraceDict(model, sites, retain_input=True, retain_output=True) as traces:
+        model(x)
+    never = sorted(n for n, t in traces.items() if not t.fired)
+    assert not never, f"listed but never run: {never}"
+    for l in layers:
+        keys = l.key_site.read(traces[l.key_site.module])
+        value = l.value_site.read(traces[l.value_site.module])
+        context = {k: s.read(traces[s.module]) for k, s in l.context_sites.items()}
+        with torch.no_grad():
+            got = l.block_forward(keys, l.weight, context)
+        assert got.shape == value.shape, l
+        if value.norm() > 0:  # zero-initialized heads have nothing to compare
+            assert _rel_err(got, value) < REL_TOL, (l, _rel_err(got, value))
+    # a masked rewrite runs on the family's first recommended layer
+    layer = recommended_layers(model, k=1)[0]
+    assert layer.name in by_name and layer.post is not None
+    x2 = x.clone()
+    size = x.shape[-1]
+    x2[:, :, size // 2 :] = torch.randn(2, 3, size - size // 2, size)
+    mask = torch.zeros(2, 1, size, size)
+    mask[:, :, size // 2 :] = 1
+    k = flatten_keys(layer.capture(model, torch.randn(4, 3, size, size)).keys, layer.key_channel_dim).double()
+    moment = k.T @ k / len(k) + 0.05 * torch.eye(k.shape[1], dtype=torch.float64)
+    edit = rewrite(model, layer, x, x2, mask, stats=moment, use_mask=layer.value_layout.spatial, loss="l2", steps=3)
+    assert torch.isfinite(edit.lam).all() and edit.lam.abs().sum() > 0
+
+
+def test_functionally_used_layers_are_not_listed():
+    names = {l.name for l in editable_layers(_build("timm_eva")[0])}
+    assert not any(n.endswith("attn.qkv") for n in names)  # F.linear with q/v biases
+    names = {l.name for l in editable_layers(_build("tv_swin")[0])}
+    assert not any(n.endswith("attn.qkv") or "cpb_mlp" in n for n in names)
+    assert "features.1.0.attn.proj" in names  # read through its attention call, with proj = identity
+    names = {l.name for l in editable_layers(_build("tv_swin_v2")[0])}
+    assert not any("cpb_mlp" in n for n in names)
+
+
+def test_multihead_attention_out_proj_keys_and_statistics():
+    """``out_proj`` never runs as a module; its keys come from the attention's call, and the key
+    statistics (surgery.stats, which reads key sites through Site.read) see the same keys."""
+    model, x = _build("tv_vit")
+    layer = get_layer(model, "encoder.layers.encoder_layer_0.self_attention.out_proj")
+    assert layer.key_site.port == "call"
+    io = layer.capture(model, x)
+    blk = model.encoder.layers.encoder_layer_0
+    # the keys reproduce the attention output through the real out_proj
+    with torch.no_grad():
+        y = blk.ln_1(_encoder_input(model, x))
+        ref, _ = blk.self_attention(y, y, y, need_weights=False)
+    torch.testing.assert_close(nn.functional.linear(io.keys, layer.weight, layer.module.bias), ref, rtol=1e-5, atol=1e-6)
+    data = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    stats = surgery.collect_key_stats(model, layer, data, batch_size=2, progress=False)
+    k = flatten_keys(layer.capture(model, data).keys, -1).double()
+    torch.testing.assert_close(stats.moment(), k.T @ k / len(k), rtol=1e-6, atol=1e-8)
+    # the fingerprint covers the attention's own in_proj (it computes the keys), not out_proj
+    fp = surgery.stats.weights_fingerprint(model, layer, x)
+    with torch.no_grad():
+        blk.self_attention.out_proj.weight.add_(1.0)
+    assert surgery.stats.weights_fingerprint(model, layer, x) == fp
+    with torch.no_grad():
+        blk.self_attention.in_proj_weight.add_(1.0)
+    assert surgery.stats.weights_fingerprint(model, layer, x) != fp
+
+
+def _encoder_input(model, x):
+    """What torchvision's first encoder block receives: patch tokens, class token, positions."""
+    t = model._process_input(x)
+    t = torch.cat([model.class_token.expand(t.shape[0], -1, -1), t], dim=1)
+    return model.encoder.dropout(t + model.encoder.pos_embedding)
+
+
+def test_prefix_tokens_and_head_pooling_per_model():
+    vit = _build("timm_vit")[0]
+    gap = _build("timm_vit_reg_gap")[0]
+    deit = _build("timm_deit_distilled")[0]
+    clip_vit = _build("open_clip_vit")[0]
+    tvv = _build("tv_vit")[0]
+    cait = _build("timm_cait")[0]
+    prefix = lambda m, n: get_layer(m, n).key_layout.prefix  # noqa: E731
+    assert prefix(vit, "blocks.0.mlp.fc2") == 1 and get_adapter(vit).head_reads_prefix(vit)
+    assert prefix(gap, "blocks.0.mlp.fc2") == 2 and not get_adapter(gap).head_reads_prefix(gap)
+    assert prefix(deit, "blocks.0.mlp.fc2") == 2 and get_adapter(deit).head_reads_prefix(deit)
+    assert prefix(clip_vit, "transformer.resblocks.0.mlp.c_proj") == 1
+    assert prefix(tvv, "encoder.layers.encoder_layer_0.mlp.3") == 1
+    assert prefix(cait, "blocks.0.mlp.fc2") == 0 and prefix(cait, "blocks_token_only.0.mlp.fc2") == 1
+
+
+def test_squeeze_excite_and_post_norm_blocks_are_not_channelwise():
+    se = timm.create_model("test_resnet", block_args=dict(attn_layer="se")).eval()
+    assert not get_layer(se, "layer1.0.conv2").channelwise
+    assert not get_layer(_build("timm_swinv2")[0], "layers.1.blocks.0.mlp.fc2").channelwise
+    assert get_layer(_build("timm_swin")[0], "layers.1.blocks.0.mlp.fc2").channelwise
+    # RegNetY/MBConv/MobileNetV3 squeeze-excite acts before the projection conv (on its keys)
+    assert get_layer(_build("tv_mobilenet_v3")[0], "features.5.block.3.0").channelwise
+
+
+def test_recommended_layers():
+    model, x = _build("timm_vit")
+    rec = recommended_layers(model, k=3)
+    # the family's measured order: the last MLP output, an early MLP output, the last attention output
+    assert [l.name for l in rec] == ["blocks.1.mlp.fc2", "blocks.0.mlp.fc2", "blocks.1.attn.proj"]
+    assert all(l.post is not None and "skip" in l.context_sites for l in rec)
+    resnet = randomize_batchnorm(tv.resnet18()).eval()
+    assert [l.name for l in recommended_layers(resnet, k=2)] == ["layer4.1.conv2", "layer4.0.conv2"]
+    assert len(recommended_layers(nn.Sequential(nn.Conv2d(3, 4, 1)), k=3)) <= 1
+    with pytest.raises(surgery.LayerNotFoundError):
+        recommended_layers(resnet, k=0)
+    # measured on the user's exemplars: each candidate edited, scored on a left-out exemplar
+    x2 = x.clone()
+    x2[:, :, 16:] = 0.5
+    x, x2 = torch.cat([x, x + 0.1]), torch.cat([x2, x2 + 0.1])
+    ranked = surgery.evaluation.rank_layers(model, x, x2, layers=rec)
+    assert sorted(l.name for l, _ in ranked) == sorted(l.name for l in rec)
+    ratios = [r for _, r in ranked]
+    assert ratios == sorted(ratios) and all(r >= 0 for r in ratios)
+    measured = recommended_layers(model, k=2, originals=x, transformed=x2, pool=3)
+    assert [l.name for l in measured] == [l.name for l, _ in ranked[:2]]

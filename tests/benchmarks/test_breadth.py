@@ -1,0 +1,36 @@
+"""The breadth benchmark runs end to end on three small models and its report says what it measured."""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks import breadth
+
+
+def test_breadth_runs_on_three_small_models():
+    images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
+    res = breadth.run(["tv_mobilenet_v3_small", "vit_tiny_patch16_224", "resmlp_12_224"], k=1, images=images)
+    assert [m["model"] for m in res["models"]] == ["tv_mobilenet_v3_small", "vit_tiny_patch16_224", "resmlp_12_224"]
+    for m in res["models"]:
+        assert "error" not in m, m
+        assert not m["generic_fallback"] and m["adapter"] != "GenericAdapter"
+        (row,) = m["rows"]
+        assert "error" not in row, row
+        assert row["block_forward_rel_err"] < 1e-5
+        for key in ("value_ratio", "exemplar_ratio", "heldout_ratio", "clean_change"):
+            assert math.isfinite(row[key]) and row[key] >= 0
+        assert row["exemplar_ratio"] < 1  # the edit moves the exemplars toward their originals
+    vit_row = res["models"][1]["rows"][0]
+    assert vit_row["prefix_weight"] == 36.0  # the class token weighs as much as the 6x6 grid
+    md = breadth.markdown({**res, "command": "python -m benchmarks.breadth --models ..."})
+    assert md.startswith("# Breadth") and "vit_tiny_patch16_224" in md and "| model |" in md
+
+
+def test_concept_and_images():
+    x = breadth.smooth_images(3, 32, seed=0)
+    x2, masks = breadth.paste_concept(x, seed=1)
+    assert x.shape == x2.shape == (3, 3, 32, 32) and masks.shape == (3, 1, 32, 32)
+    inside = masks.bool().expand_as(x)
+    assert not x2[~inside].ne(x[~inside]).any() and x2[inside].ne(x[inside]).any()
+    tex = breadth.concept_texture(8)
+    assert (tex[:, :2, :2].repeat(1, 4, 4) == tex).all()  # a 2x2 tile: the same in every even patch
