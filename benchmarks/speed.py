@@ -28,9 +28,11 @@ from torch import nn
 
 import surgery
 from surgery.editable import EditableLayer
-from surgery.rewrite import prepare_problem
+from surgery.rewrite import prepare_problem, rewrite
 from surgery.solvers import solve_fast, solve_reference
 from surgery.stats.collect import collect_key_stats
+from surgery.stats.keystats import KeyStats
+from surgery.stats.whitening import inverse_sqrt
 from surgery.suffix import network_suffix, suffix_logits
 
 from .random_weights import randomize_batchnorm
@@ -49,6 +51,16 @@ CASES = {
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+# Layers with 3072 input channels, where decomposing the key moment dominated an edit (issue 16):
+# (model, layer, image size).
+WIDE_CASES = {
+    "vit_b_16 encoder_layer_11.mlp.3": (
+        lambda: torchvision.models.vit_b_16(), "encoder.layers.encoder_layer_11.mlp.3", 224
+    ),
+    "convnext_tiny features.7.2.block.5": (lambda: torchvision.models.convnext_tiny(), "features.7.2.block.5", 224),
+    "swin_t features.7.1.mlp.3": (lambda: torchvision.models.swin_t(), "features.7.1.mlp.3", 224),
+}
 
 
 def timed_side_by_side(
@@ -216,6 +228,44 @@ def bench_files(case: str, device: torch.device) -> dict:
     }
 
 
+def bench_wide(case: str, device: torch.device) -> dict:
+    """A whole ``rewrite`` (one exemplar) on a 3072-channel layer, with statistics that carry their
+    whitening (computed once, as a saved statistics file holds it) vs statistics that must decompose
+    the moment on every edit (as before), side by side; and the decomposition alone."""
+    factory, layer_name, size = WIDE_CASES[case]
+    torch.manual_seed(0)
+    model = randomize_batchnorm(factory()).eval().to(device)
+    layer = surgery.get_layer(model, layer_name)
+    x, x2 = exemplar(size, device)
+    n = layer.weight.shape[1]
+    # A well-conditioned moment from more key vectors than channels; the timing does not depend on
+    # its content.
+    keys = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    total, count = keys.T @ keys, 2 * n
+    cached = KeyStats(layer.name, total, count, "float32")
+    cached.whitening()
+
+    def uncached() -> object:
+        return rewrite(model, layer, x, x2, stats=KeyStats(layer.name, total, count, "float32"))
+
+    times = timed_side_by_side(
+        {
+            "cached": lambda: rewrite(model, layer, x, x2, stats=cached),
+            "uncached": uncached,
+            "decomposition": lambda: inverse_sqrt(total / count),
+        },
+        device,
+    )
+    return {
+        "case": case,
+        "channels": n,
+        "rewrite_cached_seconds": times["cached"],
+        "rewrite_uncached_seconds": times["uncached"],
+        "decomposition_seconds": times["decomposition"],
+        "speedup": times["uncached"] / times["cached"],
+    }
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables (one per part that ran)."""
     lines = [f"Speed, {results['device']} ({results['mode']} run, torch {results['torch']}, {results['threads']} threads)"]
@@ -244,6 +294,17 @@ def markdown(results: dict) -> str:
         lines += ["", "| candidate evaluation | suffix (s) | full forward (s) | speed-up |", "|---|---|---|---|"]
         for r in results["suffix"]:
             lines.append(f"| {r['case']} ({r['images']} images) | {r['suffix_seconds']:.2f} | {r['full_seconds']:.2f} | {r['speedup']:.1f}x |")
+    if "wide" in results:
+        lines += [
+            "",
+            "| rewrite on a wide layer | channels | statistics carry C^-1/2 (s) | recomputed per edit (s) | C^-1/2 alone (s) | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["wide"]:
+            lines.append(
+                f"| {r['case']} | {r['channels']} | {r['rewrite_cached_seconds']:.2f} | "
+                f"{r['rewrite_uncached_seconds']:.2f} | {r['decomposition_seconds']:.2f} | {r['speedup']:.1f}x |"
+            )
     if "files" in results:
         lines += ["", "| edit file | file | dense layer | smaller by | apply+revert / plain copy |", "|---|---|---|---|---|"]
         for r in results["files"]:
@@ -254,7 +315,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("files", "stats", "suffix", "solver")
+PARTS = ("files", "stats", "suffix", "solver", "wide")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -287,11 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
         ("stats", lambda c: bench_stats(c, device, size=args.size, n_images=args.images, batch=args.batch)),
         ("suffix", lambda c: bench_suffix(c, device, size=args.size, n_images=args.images, batch=args.batch)),
         ("solver", lambda c: bench_solver(c, device, quick=args.quick, size=args.size)),
+        ("wide", lambda c: bench_wide(c, device)),
     ):
         if key not in parts:
             continue
         results[key] = []
-        for case in CASES:
+        for case in WIDE_CASES if key == "wide" else CASES:
             logger.info("%s: %s", key, case)
             results[key].append(fn(case))
     table = markdown(results)

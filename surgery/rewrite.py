@@ -176,8 +176,13 @@ def prepare_problem(
         logger.info("keys of %s have no spatial layout: the masks do not weigh the direction", layer.name)
         direction_masks = None
     weights = key_weights(direction_masks, io_t.keys, layer.key_layout, prefix_weight=prefix_weight)
+    whitening = stats.whitening().to(device) if isinstance(stats, KeyStats) else None  # kept with the stats
     u = rank_one_direction(
-        moment.to(device), flatten_keys(io_t.keys, layer.key_channel_dim), weights, rank=rank
+        moment.to(device),
+        flatten_keys(io_t.keys, layer.key_channel_dim),
+        weights,
+        rank=rank,
+        whitening=whitening,
     )
     values = io_o.values[:ntrain]
     loss_masks = m[:ntrain].to(device) if (use_mask and m is not None) else None

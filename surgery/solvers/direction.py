@@ -8,51 +8,13 @@ keys stand out most against typical keys. For one key it is ``C^{-1} k``.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from surgery.errors import SurgeryError
 from surgery.layout import Layout
+from surgery.stats.whitening import inverse_sqrt
 
-__all__ = ["inverse_sqrt", "rank_one_direction", "key_weights", "flatten_keys"]
-
-logger = logging.getLogger(__name__)
-
-_RCOND = 1e-10
-
-
-def inverse_sqrt(moment: torch.Tensor, *, eps: float | None = None) -> torch.Tensor:
-    """``C^{-1/2}`` of a symmetric positive semi-definite ``moment``, in float64.
-
-    When ``C`` is singular or ill-conditioned (smallest eigenvalue below ``1e-10`` times the largest),
-    ``eps * I`` is added first, with a logged warning; ``eps`` defaults to ``1e-6 * trace(C) / n``.
-    """
-    if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
-        raise SurgeryError(f"the key second moment must be square, got shape {tuple(moment.shape)}")
-    c = moment.detach().to(torch.float64)
-    if not torch.isfinite(c).all():
-        raise SurgeryError("the key second moment has NaN or inf entries; recollect the statistics")
-    c = (c + c.T) / 2
-    n = c.shape[0]
-    # one decomposition: adding eps * I shifts the eigenvalues and keeps the eigenvectors
-    evals, evecs = torch.linalg.eigh(c)
-    top = float(evals[-1])
-    if top <= 0:
-        raise SurgeryError("the key second moment is zero: the statistics saw no non-zero keys")
-    if eps is None and float(evals[0]) <= _RCOND * top:
-        eps = 1e-6 * float(torch.trace(c)) / n
-        logger.warning(
-            "key second moment is ill-conditioned (eigenvalues %.3g .. %.3g); adding %.3g * I",
-            float(evals[0]),
-            top,
-            eps,
-        )
-    if eps:
-        evals = evals + eps
-    evals = evals.clamp_min(_RCOND * float(evals[-1]))
-    return (evecs * evals.rsqrt()) @ evecs.T
-
+__all__ = ["rank_one_direction", "key_weights", "flatten_keys"]
 
 def flatten_keys(keys: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Keys as rows ``(positions, n)``: the channel axis last, every other axis flattened."""
@@ -109,6 +71,7 @@ def rank_one_direction(
     *,
     rank: int = 1,
     eps: float | None = None,
+    whitening: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The edit direction(s) ``u``, unit rows of shape ``(rank, n)`` in float64.
 
@@ -118,6 +81,8 @@ def rank_one_direction(
         weights: per-position weights (the mask at key resolution); ``None`` weighs all equally.
         rank: how many directions: the top ``rank`` singular vectors.
         eps: ridge added to ``C``; by default only when ``C`` is ill-conditioned.
+        whitening: ``C^{-1/2}`` computed once for these statistics (:meth:`KeyStats.whitening`);
+            without it (or with ``eps``) it is computed here.
     """
     n = moment.shape[0]
     if keys.ndim != 2 or keys.shape[1] != n:
@@ -137,7 +102,12 @@ def rank_one_direction(
             "the exemplar keys inside the mask are all zero, so they define no direction; "
             "check the mask covers the concept (or pass no mask)"
         )
-    z = inverse_sqrt(moment, eps=eps)
+    if whitening is not None and eps is None:
+        if tuple(whitening.shape) != (n, n):
+            raise SurgeryError(f"the whitening is {tuple(whitening.shape)}, expected ({n}, {n})")
+        z = whitening.to(device=k.device, dtype=torch.float64)
+    else:
+        z = inverse_sqrt(moment, eps=eps)
     whitened = k @ z
     _, _, vh = torch.linalg.svd(whitened, full_matrices=False)
     u = vh[:rank] @ z  # Z is symmetric: u_i = Z s_i

@@ -3,7 +3,10 @@
 ``C = sum k k^T / count`` (uncentered, see docs/method.md section 2) is kept as a float64 sum and a
 count, so partial results from batches, files or processes add up exactly (:meth:`KeyStats.merge`).
 Statistics are saved as safetensors with string metadata: layer, count, key dtype, dataset id and a
-fingerprint of the weights upstream of the layer (:mod:`surgery.stats.fingerprint`).
+fingerprint of the weights upstream of the layer (:mod:`surgery.stats.fingerprint`). Since format
+version 2 the file also holds the whitening ``C^{-1/2}`` (:meth:`KeyStats.whitening`), computed once
+when the statistics are saved, so edits read it instead of decomposing ``C`` again; version-1 files
+(the sum alone) are still read.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import torch
 
 from surgery._files import atomic_write
 from surgery.errors import SurgeryError
-from surgery.identity import dtype_name
+from surgery.identity import dtype_name, tensor_sha256
+from surgery.stats.whitening import inverse_sqrt
 
-__all__ = ["KeyStats", "key_sums", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["KeyStats", "key_sums", "FORMAT", "FORMAT_VERSION", "READ_VERSIONS"]
 
 
 FORMAT = "surgery.keystats"
 """The ``format`` metadata value of a key-statistics file."""
-FORMAT_VERSION = "1"
-"""The ``format_version`` this library writes and reads."""
+FORMAT_VERSION = "2"
+"""The ``format_version`` this library writes (it reads ``READ_VERSIONS``)."""
+READ_VERSIONS = ("1", "2")
 
 
 def key_sums(keys: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, int]:
@@ -78,6 +83,8 @@ class KeyStats:
         if int(self.count) <= 0:
             raise SurgeryError(f"KeyStats.count must be positive, got {self.count}")
         self.count = int(self.count)
+        # C^{-1/2}, with what it was computed from: the sum tensor and its in-place version counter
+        self._whitening: tuple[torch.Tensor, int, int, int] | None = None
 
     @property
     def n(self) -> int:
@@ -87,6 +94,15 @@ class KeyStats:
     def moment(self) -> torch.Tensor:
         """``C = sum / count``: the uncentered second moment, float64 ``n x n``."""
         return self.sum / self.count
+
+    def whitening(self) -> torch.Tensor:
+        """``C^{-1/2}`` (float64 ``n x n``, :func:`~surgery.stats.whitening.inverse_sqrt`), computed on
+        first use and kept: every edit with these statistics reuses it. Recomputed if ``sum`` or
+        ``count`` were changed since."""
+        key = (id(self.sum), self.sum._version, self.count)
+        if self._whitening is None or self._whitening[1:] != key:
+            self._whitening = (inverse_sqrt(self.moment()), *key)
+        return self._whitening[0]
 
     @classmethod
     def from_keys(
@@ -159,8 +175,10 @@ class KeyStats:
         """
         from safetensors.torch import save_file
 
-        tensors = {"sum": self.sum.detach().cpu().contiguous()}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
+        total = self.sum.detach().cpu().contiguous()
+        tensors = {"sum": total, "whitening": self.whitening().detach().cpu().contiguous()}
+        meta = {**self.metadata(), "whitening_of": tensor_sha256(total)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyStats:
@@ -178,8 +196,9 @@ class KeyStats:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                names = list(f.keys())
-                s = f.get_tensor("sum") if names == ["sum"] else None
+                names = sorted(f.keys())
+                s = f.get_tensor("sum") if names in (["sum"], ["sum", "whitening"]) else None
+                z = f.get_tensor("whitening") if s is not None and "whitening" in names else None
         except SurgeryError:
             raise
         except Exception as e:  # safetensors raises its own error types, OSError, ValueError...
@@ -196,15 +215,16 @@ class KeyStats:
 
         if meta.get("format") != FORMAT:
             raise bad(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READ_VERSIONS:
             raise bad(
-                f"format version {meta.get('format_version')!r}; this library reads {FORMAT_VERSION!r}"
+                f"format version {meta.get('format_version')!r}; this library reads "
+                + " and ".join(repr(v) for v in READ_VERSIONS)
             )
         missing = [k for k in ("layer", "count", "n", "dtype", "fingerprint") if k not in meta]
         if missing:
             raise bad(f"metadata lacks {missing}")
         if s is None:
-            raise bad(f"it holds tensors {names}, expected exactly ['sum']")
+            raise bad(f"it holds tensors {names}, expected exactly ['sum'] or ['sum', 'whitening']")
         try:
             count, n = int(meta["count"]), int(meta["n"])
             max_images = int(meta["max_images"]) if "max_images" in meta else None
@@ -222,7 +242,7 @@ class KeyStats:
                 raise bad("sum is not symmetric")
         if bool((s.diagonal() < 0).any()):
             raise bad("sum has negative diagonal entries")
-        return cls(
+        stats = cls(
             layer=meta["layer"],
             sum=s,
             count=count,
@@ -231,6 +251,13 @@ class KeyStats:
             fingerprint=meta["fingerprint"],
             max_images=max_images,
         )
+        if z is not None:
+            if z.dtype != torch.float64 or tuple(z.shape) != (n, n) or not bool(torch.isfinite(z).all()):
+                raise bad(f"its whitening is {z.dtype} {tuple(z.shape)} or not finite, expected float64 ({n}, {n})")
+            if meta.get("whitening_of") != tensor_sha256(s):
+                raise bad("its whitening was not computed from its sum")
+            stats._whitening = (z, id(stats.sum), stats.sum._version, stats.count)
+        return stats
 
     def __repr__(self) -> str:
         return (

@@ -19,6 +19,9 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
             "vgg11_bn features.4": (lambda: torchvision.models.vgg11_bn(num_classes=10), "features.4"),
         },
     )
+    monkeypatch.setattr(
+        speed, "WIDE_CASES", {"resnet18 layer4.1.conv2": (lambda: torchvision.models.resnet18(num_classes=10), "layer4.1.conv2", 32)}
+    )
     monkeypatch.setattr(speed, "REFERENCE_STEPS", 400)
     monkeypatch.setattr(speed, "QUICK_STEPS", 100)
     results = speed.main(["--quick", "--device", "cpu", "--size", "32", "--images", "4", "--batch", "2", "--out", str(tmp_path)])
@@ -26,7 +29,10 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
     table = (tmp_path / "speed-quick-cpu.md").read_text()
     assert saved["mode"] == "quick" and saved["size"] == 32
     for part in speed.PARTS:
-        assert [r["case"] for r in saved[part]] == list(speed.CASES), part
+        assert [r["case"] for r in saved[part]] == list(speed.WIDE_CASES if part == "wide" else speed.CASES), part
+    for r in saved["wide"]:
+        assert r["channels"] == 512 and r["rewrite_cached_seconds"] > 0 and r["decomposition_seconds"] > 0
+        assert f"| {r['case']} | 512 |" in table
     for r in saved["solver"]:
         assert r["reference_steps_run"] == 100 and not r["reference_20000_measured"]
         assert r["reference_seconds_20000"] == pytest.approx(r["reference_seconds_per_step"] * 400)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surgery import SurgeryError
-from surgery.solvers.direction import inverse_sqrt, key_weights, rank_one_direction
+from surgery.solvers.direction import key_weights, rank_one_direction
+from surgery.stats.whitening import inverse_sqrt
 
 
 def _spd(n: int, seed: int) -> torch.Tensor:
