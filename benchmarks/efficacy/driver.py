@@ -18,10 +18,11 @@ import torch.distributed as dist
 
 import surgery
 from surgery import collect_key_stats
-from surgery._files import write_text
+from surgery._files import refuse_overwrite, write_text
 from surgery.evaluation import CachedImages
 from surgery.stats.distributed import process_group
 from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed.models import ARCHS
 from surgery.testbed.protocol import select_pairs
 
 from .models import load_model, preprocessor, tiny_classifier
@@ -115,7 +116,10 @@ def run_arch(arch: str, s: Settings, cache: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vgg", choices=["vgg", "resnet", "all"])
+    p.add_argument(
+        "--arch", nargs="+", default=["vgg"], choices=[*ARCHS, "all"],
+        help=f"testbed classifiers to measure ({', '.join(ARCHS)}; all: every one)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="3 pairs, N=3, 2 draws, small grids")
     mode.add_argument("--tiny", action="store_true", help="a tiny classifier trained here; seconds (tests)")
@@ -129,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     p.add_argument("--name", default=None, help="file stem (default efficacy[_quick|_tiny])")
     p.add_argument("--render", type=Path, metavar="JSON", help="only re-render an earlier run's markdown and figure")
+    p.add_argument(
+        "--include", type=Path, metavar="JSON",
+        help="carry the models of an earlier run with the same settings into this run's result "
+        "(e.g. vgg and resnet, when this run measures vit and convnext); its file is not overwritten",
+    )
     args = p.parse_args(argv)
     if args.render is not None:
         result = json.loads(args.render.read_text())
@@ -137,16 +146,25 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("surgery.edits.apply").setLevel(logging.WARNING)
     mode_name = "tiny" if args.tiny else "quick" if args.quick else "full"
-    archs = ["tiny"] if args.tiny else (["vgg", "resnet"] if args.arch == "all" else [args.arch])
+    archs = ["tiny"] if args.tiny else (list(ARCHS) if "all" in args.arch else list(dict.fromkeys(args.arch)))
     s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
                      ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
     if args.paper_ft_grid:
         s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
+    deadline = None
     if args.max_minutes is not None:
-        s.deadline = time.time() + 60 * args.max_minutes
+        s.deadline = deadline = time.time() + 60 * args.max_minutes
     rank, world = init_distributed()
     cache = RESULTS / "efficacy_cache"
     stem = args.name or ("efficacy" if mode_name == "full" else f"efficacy_{mode_name}")
+    earlier = None
+    if args.include is not None:
+        refuse_overwrite(args.out / f"{stem}.json", [args.include], what="the result")
+        earlier = json.loads(args.include.read_text())
+        mine = {k: v for k, v in asdict(s).items() if k not in ("arch", "deadline", "methods")}
+        theirs = {k: v for k, v in earlier["settings"].items() if k != "methods"}
+        if earlier.get("mode") != mode_name or json.loads(json.dumps(mine)) != theirs:
+            raise SystemExit(f"{args.include} was run with other settings or another mode; rerun its models here")
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     result = {
         "mode": mode_name,
@@ -157,9 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
         "restricted_to_correct_originals": True,
         "archs": {},
     }
+    if earlier is not None:
+        result["command"] = earlier["command"] + " ; " + result["command"]
+        result["archs"] = {a: r for a, r in earlier["archs"].items() if a not in archs}
     for arch in archs:
-        s.arch = arch
+        s = settings_for(mode_name, arch, pairs=args.pairs, draws=args.draws,
+                         ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
+        if args.paper_ft_grid:
+            s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
+        s.deadline = deadline  # one time budget for the whole run
         result["archs"][arch] = run_arch(arch, s, cache)
+        result["archs"][arch]["methods"] = list(s.methods)
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         write_text(args.out / f"{stem}.json", json.dumps(result, indent=1, default=float))

@@ -8,7 +8,7 @@ from typing import Any
 
 from surgery.testbed.protocol import ALPHAS, MIN_DROP, MIN_HURT
 
-__all__ = ["GROUPS", "VARIANTS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
+__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
 
 
 GROUPS = (
@@ -20,6 +20,9 @@ GROUPS = (
 
 
 VARIANTS = ("edit multi-class", "edit high-res", "edit label-free")
+# Variants that matter for tokens (the ViT): the class token weighed like one grid token instead of
+# "auto", and the deep candidates restricted to the MLP outputs or to the attention outputs.
+TOKEN_VARIANTS = ("edit prefix=1", "edit mlp only", "edit attn only")
 
 
 PAPER_FT_GRID = ((1e-2, 500), (1e-3, 500), (1e-4, 500), (1e-5, 800), (1e-6, 800))
@@ -86,6 +89,8 @@ def settings_for(mode: str, arch: str, **over: Any) -> Settings:
             n_concept_ref=40, bootstrap=200, size=48, fast_steps=5, variant_ns=(1,),
             concepts=("grass", "sand", "brick", "sky"), styles=("snow", "black-and-white"),
         )
+    if arch == "vit" and mode != "tiny":
+        s.methods = (*s.methods, *TOKEN_VARIANTS)
     for k, v in over.items():
         if v is not None:
             setattr(s, k, v)

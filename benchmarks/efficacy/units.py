@@ -17,7 +17,7 @@ from surgery.evaluation import CachedImages, Candidate, NoCandidateError, select
 from surgery.testbed import CLASS_NAMES, STYLES
 from surgery.testbed.protocol import choose_target, edit_candidates
 
-from .settings import VARIANTS, Settings
+from .settings import TOKEN_VARIANTS, VARIANTS, Settings
 
 __all__ = ["PairData", "prepare_pair", "draw_unit", "run_unit", "evaluate_on_test"]
 
@@ -129,14 +129,20 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
             continue
         if method == "edit multi-class" and multi_ex is None:
             continue
-        if method in VARIANTS and not (n in s.variant_ns and d < s.variant_draws):
+        if method in (*VARIANTS, *TOKEN_VARIANTS) and not (n in s.variant_ns and d < s.variant_draws):
             continue
         mex = exemplars(multi_ex) if method == "edit multi-class" else ex
         lays = layers["high_res"] if method == "edit high-res" else layers["deep"]
+        if method in ("edit mlp only", "edit attn only"):
+            lays = [l for l in lays if (".mlp." in l) == (method == "edit mlp only")]
         if method == "edit label-free" and "edit" in cache_cands:
             cands = cache_cands["edit"]  # the same candidates; only the selection differs
-        elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free"):
+        elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only"):
             cands = edit_candidates(model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps)
+        elif method == "edit prefix=1":
+            cands = edit_candidates(
+                model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, prefix_weight=1.0
+            )
         elif method == "edit +mask":
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, use_mask=True

@@ -114,11 +114,15 @@ def edit_candidates(
     alphas: Sequence[float] = ALPHAS,
     use_mask: bool = False,
     steps: int | None = None,
+    prefix_weight: float | str = "auto",
 ) -> list[Candidate]:
     """One fast-solver rewrite per layer (L1, the paper's ``-mask`` unless ``use_mask``), each at every
-    strength of ``alphas``."""
+    strength of ``alphas``. ``prefix_weight``: the class token's weight on token layers (``rewrite``)."""
     out: list[Candidate] = []
     for layer in layers:
-        edit = rewrite(model, layer, x, x2, masks, stats=stats[layer], solver="fast", use_mask=use_mask, steps=steps)
+        edit = rewrite(
+            model, layer, x, x2, masks, stats=stats[layer], solver="fast", use_mask=use_mask, steps=steps,
+            prefix_weight=prefix_weight,
+        )
         out += strength_grid(edit, alphas)
     return out

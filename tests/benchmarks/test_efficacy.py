@@ -139,3 +139,25 @@ def test_torchrun_two_processes_give_the_same_report(tmp_path):
     units = b["archs"]["tiny"]["units"]
     assert [u["pair"] for u in units] == [0, 1], "both pairs ran, in order"
     _same(_strip_timing(a), _strip_timing(b))
+
+
+def test_include_carries_an_earlier_runs_models_and_never_overwrites_it(tiny_run, tmp_path):
+    out, _result, _ = tiny_run
+    earlier = json.loads((out / "efficacy_tiny.json").read_text())
+    earlier["archs"] = {"vgg": earlier["archs"]["tiny"]}  # stands for a model measured in another run
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    result = efficacy.main(["--tiny", "--include", str(path), "--out", str(tmp_path / "new")])
+    assert list(result["archs"]) == ["vgg", "tiny"]
+    assert result["archs"]["vgg"] == earlier["archs"]["vgg"]
+    assert result["command"].startswith(earlier["command"] + " ; ")
+    saved = json.loads((tmp_path / "new" / "efficacy_tiny.json").read_text())
+    assert list(saved["archs"]) == ["vgg", "tiny"] and "## vgg" in (tmp_path / "new" / "efficacy_tiny.md").read_text()
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="overwrite|same file|input"):
+        efficacy.main(["--tiny", "--include", str(path), "--out", str(tmp_path), "--name", "earlier"])
+    assert path.read_bytes() == before
+    other = {**earlier, "settings": {**earlier["settings"], "pairs": 7}}
+    path.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings"):
+        efficacy.main(["--tiny", "--include", str(path), "--out", str(tmp_path / "x")])
