@@ -33,7 +33,8 @@ def solve_reference(
 
     Returns:
         ``(lam, info)`` when ``restrict_rank``; otherwise ``(dense_delta, info)``. ``info`` holds the
-        final objective (``ridge`` is not part of the reference objective), steps and seconds.
+        final objective (``ridge`` is not part of the reference objective), steps, seconds and the
+        objective's ``trajectory`` ``[(steps taken, objective), ...]``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -42,9 +43,15 @@ def solve_reference(
     opt = torch.optim.Adam([weight], lr=lr)
     start = time.perf_counter()
     lam = None
+    # (steps taken, objective) at 1-2-5 multiples of project_every, read right after a projection:
+    # what the weight on W + lam (x) u scores as the run goes on
+    marks = {m * d * project_every for m in (1, 2, 5) for d in (10**e for e in range(9))}
+    trajectory: list[tuple[int, float]] = []
     for step in tqdm(range(steps), desc=f"reference {problem.layer.name}", disable=not progress):
         opt.zero_grad(set_to_none=True)
         loss = problem.loss_value(problem.forward(weight))
+        if step == 0 or step in marks:
+            trajectory.append((step, float(loss.detach())))
         loss.backward()
         opt.step()
         last = step == steps - 1
@@ -54,7 +61,8 @@ def solve_reference(
                 weight.copy_(problem.weight_for(lam))
     with torch.no_grad():
         final = float(problem.loss_value(problem.forward(weight)))
-    info = {"objective": final, "steps": steps, "seconds": time.perf_counter() - start}
+    trajectory.append((steps, final))
+    info = {"objective": final, "steps": steps, "seconds": time.perf_counter() - start, "trajectory": trajectory}
     logger.info("reference solver on %s: objective %.6g after %d steps", problem.layer.name, final, steps)
     if restrict_rank:
         assert lam is not None

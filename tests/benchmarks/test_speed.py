@@ -24,7 +24,7 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(speed, "REFERENCE_STEPS", 400)
     monkeypatch.setattr(speed, "QUICK_STEPS", 100)
-    results = speed.main(["--quick", "--device", "cpu", "--size", "32", "--images", "4", "--batch", "2", "--out", str(tmp_path)])
+    results = speed.main(["--quick", "--device", "cpu", "--size", "32", "--images", "4", "--batch", "2", "--solver-images", "4", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "speed-quick-cpu.json").read_text())
     table = (tmp_path / "speed-quick-cpu.md").read_text()
     assert saved["mode"] == "quick" and saved["size"] == 32
@@ -37,6 +37,12 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
         assert r["reference_steps_run"] == 100 and not r["reference_20000_measured"]
         assert r["reference_seconds_20000"] == pytest.approx(r["reference_seconds_per_step"] * 400)
         assert 0 < r["fast_seconds"] and 0 < r["fast_seconds_first_call"]
+        assert r["fast_in_objective_evals"] == pytest.approx(r["fast_seconds"] / r["objective_eval_seconds"])
+        assert r["fast_in_objective_evals"] > 1, "a solve cannot cost less than one evaluation"
+        traj = r["reference_trajectory"]
+        assert traj[0][0] == 0 and traj[-1] == [100, r["reference_objective"]] and [k for k, _ in traj] == sorted(k for k, _ in traj)
+        assert r["stats_images"] == 4 and r["near_zero_eigenvalues"] >= 0 and 0 <= r["u_energy_vs_top"] <= 1 + 1e-9
+        assert f"- {r['case']}, reference objective after (steps: objective) 0: " in table
         assert r["fast_objective"] < r["objective_before"]
         assert f"| {r['case']} | {r['fast_seconds']:.2f} |" in table
     for r in saved["stats"]:
