@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -95,14 +96,16 @@ def network_suffix(model: nn.Module, site: str | Site | EditableLayer) -> Networ
     for node in graph.nodes:  # nodes are in topological order
         if any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
-    # Nodes the suffix needs that are not downstream must not depend on the model's input.
-    depends_on_input: set[fx.Node] = {n for n in graph.nodes if n.op == "placeholder"}
+    # Nodes the suffix needs that are not downstream must not depend on the model's input. Arguments
+    # of forward() with a default (timm ViT's attn_mask=None) are not the input: they keep their default.
+    required = {n for n in graph.nodes if n.op == "placeholder" and not n.args}
+    depends_on_input: set[fx.Node] = set(required)
     for node in graph.nodes:
         if any(a in depends_on_input for a in node.all_input_nodes):
             depends_on_input.add(node)
     new = fx.Graph()
     value = new.placeholder("value")
-    env: dict[fx.Node, fx.Node] = {cut.all_input_nodes[0]: value} if port == "input" else {cut: value}
+    env: dict[fx.Node, Any] = {cut.all_input_nodes[0]: value} if port == "input" else {cut: value}
 
     def copy(node: fx.Node, reader: fx.Node) -> fx.Node:
         """Copy ``node`` and, recursively, the constants it is computed from."""
@@ -112,6 +115,9 @@ def network_suffix(model: nn.Module, site: str | Site | EditableLayer) -> Networ
                     f"{reader.name} after {site!r} also reads {node.name}, computed before the cut; "
                     "the network cannot be split there"
                 )
+            if node.op == "placeholder":  # an argument left at its default: the suffix uses the default
+                env[node] = node.args[0]
+                return env[node]
             for a in node.all_input_nodes:
                 copy(a, node)
             env[node] = new.node_copy(node, lambda x: env[x])

@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 
-from surgery import UnsupportedModelError, apply_edit, get_layer, revert_edit
+from surgery import Trace, UnsupportedModelError, apply_edit, get_layer, revert_edit
 from surgery.edits.edit import Edit, base_record
 from surgery.suffix import network_suffix, suffix_logits
 from tests.tiny_models import randomize_batchnorm, tiny_clip
@@ -53,11 +53,27 @@ def test_suffix_shares_parameters_with_the_model():
 @pytest.mark.parametrize(
     "factory,name,match",
     [
-        (lambda: timm.create_model("test_vit"), "blocks.0.mlp.fc2", "cannot be split"),
+        (lambda: timm.create_model("test_vit"), "blocks.0.mlp.fc2", "cannot be split"),  # its output, before the add
         (lambda: torchvision.models.resnet50(), "layer3.2.conv2", "cannot be split"),
     ],
 )
 def test_unsplittable_models_are_clear_errors(factory, name, match):
     model = factory().eval()
     with pytest.raises(UnsupportedModelError, match=match):
-        network_suffix(model, get_layer(model, name))
+        network_suffix(model, get_layer(model, name) if isinstance(model, torchvision.models.ResNet) else name)
+
+
+def test_a_vit_splits_after_each_add_with_forward_arguments_left_at_their_default():
+    # timm's ViT forward takes attn_mask=None (and is_causal=False): not the input, so not a reason to
+    # refuse the cut; the branch output before the add is refused above, the value after it is not
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    x = torch.randn(2, 3, 160, 160)
+    for name in ("blocks.0.mlp.fc2", "blocks.1.attn.proj"):
+        layer = get_layer(model, name)
+        site = layer.value_site
+        with torch.no_grad(), Trace(model, site.module, retain_input=True) as t:
+            expected = model(x)
+        with torch.no_grad():
+            got = network_suffix(model, layer)(site.read(t))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
