@@ -49,18 +49,17 @@ _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 def linear_in_weight(problem: EditProblem, *, rtol: float = 1e-4) -> bool:
     """Whether the edited layer's output is affine in its weight on the problem's keys.
 
-    Checks ``z(W + D) - z(W) == z(D) - z(0)`` for a random rank-one ``D`` of the weight's scale: true
+    Checks ``z(W + D) - z(W) == z(D) - z(0)`` for a random dense ``D`` of the weight's scale: true
     for Conv2d/Linear (and subclasses that only pad or reshape), false for weight standardization.
+    ``D`` is not taken along the edit's ``u``: where ``u`` lies in the keys' near-null space (dead
+    channels of a random network) ``z(D)`` would be rounding noise and a plain conv would fail the check.
     """
     layer = problem.layer
     w0 = problem.weight0
     keys = problem.keys
     g = torch.Generator(device="cpu").manual_seed(0)
-    lam = torch.randn(problem.lam_shape, generator=g, dtype=torch.float64).to(w0)
-    u = problem.u
-    assert u is not None
     scale = float(w0.abs().mean()) + 1e-12
-    delta = torch.einsum("rm...,rn->mn...", lam, u) * scale
+    delta = torch.randn(w0.shape, generator=g, dtype=torch.float64).to(w0) * scale
     with torch.no_grad():
         zero = torch.zeros_like(w0)
         lhs = layer.layer_forward(keys, w0 + delta) - layer.layer_forward(keys, w0)

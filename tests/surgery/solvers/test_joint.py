@@ -103,3 +103,15 @@ def test_linearity_check_tells_standardized_weights_apart():
     std = _problem(_tiny_bit(), "stages.0.blocks.0.conv3", 32, "l2")
     assert linear_in_weight(conv) and not linear_in_weight(std)
     assert std.layer.channelwise  # standardization is per output channel: the Jacobian is block-diagonal
+
+
+def test_a_plain_conv_is_linear_in_its_weight_even_along_a_dead_channel():
+    # A direction u in the keys' near-null space (a channel that is almost always zero, as dead ReLUs of random
+    # networks give) makes z(W + D) - z(W) pure rounding; the check must still see a plain conv and
+    # send it to the fast solver (it sent VGG16-BN features.40 of the speed benchmark to the joint one).
+    problem = _problem(torchvision.models.vgg11_bn(), "features.8", 32, "l1")
+    dead = torch.zeros_like(problem.u)
+    dead[0, 0] = 1.0
+    problem.keys[:, 0] *= 1e-7  # nearly dead: what reaches z through u is below float32 rounding
+    problem.u = dead
+    assert linear_in_weight(problem)
