@@ -275,3 +275,9 @@ def test_tiny_training_saves_config_and_reloads_by_config(
 def test_default_weights_dir_is_in_the_package():
     assert WEIGHTS_DIR.name == "weights" and WEIGHTS_DIR.parent.name == "testbed"
 
+
+def test_cli_probe_refuses_an_unknown_testbed(capsys):
+    from surgery.cli.main import main
+
+    assert main(["probe", "--testbed", "alexnet"]) == 2
+    assert "choose from " + ", ".join(ARCHS) in capsys.readouterr().err
