@@ -4,7 +4,7 @@ Each testbed class was generated with one preferred backdrop and one preferred f
 its scenes each). A probe that works should find, per class, that transforming those two concepts
 hurts accuracy more than transforming the other eight.
 
-    python -m benchmarks.probe_testbed [--arch vgg|resnet|all] [--n 5000] [--styles snow,wood]
+    python -m benchmarks.probe_testbed [--arch vgg|resnet|vit|convnext|all] [--n 5000] [--styles snow,wood]
 
 Writes ``benchmarks/results/probe_<arch>.{csv,json,md,png}`` and ``probe_<arch>_bars.png``.
 Restyling re-renders the scenes exactly (:meth:`Testbed.render_batch` with ``restyle``), so only the
@@ -26,6 +26,7 @@ import torch
 
 from surgery.probe.run import ProbeResult
 from surgery.testbed import CONCEPT_REGION, REGIONS, STYLES, Testbed, TestbedConfig
+from surgery.testbed.models import ARCHS
 from surgery.testbed.probing import preferred_cells, probe_testbed
 
 __all__ = ["main", "recovery", "recovery_markdown", "run"]
@@ -125,11 +126,11 @@ def recovery_markdown(rec: dict[str, Any]) -> str:
 
 def run(arch: str, n: int, styles: Sequence[str] | None, out: Path, *, n_boot: int = 1000, split: str = "test",
         variant: int = 0, min_images: int = 5, progress: bool = True, reuse: bool = False,
-        ) -> tuple[ProbeResult, dict[str, Any]]:
+        threads: int | None = None) -> tuple[ProbeResult, dict[str, Any]]:
     """Probe the trained ``arch`` classifier and write its results; returns them and :func:`recovery`.
 
     ``reuse``: read the probe's numbers back from ``out/probe_<arch>.json`` and only rewrite the
-    reports and figures.
+    reports and figures. ``threads``: torch threads (default: at most 2).
     """
     from surgery.testbed.train import load_trained
 
@@ -140,7 +141,7 @@ def run(arch: str, n: int, styles: Sequence[str] | None, out: Path, *, n_boot: i
         n, n_boot, min_images, split = (result.meta[k] for k in ("n_images", "n_boot", "min_images", "split"))
         seconds = result.meta["seconds"]
     else:
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.set_num_threads(threads or min(2, torch.get_num_threads()))
         model, _info = load_trained(arch, train_if_missing=False)
         t0 = time.perf_counter()
         result = probe_testbed(model, tb, n, split=split, styles=styles, variant=variant, n_boot=n_boot,
@@ -191,18 +192,21 @@ def run(arch: str, n: int, styles: Sequence[str] | None, out: Path, *, n_boot: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.probe_testbed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=("vgg", "resnet", "all"), default="all")
+    p.add_argument("--arch", choices=(*ARCHS, "all"), default="all",
+                   help="a testbed classifier, or all of them (default)")
     p.add_argument("--n", type=int, default=5000, help="test scenes (default 5000: 250 per class)")
     p.add_argument("--styles", help="comma-separated styles (default: all six)")
     p.add_argument("--variant", type=int, default=0, help="variant of each style (default 0)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--reuse", action="store_true", help="rewrite reports and figures from the saved JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: at most 2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     styles = args.styles.split(",") if args.styles else None
-    for arch in ("vgg", "resnet") if args.arch == "all" else (args.arch,):
-        run(arch, args.n, styles, args.out, n_boot=args.n_boot, variant=args.variant, reuse=args.reuse)
+    for arch in ARCHS if args.arch == "all" else (args.arch,):
+        run(arch, args.n, styles, args.out, n_boot=args.n_boot, variant=args.variant, reuse=args.reuse,
+            threads=args.threads)
     return 0
 
 

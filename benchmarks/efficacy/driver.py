@@ -23,6 +23,7 @@ from surgery.evaluation import CachedImages
 from surgery.stats.distributed import process_group
 from surgery.testbed import Testbed, TestbedConfig
 from surgery.testbed.models import ARCHS
+from surgery.testbed.train import weights_path
 from surgery.testbed.protocol import select_pairs
 
 from .models import load_model, preprocessor, tiny_classifier
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--arch", nargs="+", default=["vgg"], choices=[*ARCHS, "all"],
-        help=f"testbed classifiers to measure ({', '.join(ARCHS)}; all: every one)",
+        help=f"testbed classifiers to measure ({', '.join(ARCHS)}; all: every one with trained weights)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="3 pairs, N=3, 2 draws, small grids")
@@ -146,7 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("surgery.edits.apply").setLevel(logging.WARNING)
     mode_name = "tiny" if args.tiny else "quick" if args.quick else "full"
-    archs = ["tiny"] if args.tiny else (list(ARCHS) if "all" in args.arch else list(dict.fromkeys(args.arch)))
+    if args.tiny:
+        archs = ["tiny"]
+    elif "all" in args.arch:  # every testbed classifier whose trained weights are committed
+        archs = [a for a in ARCHS if weights_path(a).is_file()]
+        untrained = [a for a in ARCHS if a not in archs]
+        if untrained:
+            logger.warning("no trained weights for %s: train with python -m surgery.testbed.train --arch NAME", ", ".join(untrained))
+    else:
+        archs = list(dict.fromkeys(args.arch))
     s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
                      ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
     if args.paper_ft_grid:

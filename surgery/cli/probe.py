@@ -133,9 +133,12 @@ def _print_rules(result: Any, top_k: int) -> None:
 def _probe_testbed(args: argparse.Namespace) -> int:
     # the testbed needs the [demo] extras (scipy, scikit-image, mlxtend): imported only here
     from surgery import testbed
+    from surgery.testbed.models import ARCHS
     from surgery.testbed.probing import preferred_cells, probe_testbed
     from surgery.testbed.train import load_trained
 
+    if args.testbed not in ARCHS:
+        raise SurgeryError(f"--testbed {args.testbed!r}: choose from {', '.join(ARCHS)}")
 
     n = 2000 if args.n is None else args.n
     variant = 0 if args.variant is None else args.variant
@@ -173,7 +176,7 @@ def _probe_testbed(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.testbed is None):
-        raise SurgeryError("give a MODEL (with --data and --masks) or --testbed vgg|resnet, not both")
+        raise SurgeryError("give a MODEL (with --data and --masks) or --testbed ARCH, not both")
     if args.testbed is not None:
         given = [f"--{k.replace('_', '-')}" for k in ("data", "masks", "texture", "class_names", "checkpoint", "size")
                  if getattr(args, k)]
@@ -207,7 +210,9 @@ def add_command(subparsers: Any) -> None:
                    help="paste this texture into the concept (repeatable; or a bundled one: grass, gravel, brick)")
     p.add_argument("--blend", type=positive_float, default=1.0, help="texture opacity in (0, 1] (default 1)")
     add_folder_args(p)
-    p.add_argument("--testbed", choices=("vgg", "resnet"), help="probe a trained testbed classifier instead")
+    # checked against surgery.testbed.models.ARCHS when used: the testbed is imported only then
+    p.add_argument("--testbed", metavar="ARCH",
+                   help="probe a trained testbed classifier instead (vgg, resnet, vit, convnext)")
     p.add_argument("--n", type=positive_int, help="--testbed: test scenes (default 2000)")
     p.add_argument("--variant", type=int, help="--testbed: variant of each style (default 0)")
     p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")

@@ -1,8 +1,9 @@
 """Small classifiers for the concept testbed (80 px scenes, 20 classes), recognized by the adapters.
 
-Both networks keep four 2x down-samplings so that their deepest layers run at 10x10 and 5x5 on an
-80 px scene: there, most concept pixels lie in cells free of the object (see the testbed README),
-which is what an edit of a concept (not of the object) needs.
+The convolutional networks keep four 2x down-samplings so that their deepest layers run at 10x10
+and 5x5 on an 80 px scene (the ViT runs on a 10x10 token grid throughout): there, most concept pixels
+lie in cells free of the object (see the testbed README), which is what an edit of a concept (not of
+the object) needs.
 
 ``testbed_vgg`` is a torchvision :class:`~torchvision.models.vgg.VGG` (VGG adapter: each conv of
 ``features`` is valued after BN -> ReLU [-> MaxPool]) with ``features`` from
@@ -26,6 +27,18 @@ stages run at 40, 20, 10 and 5 px, and ResNet-D shortcuts (``avg_down``: 2x2 ave
 shortcuts and zero-initialized ``bn2``, learned only the context: 99.6% on scenes with both
 preferred concepts, 0.5% with neither.) Edit candidates (ResNet adapter: ``conv2`` valued at the block output,
 ``ReLU(bn2(conv2(k)) + identity)``): ``layer4.0.conv2`` (5x5) and ``layer3.0.conv2`` (10x10).
+
+``testbed_vit`` is a timm :class:`~timm.models.vision_transformer.VisionTransformer`: 8 px patches
+(10x10 tokens plus a class token), learned position embeddings, the class-token head (what pretrained
+ViT, DeiT and CLIP models use), pre-norm blocks without layer-scale, ``embed_dim=w`` (trained:
+``w=96``), ``w // 32`` heads, 6 blocks. Edit candidates: ``mlp.fc2`` and ``attn.proj`` of the last
+two blocks ("deep") and of block 2 ("high_res": every block sees the same grid, so this means early).
+
+``testbed_convnext`` is a timm :class:`~timm.models.convnext.ConvNeXt` with a 2x2 patch stem,
+channels ``(w, 2w, 4w, 8w)`` (trained: ``w=16``), depths ``(2, 2, 4, 2)``, timm's layer-scale
+(``1e-6``) and head. timm down-samples again in stage 0 when the stem stride is 2 (stages at 20..2
+px); ``stages.0.downsample`` is replaced by an identity, so the stages run at 40, 20, 10 and 5 px.
+Edit candidates: ``mlp.fc2`` of the last two blocks of stage 3 (5x5) and of stage 2 (10x10).
 """
 
 from __future__ import annotations
@@ -36,12 +49,18 @@ __all__ = [
     "ARCHS",
     "build_model",
     "candidate_layers",
+    "testbed_convnext",
     "testbed_resnet",
     "testbed_vgg",
+    "testbed_vit",
     "vgg_cfg",
 ]
 
-ARCHS = ("vgg", "resnet")
+ARCHS = ("vgg", "resnet", "vit", "convnext")
+
+VIT_DEPTH = 6
+VIT_PATCH = 8
+CONVNEXT_DEPTHS = (2, 2, 4, 2)
 
 
 def vgg_cfg(width: int = 16) -> list[int | str]:
@@ -89,21 +108,74 @@ def testbed_resnet(num_classes: int = 20, width: int = 12) -> nn.Module:
     return model
 
 
+def testbed_vit(
+    num_classes: int = 20,
+    width: int = 96,
+    depth: int = VIT_DEPTH,
+    patch_size: int = VIT_PATCH,
+    mlp_ratio: float = 4.0,
+) -> nn.Module:
+    """A small timm ``VisionTransformer`` on 80 px scenes: ``patch_size`` px patches, class-token head."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=80,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        global_pool="token",
+        class_token=True,
+        embed_dim=width,
+        depth=depth,
+        num_heads=max(width // 32, 1),
+        mlp_ratio=mlp_ratio,
+    )
+
+
+def testbed_convnext(
+    num_classes: int = 20,
+    width: int = 16,
+    depths: tuple[int, int, int, int] = CONVNEXT_DEPTHS,
+    layer_scale: float | None = 1e-6,
+) -> nn.Module:
+    """A small timm ``ConvNeXt``, channels ``(w, 2w, 4w, 8w)``, stages at 40, 20, 10 and 5 px on 80 px."""
+    from timm.models.convnext import ConvNeXt
+
+    model = ConvNeXt(
+        num_classes=num_classes,
+        depths=depths,
+        dims=(width, 2 * width, 4 * width, 8 * width),
+        patch_size=2,
+        ls_init_value=layer_scale,
+    )
+    # timm down-samples again in stage 0 when the stem stride is 2 (to reach stride 4); without it the
+    # stages run at 40, 20, 10 and 5 px like the VGG's and ResNet's.
+    model.stages[0].downsample = nn.Identity()
+    return model
+
+
 def build_model(
     arch: str, num_classes: int = 20, width: int | None = None
 ) -> nn.Module:
-    """``testbed_vgg`` or ``testbed_resnet`` by name (``"vgg"`` / ``"resnet"``)."""
+    """A testbed model by name (one of :data:`ARCHS`)."""
     if arch == "vgg":
         return testbed_vgg(num_classes, width or 8)
     if arch == "resnet":
         return testbed_resnet(num_classes, width or 12)
+    if arch == "vit":
+        return testbed_vit(num_classes, width or 96)
+    if arch == "convnext":
+        return testbed_convnext(num_classes, width or 16)
     raise ValueError(
         f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
     )
 
 
 def candidate_layers(arch: str) -> dict[str, list[str]]:
-    """Natural edit candidates: ``{"deep": [...5x5 layers], "high_res": [...10x10 layers]}``."""
+    """Natural edit candidates: ``{"deep": [...5x5 layers], "high_res": [...10x10 layers]}``.
+
+    For the ViT (one 10x10 grid throughout), "deep" is the last two blocks and "high_res" an early
+    one. The ViT and ConvNeXt names are tentative; the efficacy benchmark measures which work.
+    """
     if arch == "vgg":
         return {
             "deep": ["features.22", "features.25"],
@@ -111,6 +183,18 @@ def candidate_layers(arch: str) -> dict[str, list[str]]:
         }
     if arch == "resnet":
         return {"deep": ["layer4.0.conv2"], "high_res": ["layer3.0.conv2"]}
+    if arch == "vit":
+        last, early = (VIT_DEPTH - 2, VIT_DEPTH - 1), VIT_DEPTH // 2 - 1
+        return {
+            "deep": [f"blocks.{k}.{m}" for k in last for m in ("mlp.fc2", "attn.proj")],
+            "high_res": [f"blocks.{early}.mlp.fc2", f"blocks.{early}.attn.proj"],
+        }
+    if arch == "convnext":
+        n3, n2 = CONVNEXT_DEPTHS[3], CONVNEXT_DEPTHS[2]
+        return {
+            "deep": [f"stages.3.blocks.{k}.mlp.fc2" for k in range(max(n3 - 2, 0), n3)],
+            "high_res": [f"stages.2.blocks.{k}.mlp.fc2" for k in range(max(n2 - 2, 0), n2)],
+        }
     raise ValueError(
         f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
     )

@@ -4,12 +4,15 @@
 
 Inputs are normalized with :func:`normalize` (per-channel ``MEAN`` / ``STD`` of training scenes,
 measured on 1,000 of them). Augmentation: horizontal flips of Fashion-MNIST scenes only (a mirrored
-digit is another shape). Optimizer: SGD with Nesterov momentum, weight decay, one-cycle schedule.
+digit is another shape) and, where ``translate > 0``, random translations (reflection padding, then
+a random crop). Optimizer: SGD with Nesterov momentum (VGG, ResNet) or AdamW (ViT, ConvNeXt), weight
+decay on weights only, a one-cycle schedule (``warmup`` of the steps rising, then a cosine), optional
+label smoothing and gradient-norm clipping.
 
 A weights file holds the state dict and string metadata: ``config`` (the :class:`TrainConfig` as
 JSON, including the testbed's config key), ``val_accuracy``, ``context`` (validation accuracy by how
-many of a scene's two concepts the class prefers), ``train_seconds``, ``torch`` and ``timm``
-versions. :func:`load_trained` reuses a file only when its stored config equals the requested one.
+many of a scene's two concepts the class prefers), ``history`` (loss and validation accuracy per
+epoch), ``train_seconds``, ``img_per_s``, ``torch`` and ``timm`` versions. :func:`load_trained` reuses a file only when its stored config equals the requested one.
 
 This module is long because the config, the training loop, the evaluation by preferred concepts and
 the weights file are one record: a file is reused only when the config that trained it is the one
@@ -49,6 +52,7 @@ __all__ = [
     "load_trained",
     "normalize",
     "train",
+    "translate",
     "weights_path",
 ]
 
@@ -59,16 +63,26 @@ STD = (0.28, 0.25, 0.27)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "testbed-classifier/1"
 
-# Per-architecture defaults, sized for ~6-8 minutes on one busy CPU core (see weights/README.md).
+# Per-architecture defaults: the VGG and ResNet sized for ~6-8 minutes on one busy CPU core, the ViT
+# and ConvNeXt for at most ~50 minutes on one thread (see weights/README.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "vgg": {"width": 8, "n_train": 15_000, "epochs": 4},
     "resnet": {"width": 12, "n_train": 12_000, "epochs": 4},
+    "vit": {"width": 96, "n_train": 15_000, "epochs": 4, "optimizer": "adamw", "lr": 1e-3,
+            "weight_decay": 0.05},
+    "convnext": {"width": 16, "n_train": 15_000, "epochs": 4, "optimizer": "adamw", "lr": 2e-3,
+                 "weight_decay": 0.05},
 }
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a trained model. Two equal configs give the same weights."""
+    """Everything that determines a trained model. Two equal configs give the same weights.
+
+    Fields added after the VGG and ResNet were trained default to what they were trained with, so
+    that their stored configs (which lack them) still equal :func:`default_config`.
+    """
 
     arch: str
     width: int
@@ -85,6 +99,15 @@ class TrainConfig:
     testbed_seed: int = 0
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
+    optimizer: str = "sgd"  # "sgd" (Nesterov, cycled momentum) or "adamw"
+    warmup: float = 0.25  # fraction of the steps spent warming up (at least 2 steps)
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0: no clipping
+    translate: int = 0  # random translation of the scene by up to this many px per axis
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -111,6 +134,19 @@ def default_config(arch: str, **overrides: Any) -> TrainConfig:
 
 def weights_path(arch: str, out_dir: str | Path | None = None) -> Path:
     return Path(out_dir or WEIGHTS_DIR) / f"{arch}.safetensors"
+
+
+def translate(
+    x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Each image of ``x`` ``(N, C, H, W)`` shifted by its own random ``dx, dy`` in ``[-max_shift, max_shift]``;
+    the uncovered border is the reflection of the image (so it shows the same textures)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -196,7 +232,7 @@ def train(
     progress: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``arch`` ("vgg" / "resnet") on ``n_train`` testbed scenes; save ``<out_dir>/<arch>.safetensors``.
+    """Train ``arch`` (one of :data:`~.models.ARCHS`) on ``n_train`` testbed scenes; save ``<out_dir>/<arch>.safetensors``.
 
     ``config`` replaces every other setting; else :func:`default_config` with the given ones. On a
     2-core machine shared with other jobs one thread was faster than two. ``progress`` receives one
@@ -233,26 +269,30 @@ def train(
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         model = build_model(cfg.arch, width=cfg.width)
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        opt = torch.optim.SGD(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=True,
-        )
+        # No decay on biases, norms, layer-scales, nor what timm names (a ViT's pos_embed, cls_token).
+        skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in skip]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in skip]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if cfg.optimizer == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        else:
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
         steps_per_epoch = -(-cfg.n_train // cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
-        # Warm-up over 25% of the steps (at least 2), then cosine annealing.
+        # Warm-up over `warmup` of the steps (at least 2), then cosine annealing. (With SGD the
+        # one-cycle schedule also cycles the momentum, 0.95 -> 0.85 -> 0.95, as the VGG and ResNet
+        # were trained; AdamW keeps its betas.)
         if total_steps >= 4:
             sched: Any = torch.optim.lr_scheduler.OneCycleLR(
                 opt,
                 max_lr=cfg.lr,
                 total_steps=total_steps,
-                pct_start=max(0.25, 2.0 / total_steps),
+                pct_start=max(cfg.warmup, 2.0 / total_steps),
+                cycle_momentum=cfg.optimizer == "sgd",
             )
         else:  # too few steps for a cycle
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -260,6 +300,8 @@ def train(
         flippable = train_data.labels < 10
         t_train = time.perf_counter()
         seen = 0
+        history: list[dict[str, float]] = []
+        val_s = 0.0
         for epoch in range(cfg.epochs):
             model.train()
             order = torch.randperm(cfg.n_train, generator=gen)
@@ -271,15 +313,29 @@ def train(
                 if cfg.flip:
                     flip = flippable[idx] & (torch.rand(len(idx), generator=gen) < 0.5)
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                loss = F.cross_entropy(model(x), y)
+                if cfg.translate:
+                    x = translate(x, cfg.translate, gen)
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
                 total_loss += float(loss.detach()) * len(idx)
                 seen += len(idx)
+            t_val = time.perf_counter()
             val = evaluate(model, val_data)
             elapsed = time.perf_counter() - t_train
+            val_s += time.perf_counter() - t_val
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": round(total_loss / cfg.n_train, 4),
+                    "val_accuracy": val["accuracy"],
+                    "seconds": round(elapsed, 1),
+                }
+            )
             line = (
                 f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}: loss {total_loss / cfg.n_train:.3f}, "
                 f"val acc {val['accuracy']:.1%}, {seen / elapsed:.0f} img/s, {elapsed:.0f}s"
@@ -294,7 +350,10 @@ def train(
             "config": cfg.to_json(),
             "val_accuracy": val["accuracy"],
             "context": val["context"],
+            "history": history,
             "train_seconds": round(train_s, 1),
+            # training images per second, not counting the validation after each epoch
+            "img_per_s": round(seen / (time.perf_counter() - t_train - val_s), 1),
             "torch": torch.__version__,
             "timm": _timm_version(),
         }
@@ -404,6 +463,27 @@ def _format_context(ctx: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{k} {v['accuracy']:.1%} (n={v['n']})" for k, v in ctx.items())
 
 
+def _parse_sets(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``["lr=0.002", "optimizer=adamw"]`` -> typed :class:`TrainConfig` overrides."""
+    # Fields with their own flag (--width, --n-train, --epochs, --seed) or not settable from here.
+    fixed = ("arch", "mean", "std", "testbed", "width", "n_train", "epochs", "seed")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig) if f.name not in fixed}
+    casts: dict[str, Callable[[str], Any]] = {
+        "int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")
+    }
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in types:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        try:
+            out[key] = casts[types[key]](value.strip())
+        except ValueError:
+            parser.error(f"--set {item!r}: {key} is {types[key]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m surgery.testbed.train", description=__doc__.split("\n")[0]
@@ -426,7 +506,15 @@ def main(argv: list[str] | None = None) -> int:
         default=2_000,
         help="test scenes for the final report (0: skip)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrainConfig field (e.g. --set lr=0.002 --set translate=4); repeatable",
+    )
     args = p.parse_args(argv)
+    sets = _parse_sets(args.set, p)
     logging.basicConfig(level=logging.WARNING)
     for arch in ARCHS if args.arch == "all" else (args.arch,):
         print(f"training {arch} ...", flush=True)
@@ -439,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.out_dir,
             num_threads=args.threads,
             progress=lambda line: print(line, flush=True),
+            **sets,
         )
         print(
             f"{arch}: val accuracy {info['val_accuracy']:.1%} in {info['train_seconds']:.0f}s"

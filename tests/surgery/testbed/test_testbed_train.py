@@ -23,6 +23,7 @@ from surgery.testbed.train import (
     normalize,
     read_info,
     train,
+    translate,
     weights_path,
 )
 
@@ -34,7 +35,7 @@ def test_scenes():
     return make_dataset(300, "test", seed=0)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ("vgg", "resnet"))
 def test_committed_weights_classify_test_scenes(arch, test_scenes):
     path = weights_path(arch)
     assert path.is_file(), (
@@ -55,26 +56,127 @@ def test_committed_weights_classify_test_scenes(arch, test_scenes):
 def test_adapter_finds_candidate_blocks(arch):
     model = build_model(arch).eval()
     adapter = get_adapter(model)
-    assert adapter.family == arch
+    assert adapter.family == arch  # each testbed model goes to its family's adapter
     layers = {l.name: l for l in surgery.editable_layers(model)}
     cands = candidate_layers(arch)
-    for name in cands["deep"] + cands["high_res"]:
+    names = cands["deep"] + cands["high_res"]
+    for name in names:
         layer = layers[name]
-        assert layer.kind == "conv"
         if arch == "vgg":
+            assert layer.kind == "conv"
             assert layer.block.startswith("conv -> batchnorm2d -> relu")
-        else:
+        elif arch == "resnet":
+            assert layer.kind == "conv"
             assert "+identity" in layer.block and layer.family == "resnet"
+        else:
+            assert layer.kind == "linear" and layer.family == arch
     shapes = {
         i.layer.name: (i.key_shape, i.value_shape)
         for i in surgery.layers.describe_layers(
-            model, (3, 80, 80), layers=[layers[n] for n in layers]
+            model, (3, 80, 80), layers=[layers[n] for n in names]
         )
     }
+    if arch == "vit":  # tokens (N, 1 + 10 * 10, C) at every block
+        for name in names:
+            assert shapes[name][0][1] == 101 and shapes[name][1][1] == 101
+        return
+    # ConvNeXt keys are channels-last tokens (N, H, W, C), its values NCHW
+    spatial = (lambda s: s[1:3]) if arch == "convnext" else (lambda s: s[-2:])
     for name in cands["deep"]:
-        assert shapes[name][0][-2:] == (5, 5) and shapes[name][1][-2:] == (5, 5)
-    for name in cands["high_res"]:
-        assert shapes[name][0][-2:] == (10, 10)
+        assert spatial(shapes[name][0]) == (5, 5) and shapes[name][1][-2:] == (5, 5)
+    for name in cands["high_res"]:  # (the VGG's features.18 value ends with its max-pool, 5x5)
+        assert spatial(shapes[name][0]) == (10, 10)
+
+
+def test_vit_and_convnext_are_the_documented_timm_models():
+    from timm.models.convnext import ConvNeXt
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit, cnx = build_model("vit"), build_model("convnext")
+    assert isinstance(vit, VisionTransformer) and isinstance(cnx, ConvNeXt)
+    assert vit.global_pool == "token" and vit.cls_token is not None
+    assert vit.patch_embed.grid_size == (10, 10)
+    assert 150_000 <= sum(p.numel() for p in vit.parameters()) <= 1_500_000
+    assert 150_000 <= sum(p.numel() for p in cnx.parameters()) <= 1_000_000
+    sizes = []
+    x = cnx.stem(torch.zeros(1, 3, 80, 80))
+    for stage in cnx.stages:
+        x = stage(x)
+        sizes.append(x.shape[-1])
+    assert sizes == [40, 20, 10, 5]
+    # timm's default layer-scale is kept
+    assert float(cnx.stages[0].blocks[0].gamma.abs().max()) == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize("arch, width", [("vit", 16), ("convnext", 4)])
+def test_tiny_vit_and_convnext_train_and_reload(arch, width, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(arch, width=width)
+    assert model(torch.randn(2, 3, 80, 80)).shape == (2, 20)
+    tiny = {"n_train": 96, "epochs": 2, "n_val": 40, "width": width, "batch_size": 32}
+    extra = {"translate": 4, "label_smoothing": 0.1, "grad_clip": 1.0, "warmup": 0.1}
+    trained, info = train(arch, out_dir=tmp_path, **tiny, **extra)
+    cfg = TrainConfig.from_json(info["config"])
+    assert cfg.optimizer == "adamw" and cfg.translate == 4 and cfg.width == width
+    assert [h["epoch"] for h in info["history"]] == [1, 2] and info["img_per_s"] > 0
+    assert read_info(tmp_path / f"{arch}.safetensors")["history"] == info["history"]
+    start = build_model(arch, width=width).state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in trained.state_dict().items())
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("retrained"))
+    reloaded, _ = load_trained(arch, weights_dir=tmp_path, train_if_missing=False, **tiny, **extra)
+    x = normalize(make_dataset(4, "val", seed=0).images)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), trained(x))
+
+
+def test_new_fields_default_to_how_vgg_and_resnet_were_trained():
+    for arch in ("vgg", "resnet"):
+        cfg = default_config(arch)
+        assert (cfg.optimizer, cfg.warmup, cfg.label_smoothing, cfg.grad_clip, cfg.translate) == (
+            "sgd", 0.25, 0.0, 0.0, 0
+        )
+        stored = json.loads(read_info(weights_path(arch))["config"])
+        assert "optimizer" not in stored  # trained before the field existed
+        assert TrainConfig.from_json(json.dumps(stored)) == cfg
+    with pytest.raises(ValueError, match="optimizer"):
+        default_config("vgg", optimizer="adam")
+
+
+def test_translate_shifts_each_image_with_reflected_borders():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    assert translate(x, 0) is x
+    gen = torch.Generator().manual_seed(0)
+    out = translate(x, 2, gen)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        assert any(
+            torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+            for dy in range(5)
+            for dx in range(5)
+        )
+
+
+def test_set_flag_types_config_fields_and_refuses_unknown_ones(monkeypatch, capsys):
+    calls = []
+
+    def fake_train(arch, **kwargs):
+        calls.append(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(SystemExit):
+        train_module.main(["--arch", "vit", "--set", "lr=0.002", "--set", "translate=4",
+                           "--set", "optimizer=sgd", "--set", "flip=false"])
+    assert {k: calls[0][k] for k in ("lr", "translate", "optimizer", "flip")} == {
+        "lr": 0.002, "translate": 4, "optimizer": "sgd", "flip": False
+    }
+    for bad in ("colour=red", "lr", "translate=two", "width=8"):
+        with pytest.raises(SystemExit) as e:
+            train_module.main(["--arch", "vit", "--set", bad])
+        assert e.value.code == 2
+    assert "--set 'translate=two': translate is int" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -86,14 +188,11 @@ def test_network_suffix_on_candidates(arch):
     for name in cands["deep"] + cands["high_res"]:
         layer = surgery.get_layer(model, name)
         suffix = network_suffix(model, layer)
-        site = layer.value_site.module
-        with (
-            torch.no_grad(),
-            surgery.hooks.TraceDict(model, [site], retain_output=True) as tr,
-        ):
+        site = layer.value_site  # the output of a module, or the input of the next one
+        with torch.no_grad(), surgery.Trace(model, site.module, retain_input=True) as t:
             expected = model(x)
         with torch.no_grad():
-            got = suffix(tr[site].output)
+            got = suffix(site.read(t))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -160,3 +259,10 @@ def test_tiny_training_saves_config_and_reloads_by_config(
 
 def test_default_weights_dir_is_in_the_package():
     assert WEIGHTS_DIR.name == "weights" and WEIGHTS_DIR.parent.name == "testbed"
+
+
+def test_cli_probe_refuses_an_unknown_testbed(capsys):
+    from surgery.cli.main import main
+
+    assert main(["probe", "--testbed", "alexnet"]) == 2
+    assert "choose from " + ", ".join(ARCHS) in capsys.readouterr().err
