@@ -139,10 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
         help="carry the models of an earlier run with the same settings into this run's result "
         "(e.g. vgg and resnet, when this run measures vit and convnext); its file is not overwritten",
     )
+    p.add_argument(
+        "--merge", type=Path, nargs="+", metavar="JSON",
+        help="only merge earlier runs with the same settings (e.g. one per model, run side by side) into "
+        "one result (--out, --name) and render it; the inputs are not overwritten",
+    )
     args = p.parse_args(argv)
     if args.render is not None:
         result = json.loads(args.render.read_text())
         write_report(result, args.render.parent, args.render.stem)
+        return result
+    if args.merge is not None:
+        result = merge_results([json.loads(path.read_text()) for path in args.merge], args.merge)
+        stem = args.name or ("efficacy" if result["mode"] == "full" else f"efficacy_{result['mode']}")
+        refuse_overwrite(args.out / f"{stem}.json", args.merge, what="the merged result")
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text(args.out / f"{stem}.json", json.dumps(result, indent=1, default=float))
+        write_report(result, args.out, stem)
         return result
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("surgery.edits.apply").setLevel(logging.WARNING)
@@ -200,6 +213,30 @@ def main(argv: list[str] | None = None) -> dict:
         write_text(args.out / f"{stem}.json", json.dumps(result, indent=1, default=float))
         write_report(result, args.out, stem)
     return result
+
+
+def _comparable_settings(result: dict) -> dict:
+    return {k: v for k, v in result["settings"].items() if k != "methods"}
+
+
+def merge_results(results: list[dict], names: list[Path] | None = None) -> dict:
+    """One result holding the models of several runs made with the same mode and settings.
+
+    A model present in several runs must be identical in each (e.g. the VGG and ResNet that two runs
+    both carried with ``--include``); commands are joined with `` ; ``.
+    """
+    names = names or [Path(f"run {i}") for i in range(len(results))]
+    first = results[0]
+    merged = {**first, "archs": {}, "command": " ; ".join(dict.fromkeys(r["command"] for r in results))}
+    merged["processes"] = max(r["processes"] for r in results)
+    for name, r in zip(names, results):
+        if r.get("mode") != first.get("mode") or _comparable_settings(r) != _comparable_settings(first):
+            raise SystemExit(f"{name} was run with other settings or another mode than {names[0]}; rerun it")
+        for arch, res in r["archs"].items():
+            if arch in merged["archs"] and merged["archs"][arch] != res:
+                raise SystemExit(f"{name} and an earlier input hold different results for {arch}; keep one")
+            merged["archs"].setdefault(arch, res)
+    return merged
 
 
 def init_distributed() -> tuple[int, int]:

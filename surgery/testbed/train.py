@@ -64,13 +64,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "testbed-classifier/1"
 
 # Per-architecture defaults: the VGG and ResNet sized for ~6-8 minutes on one busy CPU core, the ViT
-# and ConvNeXt for at most ~50 minutes on one thread (see weights/README.md).
+# and ConvNeXt for about an hour on one thread each: shorter runs learn only the context (see
+# weights/README.md).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "vgg": {"width": 8, "n_train": 15_000, "epochs": 4},
     "resnet": {"width": 12, "n_train": 12_000, "epochs": 4},
-    "vit": {"width": 96, "n_train": 15_000, "epochs": 4, "optimizer": "adamw", "lr": 1e-3,
+    "vit": {"width": 96, "n_train": 40_000, "epochs": 7, "optimizer": "adamw", "lr": 1e-3,
             "weight_decay": 0.05},
-    "convnext": {"width": 16, "n_train": 15_000, "epochs": 4, "optimizer": "adamw", "lr": 2e-3,
+    "convnext": {"width": 16, "n_train": 40_000, "epochs": 8, "optimizer": "adamw", "lr": 2e-3,
                  "weight_decay": 0.05},
 }
 OPTIMIZERS = ("sgd", "adamw")

@@ -161,3 +161,29 @@ def test_include_carries_an_earlier_runs_models_and_never_overwrites_it(tiny_run
     path.write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other settings"):
         efficacy.main(["--tiny", "--include", str(path), "--out", str(tmp_path / "x")])
+
+
+def test_merge_joins_runs_of_other_models_and_refuses_mismatches(tiny_run, tmp_path):
+    out, _result, _ = tiny_run
+    run = json.loads((out / "efficacy_tiny.json").read_text())
+    shared = run["archs"]["tiny"]
+    a = {**run, "archs": {"vgg": shared, "vit": shared}, "command": "python -m benchmarks.efficacy --arch vit"}
+    b = {**run, "archs": {"vgg": shared, "convnext": shared}, "command": "python -m benchmarks.efficacy --arch convnext"}
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    merged = efficacy.main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "m"), "--name", "all"])
+    assert list(merged["archs"]) == ["vgg", "vit", "convnext"]
+    assert merged["command"] == a["command"] + " ; " + b["command"]
+    saved = json.loads((tmp_path / "m" / "all.json").read_text())
+    assert list(saved["archs"]) == ["vgg", "vit", "convnext"] and "## convnext" in (tmp_path / "m" / "all.md").read_text()
+    before = pa.read_bytes()
+    with pytest.raises(Exception, match="overwrite|same file|input"):
+        efficacy.main(["--merge", str(pa), str(pb), "--out", str(tmp_path), "--name", "a"])
+    assert pa.read_bytes() == before
+    pb.write_text(json.dumps({**b, "settings": {**b["settings"], "pairs": 7}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        efficacy.main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "x")])
+    pb.write_text(json.dumps({**b, "archs": {"vgg": {**shared, "seconds": -1.0}}}))
+    with pytest.raises(SystemExit, match="different results for vgg"):
+        efficacy.main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "y")])
