@@ -237,5 +237,5 @@ def finetune(
         },
         deltas=deltas,
         architecture=architecture_id(model),
-        info={"loss_before": loss_before, "loss_after": loss_after, "n_images": n},
+        info={"loss_before": loss_before, "loss_after": loss_after, "n_images": n, "from_cached_keys": via == "from cached keys"},
     ).made_on(originals)

@@ -134,7 +134,24 @@ def network_suffix(model: nn.Module, site: str | Site | EditableLayer) -> Networ
         raise UnsupportedModelError(f"the model's output does not depend on {site!r}")
     new.node_copy(output, lambda x: env[x])
     new.lint()
-    return NetworkSuffix(fx.GraphModule(model, new), site)
+    return NetworkSuffix(_sharing_modules(fx.GraphModule(model, new), model), site)
+
+
+def _sharing_modules(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Make ``gm`` read every parameter and buffer through the model's own modules.
+
+    ``fx.GraphModule`` keeps the modules it calls, but for a tensor read directly (``get_attr``, as
+    when fx traces into timm's ``LayerNorm``) it builds an empty holder module carrying the tensor.
+    Swapping the model's parameters (``torch.func.functional_call``, fine-tuning from cached keys)
+    would then miss it; putting the model's module in the holder's place makes the swap reach it.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "." in node.target:
+            owner, _, _ = node.target.rpartition(".")
+            parent, _, name = owner.rpartition(".")
+            holder = gm.get_submodule(parent) if parent else gm
+            setattr(holder, name, model.get_submodule(owner))
+    return gm
 
 
 def suffix_logits(
@@ -232,7 +249,12 @@ def parameters_after_keys(
 
 
 def feeds_context(layer: EditableLayer, param: str) -> bool:
-    """Whether parameter ``param`` belongs to a module the layer's block context is read from."""
+    """Whether parameter ``param`` belongs to a module the layer's block context is read from.
+
+    A context read at a module's *input* (a ViT block's input, the skip of its attention output) is
+    computed before that module runs, so the module's own parameters do not feed it.
+    """
     return any(
-        site.module == "" or param.startswith(site.module + ".") for site in layer.context_sites.values()
+        site.port != "input" and (site.module == "" or param.startswith(site.module + "."))
+        for site in layer.context_sites.values()
     )
