@@ -227,7 +227,8 @@ def merge_results(results: list[dict], names: list[Path] | None = None) -> dict:
     """
     names = names or [Path(f"run {i}") for i in range(len(results))]
     first = results[0]
-    merged = {**first, "archs": {}, "command": " ; ".join(dict.fromkeys(r["command"] for r in results))}
+    commands = dict.fromkeys(part for r in results for part in r["command"].split(" ; "))  # shared --include runs once
+    merged = {**first, "archs": {}, "command": " ; ".join(commands)}
     merged["processes"] = max(r["processes"] for r in results)
     for name, r in zip(names, results):
         if r.get("mode") != first.get("mode") or _comparable_settings(r) != _comparable_settings(first):

@@ -167,14 +167,14 @@ def test_merge_joins_runs_of_other_models_and_refuses_mismatches(tiny_run, tmp_p
     out, _result, _ = tiny_run
     run = json.loads((out / "efficacy_tiny.json").read_text())
     shared = run["archs"]["tiny"]
-    a = {**run, "archs": {"vgg": shared, "vit": shared}, "command": "python -m benchmarks.efficacy --arch vit"}
-    b = {**run, "archs": {"vgg": shared, "convnext": shared}, "command": "python -m benchmarks.efficacy --arch convnext"}
+    a = {**run, "archs": {"vgg": shared, "vit": shared}, "command": "run vgg ; python -m benchmarks.efficacy --arch vit"}
+    b = {**run, "archs": {"vgg": shared, "convnext": shared}, "command": "run vgg ; python -m benchmarks.efficacy --arch convnext"}
     pa, pb = tmp_path / "a.json", tmp_path / "b.json"
     pa.write_text(json.dumps(a))
     pb.write_text(json.dumps(b))
     merged = efficacy.main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "m"), "--name", "all"])
     assert list(merged["archs"]) == ["vgg", "vit", "convnext"]
-    assert merged["command"] == a["command"] + " ; " + b["command"]
+    assert merged["command"] == "run vgg ; python -m benchmarks.efficacy --arch vit ; python -m benchmarks.efficacy --arch convnext"
     saved = json.loads((tmp_path / "m" / "all.json").read_text())
     assert list(saved["archs"]) == ["vgg", "vit", "convnext"] and "## convnext" in (tmp_path / "m" / "all.md").read_text()
     before = pa.read_bytes()
