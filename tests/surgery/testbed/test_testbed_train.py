@@ -35,7 +35,12 @@ def test_scenes():
     return make_dataset(300, "test", seed=0)
 
 
-@pytest.mark.parametrize("arch", ("vgg", "resnet"))
+# val accuracy the committed weights were saved with is above these (weights/README.md: 90.2 / 84.6 /
+# 69.0 / 83.1%); on 300 test scenes the accuracy floor leaves room for sampling noise
+FLOORS = {"vgg": (0.8, 0.7), "resnet": (0.8, 0.7), "vit": (0.65, 0.55), "convnext": (0.8, 0.7)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_committed_weights_classify_test_scenes(arch, test_scenes):
     path = weights_path(arch)
     assert path.is_file(), (
@@ -45,11 +50,14 @@ def test_committed_weights_classify_test_scenes(arch, test_scenes):
     model, info = load_trained(arch, train_if_missing=False)
     assert not model.training
     assert TrainConfig.from_json(info["config"]) == default_config(arch)
-    assert info["val_accuracy"] > 0.8
+    val_floor, test_floor = FLOORS[arch]
+    assert info["val_accuracy"] > val_floor
     res = evaluate(model, test_scenes)
-    assert res["accuracy"] > 0.7, res
+    assert res["accuracy"] > test_floor, res
     ctx = res["context"]
     assert ctx["both"]["n"] + ctx["one"]["n"] + ctx["neither"]["n"] == len(test_scenes)
+    # every testbed classifier relies on the context: both concepts preferred beats neither
+    assert ctx["both"]["accuracy"] > ctx["neither"]["accuracy"] + 0.2, ctx
 
 
 @pytest.mark.parametrize("arch", ARCHS)
