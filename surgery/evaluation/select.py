@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgery._checks import check_images, check_labels, require_eval
@@ -34,6 +33,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluation.cached import CachedImages, Candidate
 from surgery.evaluation.metrics import errors_corrected
 from surgery.layers import get_layer
+from surgery.layout import Layout
 
 __all__ = [
     "CandidateResult",
@@ -321,16 +321,22 @@ def select_strength(
     return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=path)
 
 
-def _masked_mean(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean channel vector over the positions of ``masks`` (downsampled to ``values``' resolution)."""
+def _masked_mean(values: torch.Tensor, masks: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Mean channel vector over the positions of ``masks`` (area-pooled to ``values``' positions).
+
+    ``layout`` is the layer's value layout: maps (NCHW or NHWC) or tokens, whose class/register
+    tokens are no concept positions and weigh nothing.
+    """
     m = masks.float()
     if m.dim() == 3:
         m = m[:, None]
-    w = F.adaptive_avg_pool2d(m, values.shape[-2:])[:, 0]  # (N, h, w) fraction of concept pixels
+    w, _ = layout.pool_mask(m, values)  # values' rank, size 1 on the channel axis: fraction of concept pixels
     tot = w.sum()
     if tot <= 0:
         raise SurgeryError("the masks are empty at the layer's resolution; nothing to match")
-    return torch.einsum("nchw,nhw->c", values.double(), w.double()) / tot
+    axis = layout.resolve(values).channel_axis % values.ndim
+    v = values.double().movedim(axis, -1)
+    return (v * w.movedim(axis, -1)).reshape(-1, v.shape[-1]).sum(0) / tot
 
 
 def select_by_concept_match(
@@ -376,15 +382,15 @@ def select_by_concept_match(
     targets: dict[str, torch.Tensor] = {}
     table = []
     for i, c in enumerate(cands):
+        layer = get_layer(model, c.edit.layer)
         if c.edit.layer not in targets:
-            layer = get_layer(model, c.edit.layer)
             vals = []
             with torch.no_grad():
                 for j in range(0, concept_images.shape[0], batch_size):
                     vals.append(layer.capture(model, concept_images[j : j + batch_size].to(x.device)).values.float().cpu())
-            targets[c.edit.layer] = _masked_mean(torch.cat(vals), concept_masks)
+            targets[c.edit.layer] = _masked_mean(torch.cat(vals), concept_masks, layer.value_layout)
         t = targets[c.edit.layer]
-        d = float((_masked_mean(x.values(c), masks) - t).norm() / t.norm().clamp_min(1e-12))
+        d = float((_masked_mean(x.values(c), masks, layer.value_layout) - t).norm() / t.norm().clamp_min(1e-12))
         acc1 = _accuracy(clean.logits(c), y_clean)
         drop = acc0 - acc1
         table.append(

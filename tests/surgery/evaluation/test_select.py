@@ -215,3 +215,32 @@ def test_concept_match_picks_the_matching_strength(case):
     )
     assert sel.alpha == 0.0 and sel.result.extra["distance"] == pytest.approx(0.0, abs=1e-6)
     assert sel.table[0].extra["distance"] > sel.table[2].extra["distance"] > 0
+
+
+def test_concept_match_on_tokens_weighs_only_the_concepts_grid_tokens():
+    """A ViT's values are tokens (N, L, C): the match pools masks onto the grid, the class token weighs 0."""
+    import timm
+
+    from surgery import rewrite
+    from surgery.evaluation.select import _masked_mean
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+        num_heads=2, num_classes=5,
+    ).eval()
+    layer = get_layer(vit, "blocks.1.mlp.fc2")
+    x = torch.randn(6, 3, 32, 32)
+    masks = torch.zeros(6, 32, 32)
+    masks[:, 16:] = 1  # the lower half: grid rows 2-3 of the 4x4 patches
+    with torch.no_grad():
+        values = layer.capture(vit, x).values  # (6, 17, 32)
+    mean = _masked_mean(values, masks, layer.value_layout)
+    torch.testing.assert_close(mean, values[:, 1 + 8 :].double().mean(dim=(0, 1)))  # class token and upper half excluded
+    x2 = x.clone()
+    x2[:, :, 16:] = torch.randn(6, 3, 16, 32)
+    edit = rewrite(vit, layer, x[:2], x2[:2], stats=torch.eye(128))
+    grid = [Candidate(edit, a) for a in (1.0, 0.0, 0.5)]
+    sel = select_by_concept_match(vit, grid, x, masks, x, masks, clean_images=x, max_clean_drop=100.0)
+    assert sel.alpha == 0.0 and sel.result.extra["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert sel.table[0].extra["distance"] > sel.table[2].extra["distance"] > 0
