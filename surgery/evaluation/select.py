@@ -322,14 +322,9 @@ def select_strength(
 
 
 def _masked_mean(values: torch.Tensor, masks: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Mean channel vector over the positions of ``masks`` (area-pooled to ``values``' positions).
-
-    ``layout`` is the layer's value layout: maps (NCHW or NHWC) or tokens, whose class/register
-    tokens are no concept positions and weigh nothing.
-    """
-    m = masks.float()
-    if m.dim() == 3:
-        m = m[:, None]
+    """Mean channel vector over the positions of ``masks`` (area-pooled onto ``values`` through the
+    layer's value ``layout``: maps or tokens; class/register tokens weigh nothing)."""
+    m = masks.float()[:, None] if masks.dim() == 3 else masks.float()
     w, _ = layout.pool_mask(m, values)  # values' rank, size 1 on the channel axis: fraction of concept pixels
     tot = w.sum()
     if tot <= 0:
