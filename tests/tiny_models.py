@@ -8,7 +8,7 @@ from torch import nn
 from benchmarks.breadth import randomize_norms, randomize_scales
 from benchmarks.random_weights import randomize_batchnorm
 
-__all__ = ["randomize_batchnorm", "randomize_layer_scale", "randomize_norms", "randomize_scales", "tiny_clip"]
+__all__ = ["randomize_batchnorm", "randomize_layer_scale", "randomize_norms", "randomize_scales", "tiny_clip", "tiny_vit"]
 
 
 def tiny_clip(image_size: int = 64):
@@ -20,6 +20,17 @@ def tiny_clip(image_size: int = 64):
         text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
     )
     return randomize_batchnorm(model).eval()
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """A 2-block timm ViT with a class-token head on 32 px images (4x4 patches of 8 px), eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
+        num_heads=2, num_classes=5,
+    ).eval()
 
 
 def randomize_layer_scale(model: nn.Module) -> nn.Module:

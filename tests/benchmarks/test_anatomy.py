@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import timm
 import torch
 
 from benchmarks.efficacy.anatomy import measure_layer
+from tests.tiny_models import tiny_vit
 
 
 def test_skip_share_and_what_an_edit_leaves_on_a_vit():
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-        num_heads=2, num_classes=5,
-    ).eval()
+    vit = tiny_vit()
     x0 = torch.randn(16, 3, 32, 32)
     x1 = x0.clone()
     x1[:, :, 16:] += 0.5  # the same change on every scene's lower half: one edit can undo most of it

@@ -14,7 +14,7 @@ from surgery.errors import SurgeryError
 from surgery.finetune import finetune, suffix_parameters
 from surgery.identity import tensor_sha256
 from surgery.layers import get_layer
-from tests.tiny_models import randomize_batchnorm
+from tests.tiny_models import randomize_batchnorm, tiny_vit
 
 N_CLASSES = 5
 
@@ -214,7 +214,6 @@ def test_errors():
 def test_from_cached_keys_equals_full_forwards(scope):
     """Training from keys captured once gives the same edit as full forward passes: VGG, ResNet, and a
     timm ViT's attention output (its skip is read at the block's input)."""
-    import timm
     import torchvision
     from torchvision.models.vgg import VGG
 
@@ -228,10 +227,7 @@ def test_from_cached_keys_equals_full_forwards(scope):
     vgg = VGG(features, num_classes=5, init_weights=False)
     vgg.avgpool, vgg.classifier = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 5)
     resnet = torchvision.models.resnet18(num_classes=5)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-        num_heads=2, num_classes=5,
-    )
+    vit = tiny_vit()
     attn = get_layer(vit, "blocks.1.attn.proj")
     assert not any(feeds_context(attn, n) for n in ("blocks.1.attn.proj.weight", "blocks.1.norm1.weight"))
     for model, layer, size in ((vgg, "features.4", 16), (resnet, "layer3.0.conv2", 32), (vit, "blocks.1.attn.proj", 32)):

@@ -18,7 +18,7 @@ from surgery.evaluation.select import (
     select_strength,
     strength_grid,
 )
-from tests.tiny_models import randomize_batchnorm
+from tests.tiny_models import randomize_batchnorm, tiny_vit
 
 LAYER = "features.4"
 
@@ -219,16 +219,10 @@ def test_concept_match_picks_the_matching_strength(case):
 
 def test_concept_match_on_tokens_weighs_only_the_concepts_grid_tokens():
     """A ViT's values are tokens (N, L, C): the match pools masks onto the grid, the class token weighs 0."""
-    import timm
-
     from surgery import rewrite
     from surgery.evaluation.select import _masked_mean
 
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-        num_heads=2, num_classes=5,
-    ).eval()
+    vit = tiny_vit()
     layer = get_layer(vit, "blocks.1.mlp.fc2")
     x = torch.randn(6, 3, 32, 32)
     masks = torch.zeros(6, 32, 32)
