@@ -63,8 +63,8 @@ def measure_layer(model, layer_name: str, stats, x0, x1, n: int, rng: np.random.
     edit = rewrite(model, layer, x0[ex], x1[ex], stats=stats, solver="fast")
     with torch.no_grad(), edited(model, edit):
         c = layer.capture(model, x1[held])
-    left = c.values - a.values[held]
-    res["left_after_edit"] = {k: v / max(_norms(dv[held], prefix)[k], 1e-12) for k, v in _norms(left, prefix).items()}
+    before = _norms(dv[held], prefix)
+    res["left_after_edit"] = {k: v / max(before[k], 1e-12) for k, v in _norms(c.values - a.values[held], prefix).items()}
     return res
 
 
@@ -128,11 +128,8 @@ def markdown(out: dict) -> str:
             for pos in rs[0]["dv"]:
                 skip = [r["skip_share"][pos] for r in rs if "skip_share" in r]
                 left = [r["left_after_edit"][pos] for r in rs]
-                lines.append(
-                    f"| {arch} | {name} | {rs[0]['block']} | {pos} | "
-                    f"{np.mean(skip):.2f} | {np.mean(left):.2f} |" if skip else
-                    f"| {arch} | {name} | {rs[0]['block']} | {pos} | - | {np.mean(left):.2f} |"
-                )
+                skip_cell = f"{np.mean(skip):.2f}" if skip else "-"
+                lines.append(f"| {arch} | {name} | {rs[0]['block']} | {pos} | {skip_cell} | {np.mean(left):.2f} |")
     return "\n".join(lines) + "\n"
 
 

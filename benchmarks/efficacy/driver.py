@@ -183,16 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.include is not None:
         refuse_overwrite(args.out / f"{stem}.json", [args.include], what="the result")
         earlier = json.loads(args.include.read_text())
-        mine = {k: v for k, v in asdict(s).items() if k not in ("arch", "deadline", "methods")}
-        theirs = {k: v for k, v in earlier["settings"].items() if k != "methods"}
-        if earlier.get("mode") != mode_name or json.loads(json.dumps(mine)) != theirs:
+        mine = {"settings": json.loads(json.dumps(_stored_settings(s)))}  # as the JSON would hold them
+        if earlier.get("mode") != mode_name or _comparable_settings(mine) != _comparable_settings(earlier):
             raise SystemExit(f"{args.include} was run with other settings or another mode; rerun its models here")
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     result = {
         "mode": mode_name,
         "command": f"{launcher} -m benchmarks.efficacy " + " ".join(sys.argv[1:] if argv is None else argv),
         "processes": world,
-        "settings": {k: v for k, v in asdict(s).items() if k not in ("arch", "deadline")},
+        "settings": _stored_settings(s),
         "surgery_version": surgery.__version__,
         "restricted_to_correct_originals": True,
         "archs": {},
@@ -215,7 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _stored_settings(s) -> dict:
+    """A run's settings as its JSON stores them (the model and the time budget are not settings)."""
+    return {k: v for k, v in asdict(s).items() if k not in ("arch", "deadline")}
+
+
 def _comparable_settings(result: dict) -> dict:
+    """Settings two runs must share to be reported together (methods differ per model)."""
     return {k: v for k, v in result["settings"].items() if k != "methods"}
 
 

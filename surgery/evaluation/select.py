@@ -374,18 +374,18 @@ def select_by_concept_match(
         else check_labels(clean_labels, len(clean), "clean_labels").cpu()
     )
     acc0 = _accuracy(clean0, y_clean)
-    targets: dict[str, torch.Tensor] = {}
+    targets: dict[str, tuple[torch.Tensor, Layout]] = {}  # per layer: the concept's mean, the value layout
     table = []
     for i, c in enumerate(cands):
-        layer = get_layer(model, c.edit.layer)
         if c.edit.layer not in targets:
+            layer = get_layer(model, c.edit.layer)
             vals = []
             with torch.no_grad():
                 for j in range(0, concept_images.shape[0], batch_size):
                     vals.append(layer.capture(model, concept_images[j : j + batch_size].to(x.device)).values.float().cpu())
-            targets[c.edit.layer] = _masked_mean(torch.cat(vals), concept_masks, layer.value_layout)
-        t = targets[c.edit.layer]
-        d = float((_masked_mean(x.values(c), masks, layer.value_layout) - t).norm() / t.norm().clamp_min(1e-12))
+            targets[c.edit.layer] = (_masked_mean(torch.cat(vals), concept_masks, layer.value_layout), layer.value_layout)
+        t, layout = targets[c.edit.layer]
+        d = float((_masked_mean(x.values(c), masks, layout) - t).norm() / t.norm().clamp_min(1e-12))
         acc1 = _accuracy(clean.logits(c), y_clean)
         drop = acc0 - acc1
         table.append(
