@@ -30,7 +30,9 @@ which ``surgery demo`` follows too):
 4. **Selection on validation only**: :func:`surgery.evaluation.select_strength` on the validation images
    (exemplar variant, counted on images whose clean original was right, as the paper's code),
    among candidates whose clean-accuracy drop on clean ``val``-split scenes is at most 0.25 pp.
-   If none qualifies the method makes no edit (as the paper, App. A.6.3). Test images are never
+   Clean accuracy is measured best validation score first until a candidate qualifies
+   (``check_every_candidate=False``: the same choice; the JSON's selection tables leave the rest
+   ``null``). If none qualifies the method makes no edit (as the paper, App. A.6.3). Test images are never
    seen by the selection (the JSON records the indices; the tests check they are disjoint).
 5. **Report** on test: % errors corrected (floored at -100; counted only on images whose clean
    original the unedited model classifies correctly) for target / other classes x same / held-out

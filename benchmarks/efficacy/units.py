@@ -158,11 +158,12 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
                 sel = select_by_concept_match(
                     model, cands, val_x, pd.masks[torch.as_tensor(val_idx)], ref["x"], ref["m"],
                     clean_images=clean_val, clean_labels=clean_val_y, max_clean_drop=s.max_clean_drop,
+                    check_every_candidate=False,
                 )
             else:
                 sel = select_strength(
                     model, cands, val_x, val_y, clean_images=clean_val, clean_labels=clean_val_y,
-                    max_clean_drop=s.max_clean_drop, val_originals=val_orig,
+                    max_clean_drop=s.max_clean_drop, val_originals=val_orig, check_every_candidate=False,
                 )
             chosen_c: Candidate | None = sel.candidate
             table = [r.to_dict() for r in sel.table]

@@ -2,6 +2,7 @@
 choice of an edit's strength on validation data, and of the layer to edit (docs/method.md sections 6 and 8)."""
 
 from surgery.evaluation.cached import CachedImages, Candidate
+from surgery.evaluation.concept_match import select_by_concept_match
 from surgery.evaluation.layer_ranking import rank_layers, recommended_layers
 from surgery.evaluation.metrics import (
     EditReport,
@@ -14,7 +15,6 @@ from surgery.evaluation.select import (
     CandidateResult,
     NoCandidateError,
     Selection,
-    select_by_concept_match,
     select_strength,
     strength_grid,
 )

@@ -7,8 +7,8 @@ validation images of the transformed concept while the clean-accuracy drop stays
 (0.25 percentage points in the paper, Appendix A.6.3).
 
 - :func:`select_strength`: labelled selection (% errors corrected on validation images, or any score).
-- :func:`select_by_concept_match`: a label-free variant that picks the candidate whose edited
-  activations on transformed images best match the concept's typical activations.
+- :func:`surgery.evaluation.concept_match.select_by_concept_match`: a label-free variant that picks the
+  candidate whose edited activations on transformed images best match the concept's typical activations.
 - :func:`strength_grid`: one edit at several strengths ``alpha``.
 
 Candidates are evaluated fast by :class:`surgery.evaluation.cached.CachedImages` (keys captured once
@@ -27,19 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery._checks import check_images, check_labels, require_eval
+from surgery._checks import check_labels, require_eval
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
 from surgery.evaluation.cached import CachedImages, Candidate
 from surgery.evaluation.metrics import errors_corrected
-from surgery.layers import get_layer
-from surgery.layout import Layout
 
 __all__ = [
     "CandidateResult",
     "NoCandidateError",
     "Selection",
-    "select_by_concept_match",
     "select_strength",
     "strength_grid",
 ]
@@ -70,9 +67,11 @@ class CandidateResult:
             :func:`select_by_concept_match`, minus the activation distance).
         errors_before / errors_after: validation errors counted by the default score (``None`` with a
             custom score).
-        clean_acc_before / clean_acc_after: clean accuracy in percent.
-        clean_drop: ``clean_acc_before - clean_acc_after`` in percentage points (positive: worse).
-        qualifies: ``clean_drop <= max_clean_drop``.
+        clean_acc_before / clean_acc_after: clean accuracy in percent (``after`` is NaN for a candidate whose
+            clean accuracy was not measured: ``check_every_candidate=False``).
+        clean_drop: ``clean_acc_before - clean_acc_after`` in percentage points (positive: worse; NaN
+            when not measured).
+        qualifies: ``clean_drop <= max_clean_drop`` (``None`` when not measured).
         extra: other numbers (e.g. the activation distance).
     """
 
@@ -84,14 +83,15 @@ class CandidateResult:
     clean_acc_before: float
     clean_acc_after: float
     clean_drop: float
-    qualifies: bool
+    qualifies: bool | None
     errors_before: int | None = None
     errors_after: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["score"] = None if math.isnan(self.score) else self.score
+        for k in ("score", "clean_acc_after", "clean_drop"):
+            d[k] = None if math.isnan(d[k]) else d[k]
         return d
 
 
@@ -141,12 +141,10 @@ class Selection:
             "|---|---|---|---|---|---|---|",
         ]
         for r in self.table:
-            mark = "**chosen**" if r.index == self.index else ("yes" if r.qualifies else "no")
+            mark = "**chosen**" if r.index == self.index else {True: "yes", False: "no", None: "not measured"}[r.qualifies]
             errs = "" if r.errors_before is None else f"{r.errors_before} -> {r.errors_after}"
-            lines.append(
-                f"| {r.index} | {r.name} | {r.score:.2f} | {errs} | {r.clean_acc_after:.2f} | "
-                f"{r.clean_drop:+.2f} | {mark} |"
-            )
+            acc, drop = ("-", "-") if r.qualifies is None else (f"{r.clean_acc_after:.2f}", f"{r.clean_drop:+.2f}")
+            lines.append(f"| {r.index} | {r.name} | {r.score:.2f} | {errs} | {acc} | {drop} | {mark} |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -208,10 +206,39 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).double().mean().item()
 
 
+def _rank(score: float) -> float:
+    return -math.inf if math.isnan(score) else score  # nan scores rank last
+
+
+def _measure_clean(
+    table: list[CandidateResult],
+    clean_logits: Callable[[int], torch.Tensor],
+    clean_labels: torch.Tensor,
+    max_clean_drop: float,
+    every: bool,
+) -> None:
+    """Fill in the clean accuracy of the rows of ``table`` (their scores set): of every row, or (``every``
+    False) of the best-scoring rows first, one group of equal scores at a time, until a group holds a row
+    within the budget. :func:`_choose` then makes the same choice as with every row measured: a
+    qualifying row of a higher score always wins over any row of a lower one."""
+    order = sorted(table, key=lambda r: (-_rank(r.score), r.index))
+    i = 0
+    while i < len(order):
+        group = [r for r in order[i:] if _rank(r.score) == _rank(order[i].score)]
+        for r in group:
+            r.clean_acc_after = _accuracy(clean_logits(r.index), clean_labels)
+            r.clean_drop = r.clean_acc_before - r.clean_acc_after
+            r.qualifies = r.clean_drop <= max_clean_drop + 1e-9
+            logger.debug("select: %s score %.2f drop %.3f", r.name, r.score, r.clean_drop)
+        i += len(group)
+        if not every and any(r.qualifies for r in group):
+            break
+
+
 def _choose(table: list[CandidateResult], max_clean_drop: float) -> int:
     ok = [r for r in table if r.qualifies]
     if not ok:
-        best = min(table, key=lambda r: r.clean_drop)
+        best = min(table, key=lambda r: r.clean_drop)  # every row was measured
         raise NoCandidateError(
             f"no candidate keeps the clean-accuracy drop within {max_clean_drop} pp; the smallest drop "
             f"was {best.clean_drop:.3f} pp ({best.name}). Add weaker candidates (smaller alpha, larger "
@@ -220,8 +247,7 @@ def _choose(table: list[CandidateResult], max_clean_drop: float) -> int:
         )
     # best score; ties -> smaller clean drop -> earlier candidate (nan scores rank last)
     def key(r: CandidateResult) -> tuple[float, float, int]:
-        s = -math.inf if math.isnan(r.score) else r.score
-        return (-s, r.clean_drop, r.index)
+        return (-_rank(r.score), r.clean_drop, r.index)
 
     return min(ok, key=key).index
 
@@ -239,6 +265,7 @@ def select_strength(
     val_originals: torch.Tensor | CachedImages | None = None,
     batch_size: int = 128,
     use_suffix: bool = True,
+    check_every_candidate: bool = True,
 ) -> Selection:
     """The best candidate edit on validation data among those within a clean-accuracy budget.
 
@@ -267,6 +294,10 @@ def select_strength(
         batch_size: images per forward.
         use_suffix: evaluate single-layer candidates from cached keys (default); ``False`` forces full
             forward passes (same numbers, slower).
+        check_every_candidate: measure every candidate's clean accuracy (default). ``False`` measures it
+            only for the best-scoring candidates until one is within the budget: the same choice, for a
+            fraction of the clean forwards (the clean set is usually far larger than the validation
+            set); the other rows' clean numbers are NaN and their ``qualifies`` is ``None``.
 
     Returns:
         A :class:`Selection` (``.candidate``, ``.edit``, ``.alpha``, ``.table``).
@@ -291,14 +322,12 @@ def select_strength(
         if len(originals) != len(y):
             raise SurgeryError("val_originals must pair up with val_images")
         keep = originals.logits0.argmax(1) == y
-    val0, clean0 = val.logits0, clean.logits0
-    acc0 = _accuracy(clean0, y_clean)
+    val0 = val.logits0
+    acc0 = _accuracy(clean.logits0, y_clean)
     wrong0 = val0.argmax(1) != y
     table = []
     for i, c in enumerate(cands):
-        val1, clean1 = val.logits(c, use_suffix=use_suffix), clean.logits(c, use_suffix=use_suffix)
-        acc1 = _accuracy(clean1, y_clean)
-        drop = acc0 - acc1
+        val1 = val.logits(c, use_suffix=use_suffix)
         e0 = e1 = None
         if callable(score):
             s = float(score(val0, val1, y))
@@ -310,90 +339,13 @@ def select_strength(
             s = errors_corrected(e0, e1)
         table.append(
             CandidateResult(
-                index=i, name=c.name, layer=c.edit.layer, alpha=c.alpha, score=s,
-                clean_acc_before=acc0, clean_acc_after=acc1, clean_drop=drop,
-                qualifies=drop <= max_clean_drop + 1e-9, errors_before=e0, errors_after=e1,
+                index=i, name=c.name, layer=c.edit.layer, alpha=c.alpha, score=s, clean_acc_before=acc0,
+                clean_acc_after=math.nan, clean_drop=math.nan, qualifies=None, errors_before=e0, errors_after=e1,
             )
         )
-        logger.debug("select: %s score %.2f drop %.3f", c.name, s, drop)
+    _measure_clean(
+        table, lambda i: clean.logits(cands[i], use_suffix=use_suffix), y_clean, max_clean_drop, check_every_candidate
+    )
     path = _path(clean, cands, use_suffix)
     idx = _choose(table, max_clean_drop)
     return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=path)
-
-
-def _masked_mean(values: torch.Tensor, masks: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Mean channel vector over the positions of ``masks`` (area-pooled onto ``values`` through the
-    layer's value ``layout``: maps or tokens; class/register tokens weigh nothing)."""
-    m = masks.float()[:, None] if masks.dim() == 3 else masks.float()
-    w, _ = layout.pool_mask(m, values)  # values' rank, size 1 on the channel axis: fraction of concept pixels
-    tot = w.sum()
-    if tot <= 0:
-        raise SurgeryError("the masks are empty at the layer's resolution; nothing to match")
-    axis = layout.resolve(values).channel_axis % values.ndim
-    v = values.double().movedim(axis, -1)
-    return (v * w.movedim(axis, -1)).reshape(-1, v.shape[-1]).sum(0) / tot
-
-
-def select_by_concept_match(
-    model: nn.Module,
-    candidates: Sequence[Candidate | Edit | tuple[Edit, float]],
-    images: torch.Tensor | CachedImages,
-    masks: torch.Tensor,
-    concept_images: torch.Tensor,
-    concept_masks: torch.Tensor,
-    *,
-    clean_images: torch.Tensor | CachedImages,
-    clean_labels: int | Sequence[int] | torch.Tensor | None = None,
-    max_clean_drop: float = 0.25,
-    batch_size: int = 128,
-) -> Selection:
-    """Choose a strength without labels of the transformed images, by matching concept activations.
-
-    What is matched, exactly: at the value site of the edited layer (the end of its block), let
-    ``m(S)`` be the mean channel vector over the concept's positions in image set ``S``, each position
-    weighted by the fraction of its cell covered by the concept mask (the mask average-pooled to the
-    value resolution). The target is ``t = m(concept_images)``: clean images showing the original
-    concept, with the unedited weights (the concept's typical activation). For each candidate,
-    ``d = ||m_edit(images) - t|| / ||t||`` where ``m_edit`` uses the edited weight on the transformed
-    ``images`` (e.g. the exemplars, or unlabelled validation images, with their concept masks). The
-    candidate with the smallest ``d`` among those within the clean-accuracy budget wins; its
-    ``score`` is ``-d``. Candidates must edit one layer's weight (e.g. :func:`strength_grid`).
-
-    The clean budget needs clean labels; with ``clean_labels=None`` the unedited model's predictions
-    stand in for them (agreement with the unedited model), which makes the whole selection label-free.
-    """
-    require_eval(model, "select_by_concept_match")
-    cands = _as_candidates(candidates)
-    x = _cached(model, images, "images", batch_size)
-    concept_images = check_images(concept_images, "concept_images")
-    clean = _cached(model, clean_images, "clean_images", batch_size)
-    clean0 = clean.logits0
-    y_clean = (
-        clean0.argmax(1)
-        if clean_labels is None
-        else check_labels(clean_labels, len(clean), "clean_labels").cpu()
-    )
-    acc0 = _accuracy(clean0, y_clean)
-    targets: dict[str, tuple[torch.Tensor, Layout]] = {}  # per layer: the concept's mean, the value layout
-    table = []
-    for i, c in enumerate(cands):
-        if c.edit.layer not in targets:
-            layer = get_layer(model, c.edit.layer)
-            vals = []
-            with torch.no_grad():
-                for j in range(0, concept_images.shape[0], batch_size):
-                    vals.append(layer.capture(model, concept_images[j : j + batch_size].to(x.device)).values.float().cpu())
-            targets[c.edit.layer] = (_masked_mean(torch.cat(vals), concept_masks, layer.value_layout), layer.value_layout)
-        t, layout = targets[c.edit.layer]
-        d = float((_masked_mean(x.values(c), masks, layout) - t).norm() / t.norm().clamp_min(1e-12))
-        acc1 = _accuracy(clean.logits(c), y_clean)
-        drop = acc0 - acc1
-        table.append(
-            CandidateResult(
-                index=i, name=c.name, layer=c.edit.layer, alpha=c.alpha, score=-d,
-                clean_acc_before=acc0, clean_acc_after=acc1, clean_drop=drop,
-                qualifies=drop <= max_clean_drop + 1e-9, extra={"distance": d},
-            )
-        )
-    idx = _choose(table, max_clean_drop)
-    return Selection(index=idx, candidate=cands[idx], table=table, max_clean_drop=max_clean_drop, path=_path(clean, cands))

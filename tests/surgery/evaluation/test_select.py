@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torchvision.models.vgg import VGG
 
@@ -13,11 +17,14 @@ from surgery.edits.edit import base_record
 from surgery.evaluation.select import (
     CachedImages,
     Candidate,
+    CandidateResult,
     NoCandidateError,
-    select_by_concept_match,
+    _choose,
+    _measure_clean,
     select_strength,
     strength_grid,
 )
+from surgery.evaluation.concept_match import select_by_concept_match
 from tests.tiny_models import randomize_batchnorm, tiny_vit
 
 LAYER = "features.4"
@@ -109,6 +116,58 @@ def test_known_winner_and_budget_exclusion(case):
         clean_images=case["clean"], clean_labels=case["clean_labels"], max_clean_drop=case["drop_b"] / 2,
     )
     assert sel2.index == 0
+
+
+def test_clean_check_of_the_best_candidates_only_makes_the_same_choice(case):
+    """check_every_candidate=False measures clean accuracy best score first, until a score group qualifies."""
+    cands = [case["a"], case["b"], case["c"]]
+    kw = {"clean_images": case["clean"], "clean_labels": case["clean_labels"]}
+    for budget in (case["drop_b"] + 0.1, case["drop_b"] / 2):
+        full = select_strength(case["model"], cands, case["val"], case["val_labels"], max_clean_drop=budget, **kw)
+        lazy = select_strength(
+            case["model"], cands, case["val"], case["val_labels"], max_clean_drop=budget,
+            check_every_candidate=False, **kw,
+        )
+        assert lazy.index == full.index
+        for r, f in zip(lazy.table, full.table):
+            assert r.score == f.score
+            if r.qualifies is not None:  # measured rows equal the full table's
+                assert r.clean_drop == f.clean_drop and r.qualifies == f.qualifies
+    # the generous budget: B (100% corrected) qualifies, so A (0%) is never measured
+    a = select_strength(
+        case["model"], cands, case["val"], case["val_labels"], max_clean_drop=case["drop_b"] + 0.1,
+        check_every_candidate=False, **kw,
+    ).table[0]
+    assert a.qualifies is None and math.isnan(a.clean_drop) and a.to_dict()["clean_drop"] is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([0.0, 25.0, 50.0, 100.0, math.nan]), st.floats(-1.0, 2.0)), min_size=1, max_size=8),
+    st.floats(0.0, 1.0),
+)
+def test_measuring_clean_lazily_never_changes_the_choice(rows, budget):
+    def table():
+        return [
+            CandidateResult(index=i, name=str(i), layer="l", alpha=1.0, score=s, clean_acc_before=90.0,
+                            clean_acc_after=math.nan, clean_drop=math.nan, qualifies=None)
+            for i, (s, _) in enumerate(rows)
+        ]
+
+    def clean_logits(i):  # logits whose accuracy is 90 - drop_i on 1,000 images of label 0
+        right = round(10 * (90.0 - rows[i][1]))
+        return torch.tensor([[1.0, 0.0]] * right + [[0.0, 1.0]] * (1000 - right))
+
+    labels = torch.zeros(1000, dtype=torch.long)
+    picks = []
+    for every in (True, False):
+        t = table()
+        _measure_clean(t, clean_logits, labels, budget, every)
+        try:
+            picks.append(_choose(t, budget))
+        except NoCandidateError:
+            picks.append(None)
+    assert picks[0] == picks[1]
 
 
 def test_suffix_path_equals_full_forward(case):
@@ -220,7 +279,7 @@ def test_concept_match_picks_the_matching_strength(case):
 def test_concept_match_on_tokens_weighs_only_the_concepts_grid_tokens():
     """A ViT's values are tokens (N, L, C): the match pools masks onto the grid, the class token weighs 0."""
     from surgery import rewrite
-    from surgery.evaluation.select import _masked_mean
+    from surgery.evaluation.concept_match import _masked_mean
 
     vit = tiny_vit()
     layer = get_layer(vit, "blocks.1.mlp.fc2")
