@@ -10,7 +10,8 @@ Each is solved by damped Gauss-Newton (iteratively reweighted for L1) with a per
 from zero and from the linearized solution, keeping the better end point per channel. The Jacobian of
 the block with respect to one tap, for every channel at once, is one forward-mode product. Where the
 block is affine in the weight and the loss is L2, the first step is the exact least-squares solution
-``(A^T D A + ridge I)^{-1} A^T D R`` taken through the per-channel scale of the block.
+``(A^T D A + ridge I)^{-1} A^T D R`` taken through the per-channel scale of the block, and the solve
+ends there (:meth:`FastSolver.post_is_affine` tests the block numerically).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.func import jvp, vmap
 
 from surgery.edits.edit import rank_one_delta
@@ -55,23 +58,41 @@ class FastSolver:
         self.kernel = problem.lam_shape[2:]
         self.taps = self.rank * int(torch.Size(self.kernel).numel())
         with torch.no_grad():
-            keys = problem.keys
-            self.z0 = layer.layer_forward(keys, problem.weight0)
-            bias_only = layer.layer_forward(keys, torch.zeros_like(problem.weight0))
-            designs = []
-            per_rank = self.taps // self.rank
-            for t in range(self.taps):
-                # the layer's response to the unit update at tap t, minus its bias: identical in every
-                # output channel, so one channel is kept
-                basis = torch.zeros(self.rank, self.m, per_rank, dtype=keys.dtype, device=keys.device)
-                basis[t // per_rank, :, t % per_rank] = 1
-                delta = rank_one_delta(basis.reshape(problem.lam_shape), problem.u)
-                response = layer.layer_forward(keys, delta) - bias_only
-                designs.append(response.narrow(self.zdim, 0, 1))
-            self.designs = designs
+            self.z0 = layer.layer_forward(problem.keys, problem.weight0)
+            self.designs = self._tap_responses(problem.keys)
         self.numel = problem.values.numel()
         w = problem.weights
         self.d = None if w is None else w.expand_as(problem.values)
+
+    def _tap_responses(self, keys: torch.Tensor) -> list[torch.Tensor]:
+        """The layer's response to the unit update at each tap, bias excluded: one channel each (the
+        response is the same in every output channel). Plain convolutions and linear layers get every
+        tap from one call whose weight has one output row per tap (``u[r]`` at one kernel position);
+        other layers from one call per tap with the whole weight."""
+        module = self.problem.layer.module
+        if not ((type(module) is nn.Conv2d and module.groups == 1) or type(module) is nn.Linear):
+            return self._tap_responses_per_call(keys)
+        per_rank = self.taps // self.rank
+        u = self.problem.u.to(device=keys.device, dtype=keys.dtype)
+        rows = torch.zeros(self.taps, u.shape[1], per_rank, dtype=keys.dtype, device=keys.device)
+        for t in range(self.taps):
+            rows[t, :, t % per_rank] = u[t // per_rank]
+        rows = rows.reshape(self.taps, u.shape[1], *self.kernel)
+        out = F.linear(keys, rows) if type(module) is nn.Linear else module._conv_forward(keys, rows, None)
+        return [out.narrow(self.zdim, t, 1) for t in range(self.taps)]
+
+    def _tap_responses_per_call(self, keys: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_tap_responses` for any layer: the whole layer with the unit update at each tap."""
+        problem = self.problem
+        bias_only = problem.layer.layer_forward(keys, torch.zeros_like(problem.weight0))
+        per_rank = self.taps // self.rank
+        designs = []
+        for t in range(self.taps):
+            basis = torch.zeros(self.rank, self.m, per_rank, dtype=keys.dtype, device=keys.device)
+            basis[t // per_rank, :, t % per_rank] = 1
+            delta = rank_one_delta(basis.reshape(problem.lam_shape), problem.u)
+            designs.append((problem.layer.layer_forward(keys, delta) - bias_only).narrow(self.zdim, 0, 1))
+        return designs
 
     # -- shapes -------------------------------------------------------------------------------
     def to_lam(self, mat: torch.Tensor) -> torch.Tensor:
@@ -117,6 +138,24 @@ class FastSolver:
             if self.problem.ridge:
                 obj = obj + self.problem.ridge * mat.to(torch.float64).square().sum(dim=1)
         return obj
+
+    def post_is_affine(self, mat: torch.Tensor, *, rtol: float = 1e-4) -> bool:
+        """Whether the block after the layer is affine, tested along the move from ``z0`` to the layer
+        output of ``mat`` and along a random move of each channel's spread: second differences vanish
+        (to ``rtol`` of the first ones). ReLU, max-pool and GELU fail it; BN, layer-scale and residual
+        adds pass."""
+        with torch.no_grad():
+            z0, base = self.z0, self.post(self.z0)
+            g = torch.Generator(device=z0.device).manual_seed(0)
+            dims = [d for d in range(z0.ndim) if d != self.zdim % z0.ndim]
+            spread = z0.std(dim=dims, keepdim=True).nan_to_num(1.0).clamp_min(1e-6)
+            noise = torch.randn(z0.shape, generator=g, dtype=z0.dtype, device=z0.device) * spread
+            for move in (self.layer_output(mat) - z0, noise):
+                up, down = self.post(z0 + move), self.post(z0 - move)
+                first = (up - base).abs().max()
+                if not bool((up + down - 2 * base).abs().max() <= rtol * first + 1e-30):
+                    return False
+        return True
 
     def _step(
         self, mat: torch.Tensor, loss: str, damping: torch.Tensor, smooth: float = 1e-6
@@ -205,12 +244,16 @@ class FastSolver:
         obj0 = self.channel_objective(zero)
         no_damping = torch.zeros(self.m, dtype=torch.float64, device=zero.device)
         linear = self._step(zero, "l2", no_damping)
-        results = [self.run(zero, max_iter=max_iter), self.run(linear, max_iter=max_iter)]
-        mat, obj, _ = results[0]
-        for other_mat, other_obj, _ in results[1:]:
-            better = other_obj < obj
-            mat = torch.where(better[:, None], other_mat, mat)
-            obj = torch.where(better, other_obj, obj)
+        closed_form = self.problem.loss == "l2" and self.post_is_affine(linear)
+        if closed_form:  # the linearized solution is the exact least-squares one
+            mat, obj, results = linear, self.channel_objective(linear), []
+        else:
+            results = [self.run(zero, max_iter=max_iter), self.run(linear, max_iter=max_iter)]
+            mat, obj, _ = results[0]
+            for other_mat, other_obj, _ in results[1:]:
+                better = other_obj < obj
+                mat = torch.where(better[:, None], other_mat, mat)
+                obj = torch.where(better, other_obj, obj)
         lam = self.to_lam(mat)
         with torch.no_grad():  # through the real block with W + lam u, not the per-channel model
             true_objective = float(self.problem.objective(lam))
@@ -218,6 +261,7 @@ class FastSolver:
             "objective": true_objective,
             "objective_before": float(obj0.sum()),
             "iterations": [r[2] for r in results],
+            "closed_form": closed_form,
             "seconds": time.perf_counter() - start,
         }
         logger.info(

@@ -13,7 +13,7 @@ from torch import nn
 from surgery.rewrite import prepare_problem
 from surgery.solvers import FastSolver, solve_fast, solve_reference
 from surgery.solvers.direction import flatten_keys
-from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, tiny_clip
+from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, tiny_clip, tiny_vit
 
 
 def _exemplar(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,8 @@ def test_affine_block_l2_is_exact_least_squares(ridge):
     bn = problem.layer.eval_modules[0]
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     expected = _exact_affine_lstsq(problem, s.detach())
-    lam, _ = solve_fast(problem)
+    lam, info = solve_fast(problem)
+    assert info["closed_form"] and info["iterations"] == []  # no Gauss-Newton iterations after the exact step
     got = lam[0, :, 0, 0]
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 1e-6, rel
@@ -117,7 +118,8 @@ def test_linear_token_layer_affine_exact():
     problem = prepare_problem(
         model, layer, x.double(), x2.double(), stats=torch.eye(layer.weight.shape[1], dtype=torch.float64), loss="l2"
     )
-    lam, _ = solve_fast(problem)
+    lam, info = solve_fast(problem)
+    assert info["closed_form"]
     gamma = model.blocks[1].ls2.gamma.detach()
     a = problem.keys @ problem.u[0]  # (1, L)
     with torch.no_grad():
@@ -127,6 +129,19 @@ def test_linear_token_layer_affine_exact():
     assert w[0] == a.shape[1] - 1 and (w[1:] == 1).all()
     expected = gamma * ((w * a[0]) @ r) / (gamma**2 * ((w * a[0]) @ a[0]))
     assert ((lam[0] - expected).norm() / expected.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "key, affine", [("vgg_block", False), ("resnet_basic", False), ("clip_block", False), ("efficientnet_pwl", True)]
+)
+def test_affine_test_of_the_block(key, affine):
+    """BN (+ skip) is affine; a ReLU or max-pool after the layer is not, and such blocks iterate."""
+    problem = _problem(key, "l2", dtype=torch.float64)
+    solver = FastSolver(problem)
+    zero = torch.zeros(solver.m, solver.taps, dtype=torch.float64)
+    assert solver.post_is_affine(zero) is affine
+    _, info = solve_fast(problem)
+    assert info["closed_form"] is affine and (len(info["iterations"]) == 2) is not affine
 
 
 def test_reference_without_rank_restriction_returns_a_dense_update():
@@ -146,6 +161,40 @@ def test_ridge_shrinks_the_edit():
         lam, _ = solve_fast(problem)
         norms.append(lam.norm().item())
     assert norms[0] > norms[1] > norms[2] > 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding_mode=st.sampled_from(["zeros", "reflect"]),
+    rank=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_tap_responses_from_one_call_equal_one_call_per_tap(k, stride, dilation, padding_mode, rank, seed):
+    """The fast solver's design (the layer's response to each tap's unit update) from one call with a
+    row per tap equals the whole layer called once per tap, for convs and for token linear layers."""
+    torch.manual_seed(seed)
+    pad = dilation * (k // 2)
+    conv = nn.Sequential(
+        nn.Conv2d(3, 5, 1), nn.Conv2d(5, 4, k, stride=stride, padding=pad, dilation=dilation, padding_mode=padding_mode),
+        nn.BatchNorm2d(4), nn.ReLU(),
+    )
+    cases = [(randomize_batchnorm(conv, seed), "1", torch.randn(2, 3, 8, 8), k * k, torch.eye(5) + 0.1)]
+    if k == 1:  # a token layer (its input has 128 channels)
+        cases.append((tiny_vit(seed), "blocks.1.mlp.fc2", torch.randn(2, 3, 32, 32), 1, torch.eye(128) + 0.1))
+    for model, layer, images, taps, moment in cases:
+        model = model.eval().double()
+        images = images.double()
+        problem = prepare_problem(
+            model, layer, images, images + torch.randn_like(images), stats=moment.double(), loss="l2", rank=rank
+        )
+        solver = FastSolver(problem)
+        one_call, per_call = solver._tap_responses(problem.keys), solver._tap_responses_per_call(problem.keys)
+        assert len(one_call) == len(per_call) == rank * taps
+        for a, b in zip(one_call, per_call):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @settings(max_examples=15)
