@@ -98,15 +98,46 @@ def exemplar(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return x.to(device), x2.to(device)
 
 
-def bench_solver(case: str, device: torch.device, *, quick: bool, size: int, n_stats: int = 64) -> dict:
-    """Fast vs reference on the same keys, values and u (one exemplar, L1 loss)."""
+# Well-posed solver cases (issue 16): the trained testbed classifiers on real testbed scenes, statistics from
+# 2,000 training scenes, one exemplar (a test scene with grass and the same scene with the grass snowed over).
+TRAINED_CASES = {
+    "testbed vgg features.25": ("vgg", "features.25"),
+    "testbed resnet layer4.0.conv2": ("resnet", "layer4.0.conv2"),
+}
+
+
+def _random_weight_problem(case: str, device: torch.device, size: int, n_stats: int):
     model, layer = build(case, device)
     x, x2 = exemplar(size, device)
     data = torch.randn(n_stats, 3, size, size, generator=torch.Generator().manual_seed(2))
     stats = collect_key_stats(model, layer, data.to(device), batch_size=4, progress=False)
-    problem = prepare_problem(model, layer, x, x2, stats=stats, loss="l1")
+    return prepare_problem(model, layer, x, x2, stats=stats, loss="l1"), stats, n_stats
+
+
+def _trained_problem(case: str, device: torch.device):
+    from surgery.testbed import Testbed, TestbedConfig
+    from surgery.testbed.train import load_trained, normalize
+
+    arch, layer_name = TRAINED_CASES[case]
+    model, _ = load_trained(arch, train_if_missing=False)
+    model = model.eval().to(device)
+    tb = Testbed(TestbedConfig())
+    train, test = tb.make_dataset(2000, "train"), tb.make_dataset(200, "test")
+    stats = collect_key_stats(model, layer_name, normalize(train.images).to(device), batch_size=100, progress=False)
+    i = int(test.has_concept("grass").nonzero()[0])
+    snowy, _ = tb.render_batch([test.specs[i]], restyle={"grass": ("snow", 0)})
+    x, x2 = normalize(test.images[i : i + 1]).to(device), normalize(snowy).to(device)
+    return prepare_problem(model, layer_name, x, x2, stats=stats, loss="l1"), stats, len(train)
+
+
+def bench_solver(case: str, device: torch.device, *, quick: bool, size: int, n_stats: int = 64) -> dict:
+    """Fast vs reference on the same keys, values and u (one exemplar, L1 loss)."""
+    if case in TRAINED_CASES:
+        problem, stats, n_stats = _trained_problem(case, device)
+    else:
+        problem, stats, n_stats = _random_weight_problem(case, device, size, n_stats)
     # How well posed the problem is: near-null eigenvalues of C, and how much of C's top energy u sees
-    # (8 noise images for 512 channels gave 120 near-zero eigenvalues and u'Cu / lambda_max = 3e-11).
+    # (random weights: ~120 near-zero eigenvalues of 512 and u'Cu / lambda_max ~1e-7, whatever the images).
     evals = torch.linalg.eigvalsh(stats.moment())
     u = problem.u.to(torch.float64).cpu()
     conditioning = {
@@ -388,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         if key not in parts:
             continue
         results[key] = []
-        for case in WIDE_CASES if key == "wide" else CASES:
+        for case in {"wide": WIDE_CASES, "solver": {**CASES, **TRAINED_CASES}}.get(key, CASES):
             logger.info("%s: %s", key, case)
             results[key].append(fn(case))
     table = markdown(results)

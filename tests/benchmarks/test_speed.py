@@ -22,6 +22,7 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
     monkeypatch.setattr(
         speed, "WIDE_CASES", {"resnet18 layer4.1.conv2": (lambda: torchvision.models.resnet18(num_classes=10), "layer4.1.conv2", 32)}
     )
+    monkeypatch.setattr(speed, "TRAINED_CASES", {})  # test_trained_solver_case_is_well_posed covers them
     monkeypatch.setattr(speed, "REFERENCE_STEPS", 400)
     monkeypatch.setattr(speed, "QUICK_STEPS", 100)
     results = speed.main(["--quick", "--device", "cpu", "--size", "32", "--images", "4", "--batch", "2", "--solver-images", "4", "--out", str(tmp_path)])
@@ -51,3 +52,17 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
         assert r["edit_bytes"] < r["dense_bytes"]
     assert all(r["speedup"] > 0 for r in saved["suffix"])
     assert results["solver"][0]["case"] == saved["solver"][0]["case"]
+
+
+@pytest.mark.parametrize("case", list(speed.TRAINED_CASES))
+def test_trained_solver_case_is_well_posed(case):
+    """The trained testbed cases, unlike random weights (~120 near-null directions of 512, u'Cu / lambda_max
+    ~1e-7), have a full-rank key moment that u reaches."""
+    import torch
+
+    problem, stats, n = speed._trained_problem(case, torch.device("cpu"))
+    evals = torch.linalg.eigvalsh(stats.moment())
+    u = problem.u.to(torch.float64)
+    assert n == 2000 and int((evals < 1e-6 * evals[-1]).sum()) == 0
+    assert float((u @ stats.moment() @ u.T).diagonal().max() / evals[-1]) > 1e-3
+    assert problem.objective(torch.zeros(problem.lam_shape)) > 0  # the snow changes the values
