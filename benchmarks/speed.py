@@ -83,7 +83,7 @@ def timed_side_by_side(
 
 def build(case: str, device: torch.device) -> tuple[nn.Module, EditableLayer]:
     """A randomly initialized model of ``case`` with non-trivial BN statistics, in eval mode."""
-    factory, layer_name = CASES[case]
+    factory, layer_name = {**CASES, **AFFINE_L2_CASES}[case]
     torch.manual_seed(0)
     model = randomize_batchnorm(factory()).eval().to(device)
     return model, surgery.get_layer(model, layer_name)
@@ -106,12 +106,19 @@ TRAINED_CASES = {
 }
 
 
+# A block affine in the weight (fc2, then the residual add) under the L2 loss: the solve is one exact step.
+AFFINE_L2_CASES = {
+    "vit_b_16 encoder_layer_11.mlp.3, L2": (lambda: torchvision.models.vit_b_16(), "encoder.layers.encoder_layer_11.mlp.3"),
+}
+
+
 def _random_weight_problem(case: str, device: torch.device, size: int, n_stats: int):
     model, layer = build(case, device)
     x, x2 = exemplar(size, device)
     data = torch.randn(n_stats, 3, size, size, generator=torch.Generator().manual_seed(2))
     stats = collect_key_stats(model, layer, data.to(device), batch_size=4, progress=False)
-    return prepare_problem(model, layer, x, x2, stats=stats, loss="l1"), stats, n_stats
+    loss = "l2" if case in AFFINE_L2_CASES else "l1"
+    return prepare_problem(model, layer, x, x2, stats=stats, loss=loss), stats, n_stats
 
 
 def _trained_problem(case: str, device: torch.device):
@@ -131,7 +138,7 @@ def _trained_problem(case: str, device: torch.device):
 
 
 def bench_solver(case: str, device: torch.device, *, quick: bool, size: int, n_stats: int = 64) -> dict:
-    """Fast vs reference on the same keys, values and u (one exemplar, L1 loss)."""
+    """Fast vs reference on the same keys, values and u (one exemplar, L1 loss; L2 for AFFINE_L2_CASES)."""
     if case in TRAINED_CASES:
         problem, stats, n_stats = _trained_problem(case, device)
     else:
@@ -168,6 +175,9 @@ def bench_solver(case: str, device: torch.device, *, quick: bool, size: int, n_s
         "fast_seconds_first_call": first_s,
         "objective_eval_seconds": side["objective"],
         "fast_in_objective_evals": fast_s / side["objective"],
+        "fast_iterations": fast_info.get("iterations"),
+        "fast_closed_form": fast_info.get("closed_form", False),
+        "loss": problem.loss,
         "fast_objective": fast_info["objective"],
         "objective_before": fast_info["objective_before"],
         "reference_steps_run": steps,
@@ -419,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
         if key not in parts:
             continue
         results[key] = []
-        for case in {"wide": WIDE_CASES, "solver": {**CASES, **TRAINED_CASES}}.get(key, CASES):
+        for case in {"wide": WIDE_CASES, "solver": {**CASES, **AFFINE_L2_CASES, **TRAINED_CASES}}.get(key, CASES):
             logger.info("%s: %s", key, case)
             results[key].append(fn(case))
     table = markdown(results)

@@ -22,6 +22,7 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
     monkeypatch.setattr(
         speed, "WIDE_CASES", {"resnet18 layer4.1.conv2": (lambda: torchvision.models.resnet18(num_classes=10), "layer4.1.conv2", 32)}
     )
+    monkeypatch.setattr(speed, "AFFINE_L2_CASES", {})  # the solver tests cover the affine L2 solve
     monkeypatch.setattr(speed, "TRAINED_CASES", {})  # test_trained_solver_case_is_well_posed covers them
     monkeypatch.setattr(speed, "REFERENCE_STEPS", 400)
     monkeypatch.setattr(speed, "QUICK_STEPS", 100)
