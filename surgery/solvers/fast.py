@@ -60,6 +60,9 @@ class FastSolver:
         with torch.no_grad():
             self.z0 = layer.layer_forward(problem.keys, problem.weight0)
             self.designs = self._tap_responses(problem.keys)
+            # the designs as one (taps, positions) matrix: z = z0 + (mat @ it), channels moved back in place
+            self._design_matrix = torch.cat(self.designs, dim=self.zdim).movedim(self.zdim, 0).reshape(self.taps, -1)
+            self._moved_shape = self.z0.movedim(self.zdim, 0).shape
         self.numel = problem.values.numel()
         w = problem.weights
         self.d = None if w is None else w.expand_as(problem.values)
@@ -108,18 +111,11 @@ class FastSolver:
         """Values-shaped ``t`` -> ``(m, elements)``."""
         return t.movedim(self.vdim, 0).reshape(self.m, -1)
 
-    def _broadcast(self, column: torch.Tensor) -> torch.Tensor:
-        shape = [1] * self.z0.ndim
-        shape[self.zdim] = self.m
-        return column.reshape(shape)
-
     # -- evaluation ---------------------------------------------------------------------------
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:
         """``z`` for factors ``mat`` ``(m, taps)``."""
-        z = self.z0
-        for t, a in enumerate(self.designs):
-            z = z + a * self._broadcast(mat[:, t])
-        return z
+        change = (mat.to(self._design_matrix.dtype) @ self._design_matrix).reshape(self._moved_shape)
+        return self.z0 + change.movedim(0, self.zdim)
 
     def post(self, z: torch.Tensor) -> torch.Tensor:
         layer = self.problem.layer
