@@ -133,7 +133,8 @@ def figure(result: dict, path: Path) -> None:
     methods = list(dict.fromkeys(
         k.split("/", 1)[1] for a in result["archs"].values() for k in a["summary"]
     ))
-    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # one distinct colour per method
+    colors = {m: cmap(i) for i, m in enumerate(methods)}
     groups = ["target/same", "target/held-out", "other/same", "other/held-out"]
     fig, axes = plt.subplots(len(archs), len(ns), figsize=(4.6 * len(ns), 3.2 * len(archs) + 0.8), squeeze=False)
     lo_all = 0.0
