@@ -13,8 +13,8 @@ Three sweeps, each changing one thing from VGG16-BN ``features.40`` at 224 px wi
 
 Per point: ``stats`` = :func:`collect_key_stats` plus the whitening the direction needs (what a first
 edit pays), ``prepare`` = keys, values and direction of the exemplars with those statistics,
-``solve`` = the fast solver (median of 3 after a warm-up, alternating with), one evaluation of the objective (the
-limit a solver cannot beat). Weights are random; BN statistics randomized. Writes
+``solve`` = the fast solver and one evaluation of the objective (the limit a solver cannot beat), each
+the median of 3 after a warm-up, timed in alternation. Weights are random; BN statistics randomized. Writes
 ``benchmarks/results/cost_curves[_quick].{json,md,png}``.
 """
 
@@ -37,7 +37,7 @@ from surgery.solvers import solve_fast
 from surgery.stats.collect import collect_key_stats
 
 from .random_weights import randomize_batchnorm
-from .speed import timed_side_by_side
+from .speed import exemplar, timed_side_by_side
 
 logger = logging.getLogger("benchmarks.cost_curves")
 
@@ -68,20 +68,12 @@ def measure(
     model: nn.Module, layer_name: str, *, n_exemplars: int, n_stats: int, size: int, repeats: int = 3
 ) -> dict:
     """The times of one point (see the module docstring)."""
-    g = torch.Generator().manual_seed(1)
     layer = surgery.get_layer(model, layer_name)
-    data = torch.randn(n_stats, 3, size, size, generator=g)
-    x = torch.randn(n_exemplars, 3, size, size, generator=g)
-    x2 = x.clone()
-    x2[:, :, size // 2 :] = torch.randn(n_exemplars, 3, size - size // 2, size, generator=g)
-
-    def stats():
-        s = collect_key_stats(model, layer, data, batch_size=8, progress=False)
-        s.whitening()
-        return s
-
+    data = torch.randn(n_stats, 3, size, size, generator=torch.Generator().manual_seed(2))
+    x, x2 = exemplar(size, torch.device("cpu"), n_exemplars)
     start = time.perf_counter()
-    key_stats = stats()
+    key_stats = collect_key_stats(model, layer, data, batch_size=8, progress=False)
+    key_stats.whitening()
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
     problem = prepare_problem(model, layer, x, x2, stats=key_stats, loss="l1")

@@ -89,12 +89,12 @@ def build(case: str, device: torch.device) -> tuple[nn.Module, EditableLayer]:
     return model, surgery.get_layer(model, layer_name)
 
 
-def exemplar(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image and a copy whose lower half (the "floor") is replaced."""
+def exemplar(size: int, device: torch.device, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images and copies whose lower half (the "floor") is replaced."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 3, size, size, generator=g)
+    x = torch.randn(n, 3, size, size, generator=g)
     x2 = x.clone()
-    x2[:, :, size // 2 :] = torch.randn(1, 3, size - size // 2, size, generator=g)
+    x2[:, :, size // 2 :] = torch.randn(n, 3, size - size // 2, size, generator=g)
     return x.to(device), x2.to(device)
 
 

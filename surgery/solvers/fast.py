@@ -21,15 +21,13 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.func import jvp, vmap
 
-from surgery.edits.edit import rank_one_delta
 from surgery.errors import UnsupportedModelError
 
 from .joint import linear_in_weight, solve_joint
 from .problem import EditProblem
+from .responses import TapResponses, lam_to_mat, mat_to_lam
 
 __all__ = ["solve_fast", "FastSolver"]
 
@@ -52,60 +50,23 @@ class FastSolver:
         if problem.u is None:
             raise ValueError("the problem has no direction u")
         self.problem = problem
-        self.zdim = layer.key_channel_dim  # the layer's output has its channels where its input does
         self.vdim = layer.value_channel_dim
-        self.rank, self.m = problem.lam_shape[:2]
-        self.kernel = problem.lam_shape[2:]
-        self.taps = self.rank * int(torch.Size(self.kernel).numel())
-        with torch.no_grad():
-            self.z0 = layer.layer_forward(problem.keys, problem.weight0)
-            self.designs = self._tap_responses(problem.keys)
-            # the designs as one (taps, positions) matrix: z = z0 + (mat @ it), channels moved back in place
-            self._design_matrix = torch.cat(self.designs, dim=self.zdim).movedim(self.zdim, 0).reshape(self.taps, -1)
-            self._moved_shape = self.z0.movedim(self.zdim, 0).shape
+        self.responses = TapResponses(problem)
+        self.zdim = self.responses.zdim
+        self.rank, self.m, self.taps = self.responses.rank, self.responses.m, self.responses.taps
+        self.z0, self.designs = self.responses.z0, self.responses.designs
         self.numel = problem.values.numel()
         w = problem.weights
         self.d = None if w is None else w.expand_as(problem.values)
 
-    def _tap_responses(self, keys: torch.Tensor) -> list[torch.Tensor]:
-        """The layer's response to the unit update at each tap, bias excluded: one channel each (the
-        response is the same in every output channel). Plain convolutions and linear layers get every
-        tap from one call whose weight has one output row per tap (``u[r]`` at one kernel position);
-        other layers from one call per tap with the whole weight."""
-        module = self.problem.layer.module
-        if not ((type(module) is nn.Conv2d and module.groups == 1) or type(module) is nn.Linear):
-            return self._tap_responses_per_call(keys)
-        per_rank = self.taps // self.rank
-        u = self.problem.u.to(device=keys.device, dtype=keys.dtype)
-        rows = torch.zeros(self.taps, u.shape[1], per_rank, dtype=keys.dtype, device=keys.device)
-        for t in range(self.taps):
-            rows[t, :, t % per_rank] = u[t // per_rank]
-        rows = rows.reshape(self.taps, u.shape[1], *self.kernel)
-        out = F.linear(keys, rows) if type(module) is nn.Linear else module._conv_forward(keys, rows, None)
-        return [out.narrow(self.zdim, t, 1) for t in range(self.taps)]
-
-    def _tap_responses_per_call(self, keys: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`_tap_responses` for any layer: the whole layer with the unit update at each tap."""
-        problem = self.problem
-        bias_only = problem.layer.layer_forward(keys, torch.zeros_like(problem.weight0))
-        per_rank = self.taps // self.rank
-        designs = []
-        for t in range(self.taps):
-            basis = torch.zeros(self.rank, self.m, per_rank, dtype=keys.dtype, device=keys.device)
-            basis[t // per_rank, :, t % per_rank] = 1
-            delta = rank_one_delta(basis.reshape(problem.lam_shape), problem.u)
-            designs.append((problem.layer.layer_forward(keys, delta) - bias_only).narrow(self.zdim, 0, 1))
-        return designs
-
     # -- shapes -------------------------------------------------------------------------------
     def to_lam(self, mat: torch.Tensor) -> torch.Tensor:
         """``(m, taps)`` -> ``(rank, m, *kernel)``."""
-        per = self.taps // self.rank
-        return mat.reshape(self.m, self.rank, per).permute(1, 0, 2).reshape(self.problem.lam_shape)
+        return mat_to_lam(mat, self.problem.lam_shape)
 
     def to_mat(self, lam: torch.Tensor) -> torch.Tensor:
         """``(rank, m, *kernel)`` -> ``(m, taps)``."""
-        return lam.reshape(self.rank, self.m, -1).permute(1, 0, 2).reshape(self.m, self.taps)
+        return lam_to_mat(lam)
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         """Values-shaped ``t`` -> ``(m, elements)``."""
@@ -114,8 +75,7 @@ class FastSolver:
     # -- evaluation ---------------------------------------------------------------------------
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:
         """``z`` for factors ``mat`` ``(m, taps)``."""
-        change = (mat.to(self._design_matrix.dtype) @ self._design_matrix).reshape(self._moved_shape)
-        return self.z0 + change.movedim(0, self.zdim)
+        return self.responses.layer_output(mat)
 
     def post(self, z: torch.Tensor) -> torch.Tensor:
         layer = self.problem.layer

@@ -36,8 +36,8 @@ import time
 import torch
 from torch.func import jvp, vjp, vmap
 
-from surgery.edits.edit import rank_one_delta
 from surgery.solvers.problem import EditProblem
+from surgery.solvers.responses import TapResponses, lam_to_mat, mat_to_lam
 
 __all__ = ["JointSolver", "solve_joint", "linear_in_weight"]
 
@@ -111,27 +111,10 @@ class JointSolver:
             self._precompute()
 
     def _precompute(self) -> None:
-        p, layer = self.problem, self.problem.layer
-        self.zdim = layer.key_channel_dim
-        with torch.no_grad():
-            self.z0 = layer.layer_forward(p.keys, p.weight0)
-            bias_only = layer.layer_forward(p.keys, torch.zeros_like(p.weight0))
-            self.designs = []
-            for t in range(self.taps):
-                basis = torch.zeros(self.m, self.taps, dtype=self.dtype, device=self.device)
-                basis[:, t] = 1
-                delta = rank_one_delta(self._to_lam(basis), p.u)
-                # the same response in every output channel: keep one
-                self.designs.append((layer.layer_forward(p.keys, delta) - bias_only).narrow(self.zdim, 0, 1))
+        self.responses = TapResponses(self.problem)
 
     def _layer_output(self, lam: torch.Tensor) -> torch.Tensor:
-        mat = self._to_mat(lam)
-        shape = [1] * self.z0.ndim
-        shape[self.zdim] = self.m
-        z = self.z0
-        for t, a in enumerate(self.designs):
-            z = z + a * mat[:, t].reshape(shape)
-        return z
+        return self.responses.layer_output(self._to_mat(lam))
 
     # -- the residual and the objective ------------------------------------------------------------
     def residual(self, lam: torch.Tensor) -> torch.Tensor:
@@ -271,13 +254,10 @@ class JointSolver:
     # -- shapes ------------------------------------------------------------------------------------
     def _to_lam(self, mat: torch.Tensor) -> torch.Tensor:
         """``(m, taps)`` -> ``(rank, m, *kernel)``."""
-        rank = self.shape[0]
-        per = self.taps // rank
-        return mat.reshape(self.m, rank, per).permute(1, 0, 2).reshape(self.shape)
+        return mat_to_lam(mat, self.shape)
 
     def _to_mat(self, lam: torch.Tensor) -> torch.Tensor:
-        rank = self.shape[0]
-        return lam.reshape(rank, self.m, -1).permute(1, 0, 2).reshape(self.m, self.taps)
+        return lam_to_mat(lam)
 
     # -- the iteration -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -191,7 +191,7 @@ def test_tap_responses_from_one_call_equal_one_call_per_tap(k, stride, dilation,
             model, layer, images, images + torch.randn_like(images), stats=moment.double(), loss="l2", rank=rank
         )
         solver = FastSolver(problem)
-        one_call, per_call = solver._tap_responses(problem.keys), solver._tap_responses_per_call(problem.keys)
+        one_call, per_call = solver.designs, solver.responses.per_call(problem.keys)
         assert len(one_call) == len(per_call) == rank * taps
         for a, b in zip(one_call, per_call):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
