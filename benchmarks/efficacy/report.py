@@ -13,7 +13,7 @@ from surgery._files import save_figure, write_text
 
 from .settings import GROUPS, Settings
 
-__all__ = ["bootstrap_ci", "summarize", "headline", "markdown", "figure", "write_report", "HEADLINE_METHODS"]
+__all__ = ["bootstrap_ci", "summarize", "edit_lead", "headline", "markdown", "figure", "write_report", "HEADLINE_METHODS"]
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -46,6 +46,28 @@ def summarize(units: list[dict], s: Settings) -> dict:
                 row[f"true_logit_change/{g}"] = float(np.mean(v)) if v else None
                 row[f"margin_before/{g}"] = float(np.mean(mb)) if mb else None
             out[f"N={n}/{method}"] = row
+    return out
+
+
+def edit_lead(units: list[dict], ns, reps: int, seed: int, group: str = "other/same") -> dict[int, dict]:
+    """Per N: the edit's lead over the better fine-tuning (the one with the higher mean) in ``group``,
+    paired per unit (units where both have a number), with a bootstrap 95% interval."""
+    rng = np.random.default_rng(seed + 11)
+    out = {}
+    for n in ns:
+        us = [u for u in units if u["n"] == n and "edit" in u["methods"]]
+        means = {}
+        for ft in ("finetune local", "finetune global"):
+            v = [u["methods"][ft]["pct"][group] for u in us if ft in u["methods"] and u["methods"][ft]["pct"][group] is not None]
+            if v:
+                means[ft] = float(np.mean(v))
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        d = [u["methods"]["edit"]["pct"][group] - u["methods"][best]["pct"][group] for u in us
+             if best in u["methods"] and None not in (u["methods"]["edit"]["pct"][group], u["methods"][best]["pct"][group])]
+        if d:
+            out[n] = {"vs": best, "mean": float(np.mean(d)), "ci95": list(bootstrap_ci(d, reps, rng)), "units": len(d)}
     return out
 
 
@@ -116,6 +138,11 @@ def markdown(result: dict) -> str:
                 f"| {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | " + " | ".join(cells)
                 + f" | {row['clean_acc_change_pp']['mean']:+.2f} | {shift('other-nonprefer')} | {shift('clean-no-concept')} |"
             )
+        lead = edit_lead(a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"])
+        if lead:
+            lines += ["", "Edit's lead over the better fine-tuning, other classes / same style, paired per unit: " + "; ".join(
+                f"N={n} {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] points vs {r['vs']} ({r['units']} units)"
+                for n, r in lead.items()) + "."]
         lines.append("")
     return "\n".join(lines)
 

@@ -187,3 +187,18 @@ def test_merge_joins_runs_of_other_models_and_refuses_mismatches(tiny_run, tmp_p
     pb.write_text(json.dumps({**b, "archs": {"vgg": {**shared, "seconds": -1.0}}}))
     with pytest.raises(SystemExit, match="different results for vgg"):
         efficacy.main(["--merge", str(pa), str(pb), "--out", str(tmp_path / "y")])
+
+
+def test_edit_lead_is_paired_against_the_better_fine_tuning():
+    from benchmarks.efficacy.report import edit_lead
+
+    def unit(n, edit, local, glob):
+        return {"n": n, "methods": {m: {"pct": {"other/same": v}} for m, v in
+                                    (("edit", edit), ("finetune local", local), ("finetune global", glob))}}
+
+    # global fine-tuning is better on average (+5 vs +1); the edit leads it by 10 and 20 points
+    units = [unit(3, 20.0, 0.0, 10.0), unit(3, 20.0, 2.0, 0.0), unit(10, 5.0, None, 0.0)]
+    lead = edit_lead(units, (3, 10), reps=200, seed=0)
+    assert lead[3]["vs"] == "finetune global" and lead[3]["mean"] == 15.0 and lead[3]["units"] == 2
+    assert 10.0 <= lead[3]["ci95"][0] <= lead[3]["ci95"][1] <= 20.0
+    assert lead[10] == {"vs": "finetune global", "mean": 5.0, "ci95": [5.0, 5.0], "units": 1}
