@@ -45,7 +45,7 @@ class TapResponses:
             per_tap = self._per_tap(problem.keys)  # taps on the channel axis
         self.designs = [per_tap.narrow(self.zdim, t, 1) for t in range(self.taps)]
         # as one (taps, positions) matrix: z = z0 + (mat @ it), channels moved back in place
-        self._matrix = per_tap.movedim(self.zdim, 0).reshape(self.taps, -1)
+        self.matrix = per_tap.movedim(self.zdim, 0).reshape(self.taps, -1)
         self._moved_shape = self.z0.movedim(self.zdim, 0).shape
 
     def _per_tap(self, keys: torch.Tensor) -> torch.Tensor:
@@ -78,5 +78,5 @@ class TapResponses:
 
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:
         """``z`` for factors ``mat`` ``(m, taps)``."""
-        change = (mat.to(self._matrix.dtype) @ self._matrix).reshape(self._moved_shape)
+        change = (mat.to(self.matrix.dtype) @ self.matrix).reshape(self._moved_shape)
         return self.z0 + change.movedim(0, self.zdim)

@@ -29,7 +29,7 @@ def _moment(model: nn.Module, layer: str, size: int) -> torch.Tensor:
     from surgery import get_layer
 
     l = get_layer(model, layer)
-    x = torch.randn(8, 3, size, size, dtype=l.weight.dtype)
+    x = torch.randn(8, 3, size, size, dtype=l.weight.dtype, generator=torch.Generator().manual_seed(2))
     keys = flatten_keys(l.capture(model, x).keys, l.key_channel_dim)
     k = keys.to(torch.float64)
     return k.T @ k / len(k) + 0.05 * torch.eye(k.shape[1], dtype=torch.float64)
@@ -52,6 +52,7 @@ PAPER_LAYERS = {
 
 def _problem(key: str, loss: str, *, dtype=torch.float32, ridge: float = 0.0):
     factory, layer, size = {**FAMILIES, **PAPER_LAYERS}[key]
+    torch.manual_seed(0)  # the random weights: the same problem whatever ran before
     model = randomize_layer_scale(randomize_batchnorm(factory())).eval().to(dtype)
     x, x2 = _exemplar(size)
     moment = _moment(model, layer, size)
@@ -83,6 +84,44 @@ def test_fast_is_no_worse_than_reference_and_other_starts(key, loss):
         _, obj, _ = solver.run(start, max_iter=100)
         others.append(float(obj.sum()))
     assert fast <= 1.001 * min(others), (fast, others)
+
+
+def _adam_from(problem, lam: torch.Tensor, lr: float, steps: int) -> float:
+    """The lowest objective Adam on ``lam`` reaches from ``lam`` in ``steps`` steps."""
+    lam = lam.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    best = float("inf")
+    for _ in range(steps):
+        opt.zero_grad()
+        obj = problem.objective(lam)
+        obj.backward()
+        best = min(best, float(obj.detach()))
+        opt.step()
+    return best
+
+
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+@pytest.mark.parametrize(
+    "key", [*FAMILIES, *(pytest.param(k, marks=pytest.mark.slow) for k in PAPER_LAYERS)]
+)
+def test_fast_is_at_its_optimum(key, loss):
+    """No optimiser started from the fast solution lowers the objective by more than 0.1%: Adam on lam at
+    two step sizes, and the solver's own Gauss-Newton continued for 300 more iterations with no stop rule.
+
+    The continued Gauss-Newton is held to 0.2% on L1: on max-pool blocks a few channels keep creeping
+    down for a hundred iterations after the stop rule (measured: 0.05-0.13% on VGG blocks)."""
+    problem = _problem(key, loss)
+    lam, info = solve_fast(problem)
+    fast = info["objective"]
+    scale = float(lam.abs().mean()) + 1e-8
+    adam = min(_adam_from(problem, lam, lr, 150) for lr in (1e-3 * scale, 1e-2 * scale))
+    assert adam >= fast * (1 - 1e-3), f"{key} {loss}: Adam {fast:.6g} -> {adam:.6g}"
+    solver = FastSolver(problem)
+    # continued: the L1 floor and the Jacobian's difference step where the solve ended them
+    _, obj, _ = solver.run(solver.to_mat(lam), max_iter=300, tol=0.0, smooth=1e-6, spread=1e-3)
+    longer = float(obj.sum())
+    allowed = 1e-3 if loss == "l2" else 2e-3
+    assert longer >= fast * (1 - allowed), f"{key} {loss}: Gauss-Newton {fast:.6g} -> {longer:.6g}"
 
 
 def _exact_affine_lstsq(problem, bn_scale: torch.Tensor) -> torch.Tensor:
@@ -141,7 +180,7 @@ def test_affine_test_of_the_block(key, affine):
     zero = torch.zeros(solver.m, solver.taps, dtype=torch.float64)
     assert solver.post_is_affine(zero) is affine
     _, info = solve_fast(problem)
-    assert info["closed_form"] is affine and (len(info["iterations"]) == 2) is not affine
+    assert info["closed_form"] is affine and bool(info["iterations"]) is not affine
 
 
 def test_reference_without_rank_restriction_returns_a_dense_update():
