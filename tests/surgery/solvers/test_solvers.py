@@ -270,3 +270,64 @@ def test_update_is_rank_r_along_u_and_blind_to_orthogonal_keys(m, n, k, rank, se
     before = conv._conv_forward(orth, conv.weight, conv.bias)
     after = conv._conv_forward(orth, conv.weight + delta, conv.bias)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("key", [*FAMILIES, "tiny_vit_fc2"])
+def test_stacked_block_calls_equal_one_call_per_candidate(key):
+    """The fast solver calls the block on many layer outputs at once (candidates of the line search, the
+    difference Jacobian), channels-last for NCHW maps: the same objectives as one plain call each, and
+    a Jacobian equal to the exact forward-mode one where the block is affine or the step crosses no kink."""
+    if key == "tiny_vit_fc2":
+        model = tiny_vit(0).eval().double()
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        moment = torch.eye(128, dtype=torch.float64) + 0.1
+        problem = prepare_problem(model, "blocks.1.mlp.fc2", x, x.flip(0), stats=moment, loss="l1")
+    else:
+        problem = _problem(key, "l1", dtype=torch.float64)  # float64: differences free of rounding
+    solver = FastSolver(problem)
+    g = torch.Generator().manual_seed(3)
+    mats = [torch.zeros(solver.m, solver.taps, dtype=torch.float64)] + [
+        1e-2 * torch.randn(solver.m, solver.taps, generator=g, dtype=torch.float64) for _ in range(2)
+    ]
+    stacked = solver._objectives(mats)
+    assert solver._batchable is True
+    for row, mat in zip(stacked, mats):
+        torch.testing.assert_close(row, solver.channel_objective(mat), rtol=1e-10, atol=1e-15)
+    # the difference Jacobian at a tiny step against forward mode, on the channels whose block output moves
+    _, j = solver._linearize(mats[1], 1e-6)
+    z = solver.layer_output(mats[1])
+    from torch.func import jvp
+
+    exact = torch.stack(
+        [solver._per_channel(jvp(solver.post, (z,), (a.expand_as(z),))[1]) for a in solver.designs], dim=1
+    )
+    close = ((j - exact).abs() <= 1e-5 * exact.abs().amax(dim=2, keepdim=True) + 1e-12).double().mean()
+    assert close > 0.99, float(close)  # a kink within the step changes a few entries, not the Jacobian
+
+
+def test_blocks_that_mix_samples_get_one_call_per_candidate():
+    """A block whose output depends on the other samples of the batch (here: minus the batch mean) is
+    detected, and the fast solver calls it once per candidate instead of on a stack."""
+    import dataclasses
+
+    problem = _problem("vgg_block", "l1")
+    own = problem.layer.post
+
+    def mixing(z, context):
+        out = own(z, context)
+        return out - out.mean(dim=0, keepdim=True)
+
+    problem = dataclasses.replace(problem, layer=dataclasses.replace(problem.layer, post=mixing))
+    x = problem.keys
+    problem = dataclasses.replace(
+        problem,
+        keys=torch.cat([x, x.flip(-1)]),
+        values=torch.cat([problem.values] * 2),
+        context={n: torch.cat([t] * 2) for n, t in problem.context.items()},
+    )
+    solver = FastSolver(problem)
+    mats = [torch.zeros(solver.m, solver.taps), 1e-2 * torch.ones(solver.m, solver.taps)]
+    stacked = solver._objectives(mats)
+    assert solver._batchable is False
+    for row, mat in zip(stacked, mats):
+        torch.testing.assert_close(row, solver.channel_objective(mat), rtol=2e-5, atol=1e-12)
