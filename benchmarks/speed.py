@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -418,6 +419,10 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "size": args.size,
+        "command": " ".join(
+            [f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", "python -m benchmarks.speed"]
+            + list(sys.argv[1:] if argv is None else argv)
+        ),
     }
     for key, fn in (
         ("files", lambda c: bench_files(c, device)),

@@ -30,6 +30,7 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "speed-quick-cpu.json").read_text())
     table = (tmp_path / "speed-quick-cpu.md").read_text()
     assert saved["mode"] == "quick" and saved["size"] == 32
+    assert saved["command"].endswith("python -m benchmarks.speed --quick --device cpu --size 32 --images 4 --batch 2 --solver-images 4 --out " + str(tmp_path))
     for part in speed.PARTS:
         assert [r["case"] for r in saved[part]] == list(speed.WIDE_CASES if part == "wide" else speed.CASES), part
     for r in saved["wide"]:
