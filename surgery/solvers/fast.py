@@ -154,7 +154,8 @@ class FastSolver:
         k = len(zs)
         if k not in self._contexts:
             self._contexts[k] = {n: self._like_z(t.repeat(k, *[1] * (t.ndim - 1))) for n, t in self.problem.context.items()}
-        out = self.problem.layer.post(torch.cat(zs, dim=0), self._contexts[k])
+        post, stacked = self.problem.layer.post, torch.cat(zs, dim=0)
+        out = stacked if post is None else post(stacked, self._contexts[k])  # None: the value is z itself
         return out.unflatten(0, (k, zs[0].shape[0]))
 
     def _like_z(self, t: torch.Tensor) -> torch.Tensor:
