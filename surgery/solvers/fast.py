@@ -74,7 +74,8 @@ class FastSolver:
         self.d = None if w is None else w.expand_as(problem.values)
         self._batchable: bool | None = None
         self._contexts: dict[int, dict[str, torch.Tensor]] = {}
-        self._fd_steps: list[float] | None = None
+        # each tap's forward-difference step per unit of `spread`: the spread of z over that of the tap's response
+        self._fd_steps = [float(self.z0.std().clamp_min(1e-30) / a.std().clamp_min(1e-30)) for a in self.designs]
         self._cl_matrix = None  # NCHW maps: the layer output channels-last, z = z0 + matrix @ mat^T
         if self.z0.ndim == 4 and self.zdim % 4 == 1:
             n, c, h, wd = self.z0.shape
@@ -159,15 +160,19 @@ class FastSolver:
         return out.unflatten(0, (k, zs[0].shape[0]))
 
     def _like_z(self, t: torch.Tensor) -> torch.Tensor:
-        """A context map in the layout of the layer outputs (channels-last for NCHW maps)."""
+        """A values- or context-shaped map in the layout of the layer outputs (channels-last for NCHW maps)."""
         if self._cl_matrix is not None and t.ndim == 4:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
     def _check_batchable(self, z: torch.Tensor) -> bool:
+        """Whether the block gives each sample of a stack what it gives that sample alone (the context
+        repeated): checked on ``z`` stacked with ``2 z + 1``."""
         n = z.shape[0]
-        if self.problem.layer.post is None or any(t.shape[:1] != (n,) for t in self.problem.context.values()):
-            return self.problem.layer.post is None
+        if self.problem.layer.post is None:
+            return True
+        if any(t.shape[:1] != (n,) for t in self.problem.context.values()):
+            return False  # a context without the batch axis first cannot be repeated along it
         with torch.no_grad():
             alone = self.post(z)
             ctx = {name: t.repeat(2, *[1] * (t.ndim - 1)) for name, t in self.problem.context.items()}
@@ -181,26 +186,20 @@ class FastSolver:
         """:meth:`layer_output`, channels-last for NCHW maps."""
         if self._cl_matrix is None:
             return self.layer_output(mat)
-        change = (self._cl_matrix @ mat.T.to(self._cl_matrix.dtype)).reshape(self._cl_shape).permute(0, 3, 1, 2)
-        return self._cl_z0 + change
+        return self._cl_z0 + self._layer_change(mat)
 
-    def _per_channel_stacked(self, t: torch.Tensor) -> torch.Tensor:
-        """``(k, *values shape)`` -> ``(k, m, elements)``."""
-        return t.movedim(self.vdim % (t.ndim - 1) + 1, 1).reshape(t.shape[0], self.m, -1)
+    def _layer_change(self, mat: torch.Tensor) -> torch.Tensor:
+        """``z(mat) - z0``, in the layout of :meth:`_layer_output`."""
+        if self._cl_matrix is None:
+            return self.layer_output(mat) - self.z0
+        return (self._cl_matrix @ mat.T.to(self._cl_matrix.dtype)).reshape(self._cl_shape).permute(0, 3, 1, 2)
 
-    def _objectives(
-        self, mats: list[torch.Tensor], along: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """:meth:`channel_objective` of several factor matrices, ``(k, m)`` in float64. ``along=(mat, step)``
-        says that ``mats`` are ``mat + alpha * step`` for :data:`_STEP_SIZES`: their layer outputs are then
-        the two of ``mat`` and ``step`` combined."""
+    def _objectives(self, mats: list[torch.Tensor], zs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`channel_objective` of several factor matrices, ``(k, m)`` in float64; ``zs``: their layer
+        outputs where the caller has them."""
         with torch.no_grad():
-            if along is None:
+            if zs is None:
                 zs = [self._layer_output(m) for m in mats]
-            else:
-                base = self._layer_output(along[0])
-                move = self._layer_output(along[1]) - self._layer_output(torch.zeros_like(along[1]))
-                zs = [base + alpha * move for alpha in _STEP_SIZES]
             r = self._stacked_post(zs) - self._values
             if self.d is not None:
                 r = r * self._d
@@ -233,8 +232,6 @@ class FastSolver:
         (exact on the linear pieces of ReLU / max-pool blocks that the step does not cross; a wide step
         averages the slopes of the pieces it crosses)."""
         z = self._layer_output(mat)
-        if self._fd_steps is None:
-            self._fd_steps = [float(self.z0.std().clamp_min(1e-30) / a.std().clamp_min(1e-30)) for a in self.designs]
         out = self._stacked_post([z] + [z + spread * h * a for h, a in zip(self._fd_steps, self.designs)])
         v = out[0]
         steps = spread * torch.tensor(self._fd_steps, dtype=out.dtype, device=out.device).reshape(-1, *[1] * v.ndim)
@@ -315,7 +312,8 @@ class FastSolver:
             step = self._step(mat, damping, smooth, max(spread * _FD_DECAY ** (it - 1), _FD_STEP))
             smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
             cands = [mat + alpha * step for alpha in _STEP_SIZES]
-            objs = self._objectives(cands, along=(mat, step))  # (alphas, m)
+            base, move = self._layer_output(mat), self._layer_change(step)  # z is affine in mat
+            objs = self._objectives(cands, [base + alpha * move for alpha in _STEP_SIZES])  # (alphas, m)
             best_obj, best = objs.min(dim=0)
             improved = best_obj < obj
             chosen = torch.stack(cands)[best, torch.arange(self.m, device=mat.device)]

@@ -34,8 +34,8 @@ import logging
 import time
 
 import torch
-from torch.func import jvp, vjp, vmap
 from torch import nn
+from torch.func import jvp, vjp, vmap
 
 from surgery.solvers.problem import EditProblem
 from surgery.solvers.responses import TapResponses, lam_to_mat, mat_to_lam
