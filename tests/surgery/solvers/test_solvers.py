@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
@@ -9,6 +11,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.func import jvp
 
 from surgery.rewrite import prepare_problem
 from surgery.solvers import FastSolver, solve_fast, solve_reference
@@ -296,8 +299,6 @@ def test_stacked_block_calls_equal_one_call_per_candidate(key):
     # the difference Jacobian at a tiny step against forward mode, on the channels whose block output moves
     _, j = solver._linearize(mats[1], 1e-6)
     z = solver.layer_output(mats[1])
-    from torch.func import jvp
-
     exact = torch.stack(
         [solver._per_channel(jvp(solver.post, (z,), (a.expand_as(z),))[1]) for a in solver.designs], dim=1
     )
@@ -308,8 +309,6 @@ def test_stacked_block_calls_equal_one_call_per_candidate(key):
 def test_blocks_that_mix_samples_get_one_call_per_candidate():
     """A block whose output depends on the other samples of the batch (here: minus the batch mean) is
     detected, and the fast solver calls it once per candidate instead of on a stack."""
-    import dataclasses
-
     problem = _problem("vgg_block", "l1")
     own = problem.layer.post
 
