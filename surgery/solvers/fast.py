@@ -186,13 +186,8 @@ class FastSolver:
         """:meth:`layer_output`, channels-last for NCHW maps."""
         if self._cl_matrix is None:
             return self.layer_output(mat)
-        return self._cl_z0 + self._layer_change(mat)
-
-    def _layer_change(self, mat: torch.Tensor) -> torch.Tensor:
-        """``z(mat) - z0``, in the layout of :meth:`_layer_output`."""
-        if self._cl_matrix is None:
-            return self.layer_output(mat) - self.z0
-        return (self._cl_matrix @ mat.T.to(self._cl_matrix.dtype)).reshape(self._cl_shape).permute(0, 3, 1, 2)
+        change = (self._cl_matrix @ mat.T.to(self._cl_matrix.dtype)).reshape(self._cl_shape).permute(0, 3, 1, 2)
+        return self._cl_z0 + change
 
     def _objectives(self, mats: list[torch.Tensor], zs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`channel_objective` of several factor matrices, ``(k, m)`` in float64; ``zs``: their layer
@@ -312,7 +307,9 @@ class FastSolver:
             step = self._step(mat, damping, smooth, max(spread * _FD_DECAY ** (it - 1), _FD_STEP))
             smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
             cands = [mat + alpha * step for alpha in _STEP_SIZES]
-            base, move = self._layer_output(mat), self._layer_change(step)  # z is affine in mat
+            # z is affine in mat; the move is taken as a difference of layer outputs, as the solver was
+            # measured (the direct product rounds differently, and the solve amplifies rounding)
+            base, move = self._layer_output(mat), self._layer_output(step) - self._layer_output(torch.zeros_like(step))
             objs = self._objectives(cands, [base + alpha * move for alpha in _STEP_SIZES])  # (alphas, m)
             best_obj, best = objs.min(dim=0)
             improved = best_obj < obj
