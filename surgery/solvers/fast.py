@@ -1,7 +1,7 @@
 """The fast solver: the rank-one problem split into one small problem per output channel.
 
-With ``W' = W + lam (x) u`` the layer output is ``z = z0 + sum_t lam[:, t] * A_t``, where ``z0`` is the
-unedited output and ``A_t`` the (one-channel) response of the layer to the unit update at tap ``t``
+With ``W' = W + lam (x) u`` the layer output is ``z = z0 + sum_t lam[:, t] * A_t``, where ``z0`` is
+the unedited output and ``A_t`` the (one-channel) response of the layer to the unit update at tap ``t``
 (for a conv: ``u^T k`` shifted by the kernel tap). Everything after the layer in a block (BN in eval
 mode, residual add, ReLU, max-pool, layer-scale) acts per output channel, so channel ``o``'s value
 depends on ``lam[:, o]`` alone: ``m`` independent problems with ``rank * kh * kw`` unknowns each.
@@ -11,14 +11,21 @@ itself solved by a few reweighted least-squares iterations (no block call betwee
 called on a stack of layer outputs at once: the Jacobian is a forward difference along each tap's
 response, and every step length is tried in one call. The difference step starts wide (a smoothed
 block, which crosses the kinks of ReLU and max-pool) and shrinks each iteration. Step lengths above one
-let channels cross flat valleys. NCHW maps are kept channels-last, where pooling is much faster on the CPU.
+let channels cross flat valleys.
 
-The solve runs from zero and from the linearized solution for a few iterations, keeps each channel's
-better point (kinked blocks have several local minima per channel) and goes on from there until two
-iterations in a row gain less than :data:`_TOL` of the objective. Where the block is affine in the
-weight and the loss is L2, the exact least-squares solution ``(A^T D A + ridge I)^{-1} A^T D R``, taken
-through the block's exact forward-mode Jacobian, is the answer (:meth:`FastSolver.post_is_affine` tests
-the block numerically).
+Every map is kept with its channels last, as a ``(positions, m)`` matrix (NCHW maps are handed to the
+block channels-last, where pooling is much faster on the CPU): ``z = z0 + A @ mat^T`` is one matrix
+product, a stack of candidates is one broadcast operation, and the block's output is read back without
+a copy.
+
+The solve runs from zero and from the linearized solution for a few iterations, both starts side by
+side in the same block calls, keeps each channel's better point (kinked blocks have several local
+minima per channel) and goes on from there until two iterations in a row gain less than :data:`_TOL`
+of the objective. Under L2 on a kinked block, a few Adam steps (:meth:`FastSolver.descend`) then slide
+along the valleys that follow kinks, where Gauss-Newton stalls, and Gauss-Newton finishes. Where the
+block is affine in the weight and the loss is L2, the exact least-squares solution
+``(A^T D A + ridge I)^{-1} A^T D R``, taken through the block's exact forward-mode Jacobian, is the
+answer (:meth:`FastSolver.post_is_affine` tests the block numerically).
 """
 
 from __future__ import annotations
@@ -49,10 +56,17 @@ _TOL = 3e-5  # stop once two iterations in a row gain less than this fraction of
 # the Jacobian's forward-difference step, relative to the spread of z: from the starts' first step
 # (and the merged run's) it shrinks by _FD_DECAY per iteration down to _FD_STEP
 _FD_START, _FD_POLISH, _FD_DECAY, _FD_STEP = 0.1, 0.01, 0.5, 1e-3
+# L2 on kinked blocks: Adam steps along the valleys that follow kinks (where Gauss-Newton stalls), with a
+# step size relative to the mean |lam|, then Gauss-Newton again
+_VALLEY_STEPS, _VALLEY_LR = 50, 0.1
 
 
 class FastSolver:
-    """Per-output-channel Gauss-Newton for one :class:`EditProblem`."""
+    """Per-output-channel Gauss-Newton for one :class:`EditProblem`.
+
+    Factors are held as ``mat`` ``(m, taps)`` (:meth:`to_mat`), or ``(starts, m, taps)`` for several
+    starts solved side by side; maps as ``(positions, m)`` matrices, channels last.
+    """
 
     def __init__(self, problem: EditProblem) -> None:
         layer = problem.layer
@@ -70,21 +84,25 @@ class FastSolver:
         self.rank, self.m, self.taps = self.responses.rank, self.responses.m, self.responses.taps
         self.z0, self.designs = self.responses.z0, self.responses.designs
         self.numel = problem.values.numel()
+        # The working layout: every map as (positions, m), channels last.
+        moved = self.z0.movedim(self.zdim, -1)
+        self._batch_shape = moved.shape[1:]  # one sample's layer output, channels last
+        self._z0 = moved.reshape(-1, self.m).contiguous()  # (E, m)
+        self._design = self.responses.matrix.T.contiguous()  # (E, taps): z = z0 + design @ mat^T
+        self._values = self._rows(problem.values).contiguous()  # (Ev, m)
         w = problem.weights
-        self.d = None if w is None else w.expand_as(problem.values)
+        self._d = None if w is None else self._rows(w.expand_as(problem.values)).contiguous()
+        self._dt = None if self._d is None else self._d.T.contiguous()  # (m, Ev)
+        self._channels_last = self.z0.ndim == 4 and self.zdim % 4 == 1
         self._batchable: bool | None = None
         self._contexts: dict[int, dict[str, torch.Tensor]] = {}
         # each tap's forward-difference step per unit of `spread`: the spread of z over that of the tap's response
-        self._fd_steps = [float(self.z0.std().clamp_min(1e-30) / a.std().clamp_min(1e-30)) for a in self.designs]
-        self._cl_matrix = None  # NCHW maps: the layer output channels-last, z = z0 + matrix @ mat^T
-        if self.z0.ndim == 4 and self.zdim % 4 == 1:
-            n, c, h, wd = self.z0.shape
-            self._cl_z0 = self.z0.contiguous(memory_format=torch.channels_last)
-            self._cl_matrix = self.responses.matrix.T.contiguous()
-            self._cl_shape = (n, h, wd, c)
-        # the targets (and weights) in the layout of the block's outputs
-        self._values = self._like_z(problem.values)
-        self._d = None if self.d is None else self._like_z(self.d.contiguous())
+        self._fd_steps = torch.tensor(
+            [float(self.z0.std().clamp_min(1e-30) / a.std().clamp_min(1e-30)) for a in self.designs],
+            dtype=self.z0.dtype,
+            device=self.z0.device,
+        )
+        self._alphas = torch.tensor(_STEP_SIZES, dtype=self.z0.dtype, device=self.z0.device)
 
     # -- shapes -------------------------------------------------------------------------------
     def to_lam(self, mat: torch.Tensor) -> torch.Tensor:
@@ -99,9 +117,13 @@ class FastSolver:
         """Values-shaped ``t`` -> ``(m, elements)``."""
         return t.movedim(self.vdim, 0).reshape(self.m, -1)
 
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Values-shaped ``t`` -> ``(positions, m)``, channels last (a view where ``t`` is laid out so)."""
+        return t.movedim(self.vdim, -1).reshape(-1, self.m)
+
     # -- evaluation ---------------------------------------------------------------------------
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:
-        """``z`` for factors ``mat`` ``(m, taps)``."""
+        """``z`` for factors ``mat`` ``(m, taps)``, in the layer's own layout."""
         return self.responses.layer_output(mat)
 
     def post(self, z: torch.Tensor) -> torch.Tensor:
@@ -111,11 +133,12 @@ class FastSolver:
         return layer.post(z, self.problem.context)
 
     def channel_objective(self, mat: torch.Tensor) -> torch.Tensor:
-        """The objective of each output channel, ``(m,)`` in float64; their sum is the objective."""
+        """The objective of each output channel, ``(m,)`` in float64, through the block called on the
+        layer's own layout (no stacking); their sum is the objective."""
         with torch.no_grad():
             r = self._per_channel(self.post(self.layer_output(mat)) - self.problem.values).to(torch.float64)
-            if self.d is not None:
-                r = r * self._per_channel(self.d).to(torch.float64)
+            if self._d is not None:
+                r = r * self._dt.to(torch.float64)
             loss = r.abs() if self.problem.loss == "l1" else r.square()
             obj = loss.sum(dim=1) / self.numel
             if self.problem.ridge:
@@ -141,27 +164,33 @@ class FastSolver:
         return True
 
     # -- batched block calls ------------------------------------------------------------------
-    def _stacked_post(self, zs: list[torch.Tensor]) -> torch.Tensor:
-        """The block after the layer on several layer outputs at once, stacked on a new first axis.
+    def _z(self, mat: torch.Tensor) -> torch.Tensor:
+        """Layer outputs ``(..., E, m)`` for factors ``(..., m, taps)``."""
+        return torch.matmul(self._design, mat.transpose(-1, -2).to(self._design.dtype)) + self._z0
+
+    def _stacked_post(self, zs: torch.Tensor) -> torch.Tensor:
+        """The block on a stack of layer outputs ``(k, E, m)``; returns values ``(k, Ev, m)``.
 
         One call on the outputs concatenated along the batch axis (the context repeated) when the
         block treats samples independently (checked once, at the first call); a call per output
-        otherwise. For NCHW maps the outputs are kept channels-last, where pooling is many times
-        faster on the CPU."""
+        otherwise. NCHW maps go in channels-last, where pooling is many times faster on the CPU."""
+        k = zs.shape[0]
+        maps = zs.reshape(-1, *self._batch_shape).movedim(-1, self.zdim)  # (k * N, ...), channels-last strides
+        post = self.problem.layer.post
+        if post is None:  # the value is z itself
+            return zs
         if self._batchable is None:
-            self._batchable = self._check_batchable(zs[0])
+            self._batchable = self._check_batchable(maps[: self.z0.shape[0]])
         if not self._batchable:
-            return torch.stack([self.post(z) for z in zs])
-        k = len(zs)
+            n = self.z0.shape[0]
+            return torch.stack([self._rows(self.post(maps[i * n : (i + 1) * n])) for i in range(k)])
         if k not in self._contexts:
             self._contexts[k] = {n: self._like_z(t.repeat(k, *[1] * (t.ndim - 1))) for n, t in self.problem.context.items()}
-        post, stacked = self.problem.layer.post, torch.cat(zs, dim=0)
-        out = stacked if post is None else post(stacked, self._contexts[k])  # None: the value is z itself
-        return out.unflatten(0, (k, zs[0].shape[0]))
+        return self._rows(post(maps, self._contexts[k])).reshape(k, -1, self.m)
 
     def _like_z(self, t: torch.Tensor) -> torch.Tensor:
-        """A values- or context-shaped map in the layout of the layer outputs (channels-last for NCHW maps)."""
-        if self._cl_matrix is not None and t.ndim == 4:
+        """A context map in the layout the stacked layer outputs have (channels-last for NCHW maps)."""
+        if self._channels_last and t.ndim == 4:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
@@ -169,8 +198,6 @@ class FastSolver:
         """Whether the block gives each sample of a stack what it gives that sample alone (the context
         repeated): checked on ``z`` stacked with ``2 z + 1``."""
         n = z.shape[0]
-        if self.problem.layer.post is None:
-            return True
         if any(t.shape[:1] != (n,) for t in self.problem.context.values()):
             return False  # a context without the batch axis first cannot be repeated along it
         with torch.no_grad():
@@ -182,28 +209,26 @@ class FastSolver:
                 return False
             return both.shape[0] == 2 * n and torch.allclose(both[:n], alone, rtol=1e-5, atol=1e-6)
 
-    def _layer_output(self, mat: torch.Tensor) -> torch.Tensor:
-        """:meth:`layer_output`, channels-last for NCHW maps."""
-        if self._cl_matrix is None:
-            return self.layer_output(mat)
-        change = (self._cl_matrix @ mat.T.to(self._cl_matrix.dtype)).reshape(self._cl_shape).permute(0, 3, 1, 2)
-        return self._cl_z0 + change
-
-    def _objectives(self, mats: list[torch.Tensor], zs: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """:meth:`channel_objective` of several factor matrices, ``(k, m)`` in float64; ``zs``: their layer
-        outputs where the caller has them."""
-        with torch.no_grad():
-            if zs is None:
-                zs = [self._layer_output(m) for m in mats]
-            r = self._stacked_post(zs) - self._values
-            if self.d is not None:
-                r = r * self._d
+    def _objectives_of(self, zs: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+        """Per-channel objectives ``(k, m)`` in float64 of candidates with layer outputs ``zs`` ``(k, E, m)``
+        and factors ``mats`` ``(k, m, taps)`` (for the ridge)."""
+        r = self._stacked_post(zs) - self._values
+        if self._d is not None:
+            r = r * self._d
+        if r.requires_grad:
+            loss = r.abs() if self.problem.loss == "l1" else r.square()
+        else:
             loss = r.abs_() if self.problem.loss == "l1" else r.square_()
-            channel = self.vdim % (r.ndim - 1) + 1  # summed over every axis but the candidates' and the channels'
-            obj = loss.sum(dim=[a for a in range(1, r.ndim) if a != channel]).to(torch.float64) / self.numel
-            if self.problem.ridge:
-                obj = obj + self.problem.ridge * torch.stack(mats).to(torch.float64).square().sum(dim=2)
+        obj = loss.sum(dim=1).to(torch.float64) / self.numel
+        if self.problem.ridge:
+            obj = obj + self.problem.ridge * mats.to(torch.float64).square().sum(dim=-1)
         return obj
+
+    def _objectives(self, mats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """:meth:`channel_objective` of several factor matrices from one stacked block call, ``(k, m)``."""
+        with torch.no_grad():
+            mats = torch.stack(list(mats)) if isinstance(mats, (list, tuple)) else mats
+            return self._objectives_of(self._z(mats), mats)
 
     # -- steps --------------------------------------------------------------------------------
     def _linear_step(self, mat: torch.Tensor) -> torch.Tensor:
@@ -217,22 +242,29 @@ class FastSolver:
                 v, jt = vmap(lambda dz: jvp(self.post, (z,), (dz,)), out_dims=(None, 0))(tangents)
             j = torch.stack([self._per_channel(t) for t in jt], dim=1).to(torch.float64)  # (m, taps, e)
             r = self._per_channel(v - self.problem.values).to(torch.float64)
-            q = None if self.d is None else self._per_channel(self.d).to(torch.float64).square()
+            q = None if self._dt is None else self._dt.to(torch.float64).square()
             zero = torch.zeros(self.m, dtype=torch.float64, device=j.device)
             return self._solve_quadratic(j, r, q, mat, zero).to(mat.dtype)
 
     def _linearize(self, mat: torch.Tensor, spread: float = _FD_STEP) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residuals ``(m, e)`` and Jacobian ``(m, taps, e)`` at ``mat`` from one stacked block call:
-        forward differences along each tap's response, a step of ``spread`` times the spread of ``z``
-        (exact on the linear pieces of ReLU / max-pool blocks that the step does not cross; a wide step
-        averages the slopes of the pieces it crosses)."""
-        z = self._layer_output(mat)
-        out = self._stacked_post([z] + [z + spread * h * a for h, a in zip(self._fd_steps, self.designs)])
-        v = out[0]
-        steps = spread * torch.tensor(self._fd_steps, dtype=out.dtype, device=out.device).reshape(-1, *[1] * v.ndim)
-        diff = (out[1:] - v) / steps  # (taps, *values shape)
-        j = diff.movedim(self.vdim % v.ndim + 1, 0).reshape(self.m, self.taps, -1).contiguous()  # (m, taps, e)
-        return self._per_channel(v - self.problem.values), j
+        """Residuals ``(m, e)`` and Jacobian ``(m, taps, e)`` at ``mat`` (``(m, taps)``, or ``(s, m, taps)``
+        for ``s`` starts, then both results with a leading ``s`` axis folded into ``m``: ``(s * m, ...)``),
+        from one stacked block call: forward differences along each tap's response, a step of ``spread``
+        times the spread of ``z`` (exact on the linear pieces of ReLU / max-pool blocks that the step does
+        not cross; a wide step averages the slopes of the pieces it crosses)."""
+        mats = mat.reshape(-1, self.m, self.taps)
+        s = mats.shape[0]
+        steps = spread * self._fd_steps  # (taps,)
+        offsets = torch.cat([torch.zeros_like(self._design[:, :1]), self._design * steps], dim=1)  # (E, taps + 1)
+        zs = self._z(mats)
+        stack = torch.empty(s, self.taps + 1, *zs.shape[1:], dtype=zs.dtype, device=zs.device)  # laid out as written
+        torch.add(zs.unsqueeze(1), offsets.T.unsqueeze(-1), out=stack)
+        out = self._stacked_post(stack.flatten(0, 1)).unflatten(0, (s, self.taps + 1))
+        v = out[:, 0]  # (s, Ev, m)
+        diff = (out[:, 1:] - v.unsqueeze(1)) / steps.reshape(-1, 1, 1)  # (s, taps, Ev, m)
+        j = diff.permute(0, 3, 1, 2).reshape(s * self.m, self.taps, -1).contiguous()  # (s * m, taps, Ev)
+        r = (v - self._values).transpose(1, 2).reshape(s * self.m, -1).contiguous()  # (s * m, Ev)
+        return r, j
 
     def _solve_quadratic(
         self,
@@ -241,14 +273,22 @@ class FastSolver:
         q: torch.Tensor | None,
         mat: torch.Tensor,
         damping: torch.Tensor,
-        jt: torch.Tensor | None = None,
+        jrt: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The step minimizing ``sum_e q (r + j^T s)^2 / numel + ridge |mat + s|^2`` per channel, damped by
-        ``damping`` times the mean curvature (a relative 1e-12 keeps channels with taps hidden by a dead
-        ReLU or padding solvable without moving well-posed ones measurably); solved in float64."""
-        qj = j if q is None else j * q.unsqueeze(1)
-        hess = torch.bmm(qj, j.transpose(1, 2) if jt is None else jt).to(torch.float64) / self.numel
-        grad = torch.bmm(qj, r.unsqueeze(-1)).squeeze(-1).to(torch.float64) / self.numel
+        """The step minimizing ``sum_e q (r + j^T s)^2 / numel + ridge |mat + s|^2`` per channel (``j``
+        ``(c, taps, e)``, ``r`` and ``q`` ``(c, e)``, ``mat`` ``(c, taps)``; ``jrt``: ``[j^T | r]``
+        ``(c, e, taps + 1)`` contiguous, when the caller has it), damped by ``damping`` times
+        the mean curvature (a relative 1e-12 keeps channels with taps hidden by a dead ReLU or padding
+        solvable without moving well-posed ones measurably); solved in float64."""
+        qj = j if q is None else j * q.to(j.dtype).unsqueeze(1)
+        if self.taps == 1:
+            hess = (qj * j).sum(dim=2, keepdim=True).to(torch.float64) / self.numel  # (c, 1, 1)
+            grad = (qj[:, 0] * r).sum(dim=1, keepdim=True).to(torch.float64) / self.numel
+        else:
+            if jrt is None:
+                jrt = torch.cat([j, r.to(j.dtype).unsqueeze(1)], dim=1).transpose(1, 2).contiguous()
+            both = torch.bmm(qj, jrt).to(torch.float64) / self.numel  # (c, taps, taps + 1)
+            hess, grad = both[:, :, :-1], both[:, :, -1]
         diagonal = hess.diagonal(dim1=1, dim2=2)
         if self.problem.ridge:
             diagonal += self.problem.ridge
@@ -261,25 +301,36 @@ class FastSolver:
             step = -torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
         return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def _step(self, mat: torch.Tensor, damping: torch.Tensor, smooth: float, spread: float = _FD_STEP) -> torch.Tensor:
-        """One damped Gauss-Newton step ``(m, taps)`` from ``mat``. For L1 the linearized problem
-        ``min_s sum_e d |r + j^T s|`` is itself solved by :data:`_L1_INNER` reweighted least-squares
-        iterations, with residuals below ``smooth * mean|r|`` weighing as if they were that large and the
-        floor shrinking each inner iteration: no block call between them."""
+    def _step(
+        self,
+        mat: torch.Tensor,
+        damping: torch.Tensor,
+        smooth: float,
+        spread: float = _FD_STEP,
+        *,
+        least_squares: bool = False,
+    ) -> torch.Tensor:
+        """One damped Gauss-Newton step (``mat``'s shape) from ``mat`` ``(m, taps)`` or ``(s, m, taps)``
+        with ``damping`` of ``mat``'s shape less the taps. For L1 (unless ``least_squares``) the
+        linearized problem ``min_s sum_e d |r + j^T s|`` is itself solved by :data:`_L1_INNER` reweighted
+        least-squares iterations, with residuals below ``smooth * mean|r|`` weighing as if they were that
+        large and the floor shrinking each inner iteration: no block call between them."""
         with torch.no_grad():
             r, j = self._linearize(mat, spread)
-            d = None if self.d is None else self._per_channel(self.d)
-            if self.problem.loss == "l2":
-                return self._solve_quadratic(j, r, None if d is None else d.square(), mat, damping).to(mat.dtype)
-            jt = j.transpose(1, 2).contiguous()
+            flat, damping = mat.reshape(-1, self.taps), damping.reshape(-1)
+            d = None if self._dt is None else self._dt.repeat(flat.shape[0] // self.m, 1)
+            if least_squares or self.problem.loss == "l2":
+                step = self._solve_quadratic(j, r, None if d is None else d.square(), flat, damping)
+                return step.to(mat.dtype).reshape(mat.shape)
             floor = r.abs().mean(dim=1, keepdim=True) + 1e-30
-            step = torch.zeros(self.m, self.taps, dtype=torch.float64, device=r.device)
+            jrt = None if self.taps == 1 else torch.cat([j, r.unsqueeze(1)], dim=1).transpose(1, 2).contiguous()
+            step = None
             for inner in range(_L1_INNER):  # d|x| <= d (x^2 / 2|x0| + |x0| / 2) around the last inner step
-                res = r if inner == 0 else r + (step.to(j.dtype).unsqueeze(1) @ j).squeeze(1)
+                res = r if step is None else torch.baddbmm(r.unsqueeze(1), step.to(j.dtype).unsqueeze(1), j).squeeze(1)
                 q = (1.0 if d is None else d) / (2 * res.abs().clamp_min(smooth * floor))
-                step = self._solve_quadratic(j, r, q, mat, damping, jt)
+                step = self._solve_quadratic(j, r, q, flat, damping, jrt)
                 smooth = max(smooth * _INNER_DECAY, _SMOOTH_FLOOR)
-        return step.to(mat.dtype)
+        return step.to(mat.dtype).reshape(mat.shape)
 
     def run(
         self,
@@ -292,6 +343,8 @@ class FastSolver:
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Gauss-Newton with a per-channel line search from ``start``; returns (mat, objectives, iters).
 
+        ``start`` is ``(m, taps)``, or ``(s, m, taps)`` for ``s`` starts run side by side in the same
+        block calls (then ``mat`` is ``(s, m, taps)`` and the objectives ``(s, m)``).
         ``smooth`` (L1): residuals below ``smooth * mean|r|`` weigh as if they were that large at first,
         a floor that shrinks by :data:`_SMOOTH_DECAY` each iteration; ``spread``: the first difference
         step of the Jacobian (see :meth:`_linearize`), shrinking by :data:`_FD_DECAY` each iteration to
@@ -299,38 +352,78 @@ class FastSolver:
         and each channel keeps its best. Stops after ``max_iter`` iterations, or once two iterations in
         a row lower the objective by less than ``tol`` times its value.
         """
-        mat = start.clone()
-        obj = self._objectives([mat])[0]
-        damping = torch.zeros(self.m, dtype=torch.float64, device=mat.device)
-        it = stalls = 0
-        for it in range(1, max_iter + 1):
-            step = self._step(mat, damping, smooth, max(spread * _FD_DECAY ** (it - 1), _FD_STEP))
-            smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
-            cands = [mat + alpha * step for alpha in _STEP_SIZES]
-            # z is affine in mat; the move is taken as a difference of layer outputs, as the solver was
-            # measured (the direct product rounds differently, and the solve amplifies rounding)
-            base, move = self._layer_output(mat), self._layer_output(step) - self._layer_output(torch.zeros_like(step))
-            objs = self._objectives(cands, [base + alpha * move for alpha in _STEP_SIZES])  # (alphas, m)
-            best_obj, best = objs.min(dim=0)
-            improved = best_obj < obj
-            chosen = torch.stack(cands)[best, torch.arange(self.m, device=mat.device)]
-            damping = torch.where(
-                improved,
-                torch.where(best <= _STEP_SIZES.index(1.0), damping / 3, damping),
-                torch.clamp(damping * 10, min=1e-6),
-            )
-            best_obj = torch.where(improved, best_obj, obj)
-            gain = float((obj - best_obj).sum())
-            mat, obj = torch.where(improved[:, None], chosen, mat), best_obj
-            # Stop once a few iterations in a row gain nothing: failed channels get more damping first.
-            stalls = stalls + 1 if gain <= tol * float(obj.sum()) + 1e-300 else 0
-            if stalls >= 2:
+        with torch.no_grad():
+            mat = start.clone().reshape(-1, self.m, self.taps)  # (s, m, taps)
+            s, k = mat.shape[0], len(_STEP_SIZES)
+            obj = self._objectives_of(self._z(mat), mat)  # (s, m)
+            damping = torch.zeros_like(obj)
+            alphas = self._alphas.reshape(1, k, 1, 1)
+            one = _STEP_SIZES.index(1.0)
+            channel = torch.arange(self.m, device=mat.device)
+            it = stalls = 0
+            for it in range(1, max_iter + 1):
+                step = self._step(mat, damping, smooth, max(spread * _FD_DECAY ** (it - 1), _FD_STEP))
+                smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
+                # z is affine in mat: every candidate's layer output from the base and the step's move
+                cands = torch.addcmul(mat.unsqueeze(1), alphas, step.unsqueeze(1))  # (s, k, m, taps)
+                zs = torch.empty(s, k, *self._z0.shape, dtype=self._z0.dtype, device=self._z0.device)
+                torch.addcmul(self._z(mat).unsqueeze(1), alphas, (self._design @ step.transpose(1, 2)).unsqueeze(1), out=zs)
+                objs = self._objectives_of(zs.flatten(0, 1), cands.flatten(0, 1)).unflatten(0, (s, k))
+                best_obj, best = objs.min(dim=1)  # (s, m)
+                improved = best_obj < obj
+                chosen = torch.stack([cands[i, best[i], channel] for i in range(s)])
+                damping = torch.where(
+                    improved,
+                    torch.where(best <= one, damping / 3, damping),
+                    torch.clamp(damping * 10, min=1e-6),
+                )
+                best_obj = torch.where(improved, best_obj, obj)
+                gain = float((obj - best_obj).sum())
+                mat, obj = torch.where(improved.unsqueeze(-1), chosen, mat), best_obj
+                # Stop once a few iterations in a row gain nothing: failed channels get more damping first.
+                stalls = stalls + 1 if gain <= tol * float(obj.sum()) + 1e-300 else 0
+                if stalls >= 2:
+                    break
+        return mat.reshape(start.shape), obj.reshape(start.shape[:-1]), it
+
+    def descend(self, mat: torch.Tensor, *, steps: int, lr: float, check_every: int = 10) -> torch.Tensor:
+        """Up to ``steps`` Adam steps on the per-channel objectives from ``mat`` ``(m, taps)`` (one block call
+        and its backward pass each), learning rate ``lr`` times the mean ``|mat|``; each channel keeps the
+        best point it passed. Stops early once ``check_every`` steps in a row gain less than
+        :data:`_TOL` of the objective.
+
+        Where the loss is L2 and the block has kinks (max-pool, ReLU), a channel's minimum often lies in
+        a valley that follows a kink: Gauss-Newton's model, taken on one side of the kink, sees no
+        descent there, while small first-order steps that cross it back and forth slide along it."""
+        x = mat.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr * float(mat.abs().mean().clamp_min(1e-12)))
+        best_obj = best = None
+        checked = float("inf")
+        for i in range(steps + 1):
+            with torch.enable_grad():
+                obj = self._objectives_of(self._z(x).unsqueeze(0), x.unsqueeze(0))[0]  # (m,)
+            with torch.no_grad():
+                if best is None:
+                    best_obj, best = obj.detach().clone(), x.detach().clone()
+                else:
+                    better = obj < best_obj
+                    best_obj = torch.where(better, obj, best_obj)
+                    best = torch.where(better[:, None], x, best)
+            if i % check_every == 0:
+                total = float(best_obj.sum())
+                if checked - total <= _TOL * total:
+                    break
+                checked = total
+            if i == steps:
                 break
-        return mat, obj, it
+            opt.zero_grad(set_to_none=True)
+            obj.sum().backward()
+            opt.step()
+        return best
 
     def solve(self, *, max_iter: int = 100) -> tuple[torch.Tensor, dict]:
-        """Solve from zero and from the linearized solution for :data:`_MERGE_AFTER` iterations, keep each
-        channel's better point and go on from there to convergence.
+        """Solve from zero and from the linearized solution (side by side) for :data:`_MERGE_AFTER`
+        iterations, keep each channel's better point and go on from there to convergence.
 
         The per-channel problems of kinked blocks have several local minima; the two starts lead to
         different ones for many channels, and which is better shows after a few iterations.
@@ -338,25 +431,27 @@ class FastSolver:
         start = time.perf_counter()
         zero = torch.zeros(self.m, self.taps, dtype=self.z0.dtype, device=self.z0.device)
         obj0 = self.channel_objective(zero)
-        linear = self._linear_step(zero)
+        # the undamped least-squares step from zero, through the difference Jacobian at a small step
+        linear = self._step(zero, torch.zeros_like(obj0), 0.0, least_squares=True)
         closed_form = self.problem.loss == "l2" and self.post_is_affine(linear)
-        if closed_form:  # the linearized solution is the exact least-squares one
-            mat, obj, iterations = linear, self.channel_objective(linear), []
+        if closed_form:  # the exact least-squares solution, through the exact Jacobian
+            mat, iterations = self._linear_step(zero), []
         else:
             first = min(_MERGE_AFTER, max_iter)
-            results = [self.run(begin, max_iter=first, tol=_TOL) for begin in (zero, linear)]
-            mat, obj, _ = results[0]
-            for other_mat, other_obj, _ in results[1:]:
-                better = other_obj < obj
-                mat = torch.where(better[:, None], other_mat, mat)
-                obj = torch.where(better, other_obj, obj)
-            mat, obj, polish = self.run(mat, max_iter=max_iter, tol=_TOL, spread=_FD_POLISH)
-            iterations = [r[2] for r in results] + [polish]
+            mats, objs, begun = self.run(torch.stack([zero, linear]), max_iter=first, tol=_TOL)
+            better = objs[1] < objs[0]
+            mat = torch.where(better[:, None], mats[1], mats[0])
+            mat, _, polish = self.run(mat, max_iter=max_iter, tol=_TOL, spread=_FD_POLISH)
+            iterations = [begun, polish]
+            if self.problem.loss == "l2" and _VALLEY_STEPS:
+                mat = self.descend(mat, steps=_VALLEY_STEPS, lr=_VALLEY_LR)
+                mat, _, again = self.run(mat, max_iter=max_iter, tol=_TOL, spread=_FD_POLISH)
+                iterations.append(again)
         lam = self.to_lam(mat)
         with torch.no_grad():  # through the real block with W + lam u, not the per-channel model
-            true_objective = float(self.problem.objective(lam))
+            objective = float(self.problem.objective(lam))
         info = {
-            "objective": true_objective,
+            "objective": objective,
             "objective_before": float(obj0.sum()),
             "iterations": iterations,
             "closed_form": closed_form,

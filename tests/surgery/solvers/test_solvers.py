@@ -127,6 +127,21 @@ def test_fast_is_at_its_optimum(key, loss):
     assert longer >= fast * (1 - allowed), f"{key} {loss}: Gauss-Newton {fast:.6g} -> {longer:.6g}"
 
 
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_descend_keeps_each_channels_best_point(loss):
+    """The first-order phase never leaves a channel worse than it found it, and on an L2 max-pool block
+    it finds descent where Gauss-Newton has stopped."""
+    problem = _problem("vgg_block", loss)
+    solver = FastSolver(problem)
+    lam, info = solve_fast(problem)
+    assert len(info["iterations"]) == (3 if loss == "l2" else 2)  # starts, polish (, valley phase's polish)
+    start = solver.to_mat(lam) * 1.05  # off the optimum, so there is something to gain
+    before = solver.channel_objective(start)
+    after = solver.channel_objective(solver.descend(start, steps=20, lr=0.1))
+    assert (after <= before * (1 + 1e-6) + 1e-15).all()
+    assert after.sum() < before.sum()
+
+
 def _exact_affine_lstsq(problem, bn_scale: torch.Tensor) -> torch.Tensor:
     """Ridge least squares written out for a block v = s * conv(k, W + lam u) + c, per channel."""
     a = torch.einsum("n,bnhw->bhw", problem.u[0], problem.keys).reshape(-1)  # u^T k per position
@@ -194,6 +209,26 @@ def test_reference_without_rank_restriction_returns_a_dense_update():
     assert torch.linalg.matrix_rank(flat.double(), rtol=1e-4) > 1
     lam, _ = solve_reference(problem, steps=30, restrict_rank=True)
     assert lam.shape == problem.lam_shape
+
+
+def test_reference_callback_runs_beside_and_is_not_timed():
+    """The callback comes after every ``callback_every`` steps, and its time stays out of the run's."""
+    import time
+
+    problem = _problem("resnet_basic", "l1")
+    _, plain = solve_reference(problem, steps=20)
+    calls = []
+
+    def slow(steps_taken: int) -> None:
+        calls.append(steps_taken)
+        time.sleep(0.5)
+
+    _, info = solve_reference(problem, steps=20, callback=slow, callback_every=5)
+    assert calls == [5, 10, 15, 20]
+    assert info["seconds"] < 2.0 <= 4 * 0.5, info["seconds"]  # the four sleeps alone take 2 s
+    assert info["objective"] == plain["objective"]
+    with pytest.raises(ValueError, match="callback_every"):
+        solve_reference(problem, steps=20, callback=slow, callback_every=0)
 
 
 def test_ridge_shrinks_the_edit():
