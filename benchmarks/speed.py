@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import surgery
 from surgery.editable import EditableLayer
@@ -43,6 +44,9 @@ logger = logging.getLogger("benchmarks.speed")
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_STEPS = 20_000
 QUICK_STEPS = 2_000  # --quick: steps run, their time per step scaled to REFERENCE_STEPS
+# the fast solve and one objective evaluation are timed again this many times during the reference's run,
+# evenly spaced, so that the machine's drifts over the run hit both sides of the ratio alike
+INTERLEAVED = 10
 CASES = {
     "vgg16_bn features.40": (lambda: torchvision.models.vgg16_bn(), "features.40"),
     "resnet50 layer4.1.conv3": (lambda: torchvision.models.resnet50(), "layer4.1.conv3"),
@@ -65,12 +69,13 @@ WIDE_CASES = {
 
 
 def timed_side_by_side(
-    fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 3
+    fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 3, warmup: bool = True
 ) -> dict[str, float]:
     """Median wall time of each function, measured in alternating rounds so that drifts in the
     machine's load hit every function alike."""
-    for fn in fns.values():
-        fn()  # warm-up
+    if warmup:
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -80,6 +85,26 @@ def timed_side_by_side(
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class _CountCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called from Python while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_calls(fn: Callable[[], object]) -> int:
+    """How many torch operations one call of ``fn`` dispatches from Python. Where each is small, their
+    fixed cost, not arithmetic, sets the time."""
+    with _CountCalls() as counter:
+        fn()
+    return counter.calls
 
 
 def build(case: str, device: torch.device) -> tuple[nn.Module, EditableLayer]:
@@ -164,18 +189,33 @@ def bench_solver(case: str, device: torch.device, *, quick: bool, size: int, n_s
         with torch.no_grad():
             return problem.objective(lam0)
 
-    side = timed_side_by_side({"fast": lambda: solve_fast(problem), "objective": evaluate}, device)
-    fast_s = side["fast"]
+    fns = {"fast": lambda: solve_fast(problem), "objective": evaluate}
+    evaluate()  # warm-up
+    side: dict[str, list[float]] = {name: [] for name in fns}
+
+    def time_beside(steps_taken: int = 0) -> None:  # one round of each; the reference's time excludes it
+        for name, t in timed_side_by_side(fns, device, repeats=1, warmup=False).items():
+            side[name].append(t)
+
+    for _ in range(3):  # before the reference's run, then INTERLEAVED rounds during it
+        time_beside()
     steps = QUICK_STEPS if quick else REFERENCE_STEPS
-    _, ref_info = solve_reference(problem, steps=steps, progress=True)
+    _, ref_info = solve_reference(
+        problem, steps=steps, progress=True, callback=time_beside, callback_every=max(1, steps // INTERLEAVED)
+    )
+    fast_s, eval_s = statistics.median(side["fast"]), statistics.median(side["objective"])
     per_step = ref_info["seconds"] / steps
     ref_full_s = per_step * REFERENCE_STEPS
+    calls = {name: torch_calls(fn) for name, fn in fns.items()}
     return {
         "case": case,
         "fast_seconds": fast_s,
+        "fast_timings": len(side["fast"]),
         "fast_seconds_first_call": first_s,
-        "objective_eval_seconds": side["objective"],
-        "fast_in_objective_evals": fast_s / side["objective"],
+        "objective_eval_seconds": eval_s,
+        "fast_in_objective_evals": fast_s / eval_s,
+        "fast_torch_calls": calls["fast"],
+        "objective_torch_calls": calls["objective"],
         "fast_iterations": fast_info.get("iterations"),
         "fast_closed_form": fast_info.get("closed_form", False),
         "loss": problem.loss,
@@ -350,6 +390,12 @@ def markdown(results: dict) -> str:
             if r.get("reference_trajectory"):
                 steps = ", ".join(f"{k}: {v:.4g}" for k, v in r["reference_trajectory"])
                 lines.append(f"- {r['case']}, reference objective after (steps: objective) {steps}; unedited {r['objective_before']:.4g}.")
+            if "fast_torch_calls" in r:
+                lines.append(
+                    f"- {r['case']}: the solve calls {r['fast_torch_calls']:,} torch operations from Python, one evaluation "
+                    f"{r['objective_torch_calls']} ({r['fast_torch_calls'] / r['objective_torch_calls']:.0f}x, against "
+                    f"{r['fast_in_objective_evals']:.0f}x in time; {r['fast_seconds'] / r['fast_torch_calls'] * 1e6:.1f} us per operation)."
+                )
             if "near_zero_eigenvalues" in r:
                 lines.append(
                     f"- {r['case']}, statistics from {r['stats_images']} images: {r['near_zero_eigenvalues']} near-zero "

@@ -40,6 +40,9 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
         assert r["reference_steps_run"] == 100 and not r["reference_20000_measured"]
         assert r["reference_seconds_20000"] == pytest.approx(r["reference_seconds_per_step"] * 400)
         assert 0 < r["fast_seconds"] and 0 < r["fast_seconds_first_call"]
+        assert r["fast_timings"] == 3 + speed.INTERLEAVED  # three rounds before the reference, the rest during it
+        assert r["fast_torch_calls"] > 10 * r["objective_torch_calls"] > 0
+        assert f"- {r['case']}: the solve calls {r['fast_torch_calls']:,} torch operations from Python" in table
         assert r["fast_in_objective_evals"] == pytest.approx(r["fast_seconds"] / r["objective_eval_seconds"])
         assert r["fast_in_objective_evals"] > 1, "a solve cannot cost less than one evaluation"
         traj = r["reference_trajectory"]
@@ -54,6 +57,14 @@ def test_quick_run_writes_every_part(tmp_path, monkeypatch):
         assert r["edit_bytes"] < r["dense_bytes"]
     assert all(r["speedup"] > 0 for r in saved["suffix"])
     assert results["solver"][0]["case"] == saved["solver"][0]["case"]
+
+
+def test_torch_calls_counts_operations_called_from_python():
+    import torch
+
+    assert speed.torch_calls(lambda: None) == 0
+    assert speed.torch_calls(lambda: torch.zeros(3) + 1) == 2
+    assert speed.torch_calls(lambda: torch.zeros(3).reshape(3, 1).sum()) == 3
 
 
 @pytest.mark.parametrize("case", list(speed.TRAINED_CASES))
