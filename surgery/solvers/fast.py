@@ -96,6 +96,7 @@ class FastSolver:
         self._channels_last = self.z0.ndim == 4 and self.zdim % 4 == 1
         self._batchable: bool | None = None
         self._contexts: dict[int, dict[str, torch.Tensor]] = {}
+        self._scratch: dict[tuple[int, ...], torch.Tensor] = {}
         # each tap's forward-difference step per unit of `spread`: the spread of z over that of the tap's response
         self._fd_steps = torch.tensor(
             [float(self.z0.std().clamp_min(1e-30) / a.std().clamp_min(1e-30)) for a in self.designs],
@@ -194,6 +195,20 @@ class FastSolver:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
+    def _owned(self, out: torch.Tensor) -> bool:
+        """Whether a block output is a temporary the solver may overwrite: not a view of the problem's
+        tensors (a block could hand a context back as its value)."""
+        kept = [*self.problem.context.values(), *(t for c in self._contexts.values() for t in c.values())]
+        ptr = out.untyped_storage().data_ptr()
+        return all(ptr != t.untyped_storage().data_ptr() for t in kept)
+
+    def _buffer(self, *shape: int) -> torch.Tensor:
+        """A scratch tensor of ``shape``, reused across iterations (fresh large buffers cost page faults)."""
+        buf = self._scratch.get(shape)
+        if buf is None:
+            buf = self._scratch[shape] = torch.empty(shape, dtype=self.z0.dtype, device=self.z0.device)
+        return buf
+
     def _check_batchable(self, z: torch.Tensor) -> bool:
         """Whether the block gives each sample of a stack what it gives that sample alone (the context
         repeated): checked on ``z`` stacked with ``2 z + 1``."""
@@ -212,12 +227,14 @@ class FastSolver:
     def _objectives_of(self, zs: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
         """Per-channel objectives ``(k, m)`` in float64 of candidates with layer outputs ``zs`` ``(k, E, m)``
         and factors ``mats`` ``(k, m, taps)`` (for the ridge)."""
-        r = self._stacked_post(zs) - self._values
-        if self._d is not None:
-            r = r * self._d
-        if r.requires_grad:
+        out = self._stacked_post(zs)
+        if out.requires_grad or not self._owned(out):
+            r = out - self._values
+            r = r if self._d is None else r * self._d
             loss = r.abs() if self.problem.loss == "l1" else r.square()
-        else:
+        else:  # in place: the block's output (or the stack itself) is a temporary, and fresh large buffers are slow
+            r = out.sub_(self._values)
+            r = r if self._d is None else r.mul_(self._d)
             loss = r.abs_() if self.problem.loss == "l1" else r.square_()
         obj = loss.sum(dim=1).to(torch.float64) / self.numel
         if self.problem.ridge:
@@ -257,11 +274,14 @@ class FastSolver:
         steps = spread * self._fd_steps  # (taps,)
         offsets = torch.cat([torch.zeros_like(self._design[:, :1]), self._design * steps], dim=1)  # (E, taps + 1)
         zs = self._z(mats)
-        stack = torch.empty(s, self.taps + 1, *zs.shape[1:], dtype=zs.dtype, device=zs.device)  # laid out as written
+        stack = self._buffer(s, self.taps + 1, *zs.shape[1:])  # laid out as written
         torch.add(zs.unsqueeze(1), offsets.T.unsqueeze(-1), out=stack)
         out = self._stacked_post(stack.flatten(0, 1)).unflatten(0, (s, self.taps + 1))
         v = out[:, 0]  # (s, Ev, m)
-        diff = (out[:, 1:] - v.unsqueeze(1)) / steps.reshape(-1, 1, 1)  # (s, taps, Ev, m)
+        if self._owned(out):  # in place
+            diff = out[:, 1:].sub_(v.unsqueeze(1)).div_(steps.reshape(-1, 1, 1))
+        else:
+            diff = (out[:, 1:] - v.unsqueeze(1)) / steps.reshape(-1, 1, 1)  # (s, taps, Ev, m)
         j = diff.permute(0, 3, 1, 2).reshape(s * self.m, self.taps, -1).contiguous()  # (s * m, taps, Ev)
         r = (v - self._values).transpose(1, 2).reshape(s * self.m, -1).contiguous()  # (s * m, Ev)
         return r, j
@@ -366,7 +386,7 @@ class FastSolver:
                 smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
                 # z is affine in mat: every candidate's layer output from the base and the step's move
                 cands = torch.addcmul(mat.unsqueeze(1), alphas, step.unsqueeze(1))  # (s, k, m, taps)
-                zs = torch.empty(s, k, *self._z0.shape, dtype=self._z0.dtype, device=self._z0.device)
+                zs = self._buffer(s, k, *self._z0.shape)
                 torch.addcmul(self._z(mat).unsqueeze(1), alphas, (self._design @ step.transpose(1, 2)).unsqueeze(1), out=zs)
                 objs = self._objectives_of(zs.flatten(0, 1), cands.flatten(0, 1)).unflatten(0, (s, k))
                 best_obj, best = objs.min(dim=1)  # (s, m)

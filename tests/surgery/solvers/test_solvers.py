@@ -341,6 +341,26 @@ def test_stacked_block_calls_equal_one_call_per_candidate(key):
     assert close > 0.99, float(close)  # a kink within the step changes a few entries, not the Jacobian
 
 
+def test_a_block_that_hands_back_its_context_keeps_it_intact():
+    """The objectives are computed in place on the block's output, unless that output is one of the
+    problem's own tensors (here a block whose value is its context, repeated for the stack)."""
+    problem = _problem("vgg_block", "l1")
+    const = problem.values.clone()  # values-shaped, batch first
+    problem = dataclasses.replace(
+        problem,
+        layer=dataclasses.replace(problem.layer, post=lambda z, context: context["const"], context_sites={}),
+        context={"const": const},
+    )
+    solver = FastSolver(problem)
+    mats = torch.zeros(3, solver.m, solver.taps)
+    for _ in range(2):
+        stacked = solver._objectives(mats)
+        torch.testing.assert_close(problem.context["const"], const, rtol=0, atol=0)
+        for cached in solver._contexts.values():
+            torch.testing.assert_close(cached["const"][: const.shape[0]], const, rtol=0, atol=0)
+        torch.testing.assert_close(stacked, torch.zeros_like(stacked))
+
+
 def test_blocks_that_mix_samples_get_one_call_per_candidate():
     """A block whose output depends on the other samples of the batch (here: minus the batch mean) is
     detected, and the fast solver calls it once per candidate instead of on a stack."""
