@@ -59,6 +59,7 @@ _FD_START, _FD_POLISH, _FD_DECAY, _FD_STEP = 0.1, 0.01, 0.5, 1e-3
 # L2 on kinked blocks: Adam steps along the valleys that follow kinks (where Gauss-Newton stalls), with a
 # step size relative to the mean |lam|, then Gauss-Newton again
 _VALLEY_STEPS, _VALLEY_LR = 50, 0.1
+_STACK_BYTES = 64 * 2**20  # layer outputs stacked into one block call, at most
 
 
 class FastSolver:
@@ -202,6 +203,19 @@ class FastSolver:
         ptr = out.untyped_storage().data_ptr()
         return all(ptr != t.untyped_storage().data_ptr() for t in kept)
 
+    def _pieces(self, s: int, k: int) -> list[tuple[slice, slice]]:
+        """An ``(s, k)`` stack of layer outputs (starts x candidates) cut into rectangular pieces of at most
+        :data:`_STACK_BYTES` each, one block call a piece: the whole stack where it fits (the usual case),
+        else whole starts, else runs of candidates of one start. Many exemplars or large maps would
+        otherwise need gigabytes at once."""
+        fit = max(1, _STACK_BYTES // (self._z0.numel() * self._z0.element_size()))
+        if s * k <= fit:
+            return [(slice(0, s), slice(0, k))]
+        if k <= fit:
+            per = fit // k
+            return [(slice(i, min(i + per, s)), slice(0, k)) for i in range(0, s, per)]
+        return [(slice(i, i + 1), slice(lo, min(lo + fit, k))) for i in range(s) for lo in range(0, k, fit)]
+
     def _buffer(self, *shape: int) -> torch.Tensor:
         """A scratch tensor of ``shape``, reused across iterations (fresh large buffers cost page faults)."""
         buf = self._scratch.get(shape)
@@ -270,13 +284,21 @@ class FastSolver:
         times the spread of ``z`` (exact on the linear pieces of ReLU / max-pool blocks that the step does
         not cross; a wide step averages the slopes of the pieces it crosses)."""
         mats = mat.reshape(-1, self.m, self.taps)
-        s = mats.shape[0]
+        s, k = mats.shape[0], self.taps + 1
         steps = spread * self._fd_steps  # (taps,)
-        offsets = torch.cat([torch.zeros_like(self._design[:, :1]), self._design * steps], dim=1)  # (E, taps + 1)
+        offsets = torch.cat([torch.zeros_like(self._design[:, :1]), self._design * steps], dim=1).T  # (taps + 1, E)
         zs = self._z(mats)
-        stack = self._buffer(s, self.taps + 1, *zs.shape[1:])  # laid out as written
-        torch.add(zs.unsqueeze(1), offsets.T.unsqueeze(-1), out=stack)
-        out = self._stacked_post(stack.flatten(0, 1)).unflatten(0, (s, self.taps + 1))
+        pieces = self._pieces(s, k)
+        out = None
+        for st, cs in pieces:
+            stack = self._buffer(len(range(s)[st]), len(range(k)[cs]), *zs.shape[1:])  # laid out as written
+            torch.add(zs[st].unsqueeze(1), offsets[cs].unsqueeze(-1), out=stack)
+            piece = self._stacked_post(stack.flatten(0, 1)).unflatten(0, stack.shape[:2])
+            if len(pieces) == 1:
+                out = piece
+            else:  # copied out before the buffer is filled again
+                out = piece.new_empty(s, k, *piece.shape[2:]) if out is None else out
+                out[st, cs] = piece
         v = out[:, 0]  # (s, Ev, m)
         if self._owned(out):  # in place
             diff = out[:, 1:].sub_(v.unsqueeze(1)).div_(steps.reshape(-1, 1, 1))
@@ -386,9 +408,12 @@ class FastSolver:
                 smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
                 # z is affine in mat: every candidate's layer output from the base and the step's move
                 cands = torch.addcmul(mat.unsqueeze(1), alphas, step.unsqueeze(1))  # (s, k, m, taps)
-                zs = self._buffer(s, k, *self._z0.shape)
-                torch.addcmul(self._z(mat).unsqueeze(1), alphas, (self._design @ step.transpose(1, 2)).unsqueeze(1), out=zs)
-                objs = self._objectives_of(zs.flatten(0, 1), cands.flatten(0, 1)).unflatten(0, (s, k))
+                base, move = self._z(mat).unsqueeze(1), (self._design @ step.transpose(1, 2)).unsqueeze(1)
+                objs = torch.empty(s, k, self.m, dtype=torch.float64, device=mat.device)
+                for st, cs in self._pieces(s, k):
+                    zs = self._buffer(len(range(s)[st]), len(range(k)[cs]), *self._z0.shape)
+                    torch.addcmul(base[st], alphas[:, cs], move[st], out=zs)
+                    objs[st, cs] = self._objectives_of(zs.flatten(0, 1), cands[st, cs].flatten(0, 1)).unflatten(0, zs.shape[:2])
                 best_obj, best = objs.min(dim=1)  # (s, m)
                 improved = best_obj < obj
                 chosen = torch.stack([cands[i, best[i], channel] for i in range(s)])
@@ -404,6 +429,8 @@ class FastSolver:
                 stalls = stalls + 1 if gain <= tol * float(obj.sum()) + 1e-300 else 0
                 if stalls >= 2:
                     break
+        self._scratch.clear()  # the next run stacks other counts of candidates
+        self._contexts.clear()
         return mat.reshape(start.shape), obj.reshape(start.shape[:-1]), it
 
     def descend(self, mat: torch.Tensor, *, steps: int, lr: float, check_every: int = 10) -> torch.Tensor:

@@ -341,6 +341,25 @@ def test_stacked_block_calls_equal_one_call_per_candidate(key):
     assert close > 0.99, float(close)  # a kink within the step changes a few entries, not the Jacobian
 
 
+@pytest.mark.parametrize("maps", [1, 3, 12])
+@pytest.mark.parametrize("key", ["vgg_block", "resnet_basic"])
+def test_stacks_cut_to_the_memory_budget_solve_the_same(key, maps, monkeypatch):
+    """Under a budget of a few layer outputs per block call (runs of candidates of one start, whole
+    starts, or one output a call) the solve is the same to the last bit: the pieces only change how
+    many outputs one call takes."""
+    import surgery.solvers.fast as fast
+
+    problem = _problem(key, "l1")
+    lam, info = solve_fast(problem)
+    one_map = FastSolver(problem)._z0
+    monkeypatch.setattr(fast, "_STACK_BYTES", maps * one_map.numel() * one_map.element_size())
+    solver = FastSolver(problem)
+    assert max(len(range(2)[st]) * len(range(10)[cs]) for st, cs in solver._pieces(2, 10)) <= maps
+    cut, cut_info = solver.solve()
+    assert torch.equal(cut, lam) and cut_info["objective"] == info["objective"]
+    assert cut_info["iterations"] == info["iterations"]
+
+
 def test_a_block_that_hands_back_its_context_keeps_it_intact():
     """The objectives are computed in place on the block's output, unless that output is one of the
     problem's own tensors (here a block whose value is its context, repeated for the stack)."""
