@@ -280,9 +280,10 @@ class FastSolver:
     def _linearize(self, mat: torch.Tensor, spread: float = _FD_STEP) -> tuple[torch.Tensor, torch.Tensor]:
         """Residuals ``(m, e)`` and Jacobian ``(m, taps, e)`` at ``mat`` (``(m, taps)``, or ``(s, m, taps)``
         for ``s`` starts, then both results with a leading ``s`` axis folded into ``m``: ``(s * m, ...)``),
-        from one stacked block call: forward differences along each tap's response, a step of ``spread``
-        times the spread of ``z`` (exact on the linear pieces of ReLU / max-pool blocks that the step does
-        not cross; a wide step averages the slopes of the pieces it crosses)."""
+        from one stacked block call (more where the stack exceeds :data:`_STACK_BYTES`): forward
+        differences along each tap's response, a step of ``spread`` times the spread of ``z`` (exact on
+        the linear pieces of ReLU / max-pool blocks that the step does not cross; a wide step averages
+        the slopes of the pieces it crosses)."""
         mats = mat.reshape(-1, self.m, self.taps)
         s, k = mats.shape[0], self.taps + 1
         steps = spread * self._fd_steps  # (taps,)
