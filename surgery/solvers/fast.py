@@ -290,16 +290,18 @@ class FastSolver:
         offsets = torch.cat([torch.zeros_like(self._design[:, :1]), self._design * steps], dim=1).T  # (taps + 1, E)
         zs = self._z(mats)
         pieces = self._pieces(s, k)
-        out = None
-        for st, cs in pieces:
-            stack = self._buffer(len(range(s)[st]), len(range(k)[cs]), *zs.shape[1:])  # laid out as written
-            torch.add(zs[st].unsqueeze(1), offsets[cs].unsqueeze(-1), out=stack)
-            piece = self._stacked_post(stack.flatten(0, 1)).unflatten(0, stack.shape[:2])
-            if len(pieces) == 1:
-                out = piece
-            else:  # copied out before the buffer is filled again
+        if len(pieces) == 1:  # the usual case
+            stack = self._buffer(s, k, *zs.shape[1:])  # laid out as written
+            torch.add(zs.unsqueeze(1), offsets.unsqueeze(-1), out=stack)
+            out = self._stacked_post(stack.flatten(0, 1)).unflatten(0, (s, k))
+        else:
+            out = None
+            for st, cs in pieces:
+                stack = self._buffer(len(range(s)[st]), len(range(k)[cs]), *zs.shape[1:])
+                torch.add(zs[st].unsqueeze(1), offsets[cs].unsqueeze(-1), out=stack)
+                piece = self._stacked_post(stack.flatten(0, 1)).unflatten(0, stack.shape[:2])
                 out = piece.new_empty(s, k, *piece.shape[2:]) if out is None else out
-                out[st, cs] = piece
+                out[st, cs] = piece  # copied out before the buffer is filled again
         v = out[:, 0]  # (s, Ev, m)
         if self._owned(out):  # in place
             diff = out[:, 1:].sub_(v.unsqueeze(1)).div_(steps.reshape(-1, 1, 1))
@@ -410,11 +412,17 @@ class FastSolver:
                 # z is affine in mat: every candidate's layer output from the base and the step's move
                 cands = torch.addcmul(mat.unsqueeze(1), alphas, step.unsqueeze(1))  # (s, k, m, taps)
                 base, move = self._z(mat).unsqueeze(1), (self._design @ step.transpose(1, 2)).unsqueeze(1)
-                objs = torch.empty(s, k, self.m, dtype=torch.float64, device=mat.device)
-                for st, cs in self._pieces(s, k):
-                    zs = self._buffer(len(range(s)[st]), len(range(k)[cs]), *self._z0.shape)
-                    torch.addcmul(base[st], alphas[:, cs], move[st], out=zs)
-                    objs[st, cs] = self._objectives_of(zs.flatten(0, 1), cands[st, cs].flatten(0, 1)).unflatten(0, zs.shape[:2])
+                pieces = self._pieces(s, k)
+                if len(pieces) == 1:  # the usual case
+                    zs = self._buffer(s, k, *self._z0.shape)
+                    torch.addcmul(base, alphas, move, out=zs)
+                    objs = self._objectives_of(zs.flatten(0, 1), cands.flatten(0, 1)).unflatten(0, (s, k))
+                else:
+                    objs = torch.empty(s, k, self.m, dtype=torch.float64, device=mat.device)
+                    for st, cs in pieces:
+                        zs = self._buffer(len(range(s)[st]), len(range(k)[cs]), *self._z0.shape)
+                        torch.addcmul(base[st], alphas[:, cs], move[st], out=zs)
+                        objs[st, cs] = self._objectives_of(zs.flatten(0, 1), cands[st, cs].flatten(0, 1)).unflatten(0, zs.shape[:2])
                 best_obj, best = objs.min(dim=1)  # (s, m)
                 improved = best_obj < obj
                 chosen = torch.stack([cands[i, best[i], channel] for i in range(s)])
