@@ -13,15 +13,13 @@ response, and every step length is tried in one call. The difference step starts
 block, which crosses the kinks of ReLU and max-pool) and shrinks each iteration. Step lengths above one
 let channels cross flat valleys.
 
-Every map is kept with its channels last, as a ``(positions, m)`` matrix (NCHW maps are handed to the
-block channels-last, where pooling is much faster on the CPU): ``z = z0 + A @ mat^T`` is one matrix
-product, a stack of candidates is one broadcast operation, and the block's output is read back without
-a copy.
+The evaluations themselves (maps as channels-last ``(positions, m)`` matrices, stacks of candidates,
+the objectives computed in place) are :class:`~surgery.solvers.stacked.StackedBlock`'s.
 
 The solve runs from zero and from the linearized solution for a few iterations, both starts side by
 side in the same block calls, keeps each channel's better point (kinked blocks have several local
 minima per channel) and goes on from there until two iterations in a row gain less than :data:`_TOL`
-of the objective. Under L2 on a kinked block, a few Adam steps (:meth:`FastSolver.descend`) then slide
+of the objective. Under L2 on a kinked block, a few Adam steps (:func:`~surgery.solvers.descent.descend`) then slide
 along the valleys that follow kinks, where Gauss-Newton stalls, and Gauss-Newton finishes. Where the
 block is affine in the weight and the loss is L2, the exact least-squares solution
 ``(A^T D A + ridge I)^{-1} A^T D R``, taken through the block's exact forward-mode Jacobian, is the
@@ -39,9 +37,11 @@ from torch.func import jvp, vmap
 
 from surgery.errors import UnsupportedModelError
 
+from .descent import descend
 from .joint import linear_in_weight, solve_joint
 from .problem import EditProblem
 from .responses import TapResponses, lam_to_mat, mat_to_lam
+from .stacked import StackedBlock
 
 __all__ = ["solve_fast", "FastSolver"]
 
@@ -59,7 +59,6 @@ _FD_START, _FD_POLISH, _FD_DECAY, _FD_STEP = 0.1, 0.01, 0.5, 1e-3
 # L2 on kinked blocks: Adam steps along the valleys that follow kinks (where Gauss-Newton stalls), with a
 # step size relative to the mean |lam|, then Gauss-Newton again
 _VALLEY_STEPS, _VALLEY_LR = 50, 0.1
-_STACK_BYTES = 64 * 2**20  # layer outputs stacked into one block call, at most
 
 
 class FastSolver:
@@ -85,19 +84,8 @@ class FastSolver:
         self.rank, self.m, self.taps = self.responses.rank, self.responses.m, self.responses.taps
         self.z0, self.designs = self.responses.z0, self.responses.designs
         self.numel = problem.values.numel()
-        # The working layout: every map as (positions, m), channels last.
-        moved = self.z0.movedim(self.zdim, -1)
-        self._batch_shape = moved.shape[1:]  # one sample's layer output, channels last
-        self._z0 = moved.reshape(-1, self.m).contiguous()  # (E, m)
-        self._design = self.responses.matrix.T.contiguous()  # (E, taps): z = z0 + design @ mat^T
-        self._values = self._rows(problem.values).contiguous()  # (Ev, m)
-        w = problem.weights
-        self._d = None if w is None else self._rows(w.expand_as(problem.values)).contiguous()
-        self._dt = None if self._d is None else self._d.T.contiguous()  # (m, Ev)
-        self._channels_last = self.z0.ndim == 4 and self.zdim % 4 == 1
-        self._batchable: bool | None = None
-        self._contexts: dict[int, dict[str, torch.Tensor]] = {}
-        self._scratch: dict[tuple[int, ...], torch.Tensor] = {}
+        self.stack = StackedBlock(problem, self.responses)  # evaluations, maps as (positions, m)
+        self._dt = None if self.stack.d is None else self.stack.d.T.contiguous()  # loss weights (m, Ev)
         # each tap's forward-difference step per unit of `spread`: the spread of z over that of the tap's response
         self._fd_steps = torch.tensor(
             [float(self.z0.std().clamp_min(1e-30) / a.std().clamp_min(1e-30)) for a in self.designs],
@@ -119,10 +107,6 @@ class FastSolver:
         """Values-shaped ``t`` -> ``(m, elements)``."""
         return t.movedim(self.vdim, 0).reshape(self.m, -1)
 
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Values-shaped ``t`` -> ``(positions, m)``, channels last (a view where ``t`` is laid out so)."""
-        return t.movedim(self.vdim, -1).reshape(-1, self.m)
-
     # -- evaluation ---------------------------------------------------------------------------
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:
         """``z`` for factors ``mat`` ``(m, taps)``, in the layer's own layout."""
@@ -139,7 +123,7 @@ class FastSolver:
         layer's own layout (no stacking); their sum is the objective."""
         with torch.no_grad():
             r = self._per_channel(self.post(self.layer_output(mat)) - self.problem.values).to(torch.float64)
-            if self._d is not None:
+            if self._dt is not None:
                 r = r * self._dt.to(torch.float64)
             loss = r.abs() if self.problem.loss == "l1" else r.square()
             obj = loss.sum(dim=1) / self.numel
@@ -166,100 +150,11 @@ class FastSolver:
         return True
 
     # -- batched block calls ------------------------------------------------------------------
-    def _z(self, mat: torch.Tensor) -> torch.Tensor:
-        """Layer outputs ``(..., E, m)`` for factors ``(..., m, taps)``."""
-        return torch.matmul(self._design, mat.transpose(-1, -2).to(self._design.dtype)) + self._z0
-
-    def _stacked_post(self, zs: torch.Tensor) -> torch.Tensor:
-        """The block on a stack of layer outputs ``(k, E, m)``; returns values ``(k, Ev, m)``.
-
-        One call on the outputs concatenated along the batch axis (the context repeated) when the
-        block treats samples independently (checked once, at the first call); a call per output
-        otherwise. NCHW maps go in channels-last, where pooling is many times faster on the CPU."""
-        k = zs.shape[0]
-        maps = zs.reshape(-1, *self._batch_shape).movedim(-1, self.zdim)  # (k * N, ...), channels-last strides
-        post = self.problem.layer.post
-        if post is None:  # the value is z itself
-            return zs
-        if self._batchable is None:
-            self._batchable = self._check_batchable(maps[: self.z0.shape[0]])
-        if not self._batchable:
-            n = self.z0.shape[0]
-            return torch.stack([self._rows(self.post(maps[i * n : (i + 1) * n])) for i in range(k)])
-        if k not in self._contexts:
-            self._contexts[k] = {n: self._like_z(t.repeat(k, *[1] * (t.ndim - 1))) for n, t in self.problem.context.items()}
-        return self._rows(post(maps, self._contexts[k])).reshape(k, -1, self.m)
-
-    def _like_z(self, t: torch.Tensor) -> torch.Tensor:
-        """A context map in the layout the stacked layer outputs have (channels-last for NCHW maps)."""
-        if self._channels_last and t.ndim == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        return t
-
-    def _owned(self, out: torch.Tensor) -> bool:
-        """Whether a block output is a temporary the solver may overwrite: not a view of the problem's
-        tensors (a block could hand a context back as its value)."""
-        kept = [*self.problem.context.values(), *(t for c in self._contexts.values() for t in c.values())]
-        ptr = out.untyped_storage().data_ptr()
-        return all(ptr != t.untyped_storage().data_ptr() for t in kept)
-
-    def _pieces(self, s: int, k: int) -> list[tuple[slice, slice]]:
-        """An ``(s, k)`` stack of layer outputs (starts x candidates) cut into rectangular pieces of at most
-        :data:`_STACK_BYTES` each, one block call a piece: the whole stack where it fits (the usual case),
-        else whole starts, else runs of candidates of one start. Many exemplars or large maps would
-        otherwise need gigabytes at once."""
-        fit = max(1, _STACK_BYTES // (self._z0.numel() * self._z0.element_size()))
-        if s * k <= fit:
-            return [(slice(0, s), slice(0, k))]
-        if k <= fit:
-            per = fit // k
-            return [(slice(i, min(i + per, s)), slice(0, k)) for i in range(0, s, per)]
-        return [(slice(i, i + 1), slice(lo, min(lo + fit, k))) for i in range(s) for lo in range(0, k, fit)]
-
-    def _buffer(self, *shape: int) -> torch.Tensor:
-        """A scratch tensor of ``shape``, reused across iterations (fresh large buffers cost page faults)."""
-        buf = self._scratch.get(shape)
-        if buf is None:
-            buf = self._scratch[shape] = torch.empty(shape, dtype=self.z0.dtype, device=self.z0.device)
-        return buf
-
-    def _check_batchable(self, z: torch.Tensor) -> bool:
-        """Whether the block gives each sample of a stack what it gives that sample alone (the context
-        repeated): checked on ``z`` stacked with ``2 z + 1``."""
-        n = z.shape[0]
-        if any(t.shape[:1] != (n,) for t in self.problem.context.values()):
-            return False  # a context without the batch axis first cannot be repeated along it
-        with torch.no_grad():
-            alone = self.post(z)
-            ctx = {name: t.repeat(2, *[1] * (t.ndim - 1)) for name, t in self.problem.context.items()}
-            try:
-                both = self.problem.layer.post(torch.cat([z, 2 * z + 1], dim=0), ctx)
-            except RuntimeError:
-                return False
-            return both.shape[0] == 2 * n and torch.allclose(both[:n], alone, rtol=1e-5, atol=1e-6)
-
-    def _objectives_of(self, zs: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
-        """Per-channel objectives ``(k, m)`` in float64 of candidates with layer outputs ``zs`` ``(k, E, m)``
-        and factors ``mats`` ``(k, m, taps)`` (for the ridge)."""
-        out = self._stacked_post(zs)
-        if out.requires_grad or not self._owned(out):
-            r = out - self._values
-            r = r if self._d is None else r * self._d
-            loss = r.abs() if self.problem.loss == "l1" else r.square()
-        else:  # in place: the block's output (or the stack itself) is a temporary, and fresh large buffers are slow
-            r = out.sub_(self._values)
-            r = r if self._d is None else r.mul_(self._d)
-            loss = r.abs_() if self.problem.loss == "l1" else r.square_()
-        obj = loss.sum(dim=1).to(torch.float64) / self.numel
-        if self.problem.ridge:
-            obj = obj + self.problem.ridge * mats.to(torch.float64).square().sum(dim=-1)
-        return obj
-
     def _objectives(self, mats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """:meth:`channel_objective` of several factor matrices from one stacked block call, ``(k, m)``."""
         with torch.no_grad():
             mats = torch.stack(list(mats)) if isinstance(mats, (list, tuple)) else mats
-            return self._objectives_of(self._z(mats), mats)
+            return self.stack.objectives(self.stack.z(mats), mats)
 
     # -- steps --------------------------------------------------------------------------------
     def _linear_step(self, mat: torch.Tensor) -> torch.Tensor:
@@ -280,35 +175,35 @@ class FastSolver:
     def _linearize(self, mat: torch.Tensor, spread: float = _FD_STEP) -> tuple[torch.Tensor, torch.Tensor]:
         """Residuals ``(m, e)`` and Jacobian ``(m, taps, e)`` at ``mat`` (``(m, taps)``, or ``(s, m, taps)``
         for ``s`` starts, then both results with a leading ``s`` axis folded into ``m``: ``(s * m, ...)``),
-        from one stacked block call (more where the stack exceeds :data:`_STACK_BYTES`): forward
+        from one stacked block call (more where the stack exceeds :data:`~surgery.solvers.stacked.STACK_BYTES`): forward
         differences along each tap's response, a step of ``spread`` times the spread of ``z`` (exact on
         the linear pieces of ReLU / max-pool blocks that the step does not cross; a wide step averages
         the slopes of the pieces it crosses)."""
         mats = mat.reshape(-1, self.m, self.taps)
         s, k = mats.shape[0], self.taps + 1
         steps = spread * self._fd_steps  # (taps,)
-        offsets = torch.cat([torch.zeros_like(self._design[:, :1]), self._design * steps], dim=1).T  # (taps + 1, E)
-        zs = self._z(mats)
-        pieces = self._pieces(s, k)
+        offsets = torch.cat([torch.zeros_like(self.stack.design[:, :1]), self.stack.design * steps], dim=1).T  # (taps + 1, E)
+        zs = self.stack.z(mats)
+        pieces = self.stack.pieces(s, k)
         if len(pieces) == 1:  # the usual case
-            stack = self._buffer(s, k, *zs.shape[1:])  # laid out as written
+            stack = self.stack.buffer(s, k, *zs.shape[1:])  # laid out as written
             torch.add(zs.unsqueeze(1), offsets.unsqueeze(-1), out=stack)
-            out = self._stacked_post(stack.flatten(0, 1)).unflatten(0, (s, k))
+            out = self.stack.post(stack.flatten(0, 1)).unflatten(0, (s, k))
         else:
             out = None
             for st, cs in pieces:
-                stack = self._buffer(len(range(s)[st]), len(range(k)[cs]), *zs.shape[1:])
+                stack = self.stack.buffer(len(range(s)[st]), len(range(k)[cs]), *zs.shape[1:])
                 torch.add(zs[st].unsqueeze(1), offsets[cs].unsqueeze(-1), out=stack)
-                piece = self._stacked_post(stack.flatten(0, 1)).unflatten(0, stack.shape[:2])
+                piece = self.stack.post(stack.flatten(0, 1)).unflatten(0, stack.shape[:2])
                 out = piece.new_empty(s, k, *piece.shape[2:]) if out is None else out
                 out[st, cs] = piece  # copied out before the buffer is filled again
         v = out[:, 0]  # (s, Ev, m)
-        if self._owned(out):  # in place
+        if self.stack.owned(out):  # in place
             diff = out[:, 1:].sub_(v.unsqueeze(1)).div_(steps.reshape(-1, 1, 1))
         else:
             diff = (out[:, 1:] - v.unsqueeze(1)) / steps.reshape(-1, 1, 1)  # (s, taps, Ev, m)
         j = diff.permute(0, 3, 1, 2).reshape(s * self.m, self.taps, -1).contiguous()  # (s * m, taps, Ev)
-        r = (v - self._values).transpose(1, 2).reshape(s * self.m, -1).contiguous()  # (s * m, Ev)
+        r = (v - self.stack.values).transpose(1, 2).reshape(s * self.m, -1).contiguous()  # (s * m, Ev)
         return r, j
 
     def _solve_quadratic(
@@ -400,7 +295,7 @@ class FastSolver:
         with torch.no_grad():
             mat = start.clone().reshape(-1, self.m, self.taps)  # (s, m, taps)
             s, k = mat.shape[0], len(_STEP_SIZES)
-            obj = self._objectives_of(self._z(mat), mat)  # (s, m)
+            obj = self.stack.objectives(self.stack.z(mat), mat)  # (s, m)
             damping = torch.zeros_like(obj)
             alphas = self._alphas.reshape(1, k, 1, 1)
             one = _STEP_SIZES.index(1.0)
@@ -411,18 +306,18 @@ class FastSolver:
                 smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
                 # z is affine in mat: every candidate's layer output from the base and the step's move
                 cands = torch.addcmul(mat.unsqueeze(1), alphas, step.unsqueeze(1))  # (s, k, m, taps)
-                base, move = self._z(mat).unsqueeze(1), (self._design @ step.transpose(1, 2)).unsqueeze(1)
-                pieces = self._pieces(s, k)
+                base, move = self.stack.z(mat).unsqueeze(1), (self.stack.design @ step.transpose(1, 2)).unsqueeze(1)
+                pieces = self.stack.pieces(s, k)
                 if len(pieces) == 1:  # the usual case
-                    zs = self._buffer(s, k, *self._z0.shape)
+                    zs = self.stack.buffer(s, k, *self.stack.z0.shape)
                     torch.addcmul(base, alphas, move, out=zs)
-                    objs = self._objectives_of(zs.flatten(0, 1), cands.flatten(0, 1)).unflatten(0, (s, k))
+                    objs = self.stack.objectives(zs.flatten(0, 1), cands.flatten(0, 1)).unflatten(0, (s, k))
                 else:
                     objs = torch.empty(s, k, self.m, dtype=torch.float64, device=mat.device)
                     for st, cs in pieces:
-                        zs = self._buffer(len(range(s)[st]), len(range(k)[cs]), *self._z0.shape)
+                        zs = self.stack.buffer(len(range(s)[st]), len(range(k)[cs]), *self.stack.z0.shape)
                         torch.addcmul(base[st], alphas[:, cs], move[st], out=zs)
-                        objs[st, cs] = self._objectives_of(zs.flatten(0, 1), cands[st, cs].flatten(0, 1)).unflatten(0, zs.shape[:2])
+                        objs[st, cs] = self.stack.objectives(zs.flatten(0, 1), cands[st, cs].flatten(0, 1)).unflatten(0, zs.shape[:2])
                 best_obj, best = objs.min(dim=1)  # (s, m)
                 improved = best_obj < obj
                 chosen = torch.stack([cands[i, best[i], channel] for i in range(s)])
@@ -438,44 +333,8 @@ class FastSolver:
                 stalls = stalls + 1 if gain <= tol * float(obj.sum()) + 1e-300 else 0
                 if stalls >= 2:
                     break
-        self._scratch.clear()  # the next run stacks other counts of candidates
-        self._contexts.clear()
+        self.stack.release()
         return mat.reshape(start.shape), obj.reshape(start.shape[:-1]), it
-
-    def descend(self, mat: torch.Tensor, *, steps: int, lr: float, check_every: int = 10) -> torch.Tensor:
-        """Up to ``steps`` Adam steps on the per-channel objectives from ``mat`` ``(m, taps)`` (one block call
-        and its backward pass each), learning rate ``lr`` times the mean ``|mat|``; each channel keeps the
-        best point it passed. Stops early once ``check_every`` steps in a row gain less than
-        :data:`_TOL` of the objective.
-
-        Where the loss is L2 and the block has kinks (max-pool, ReLU), a channel's minimum often lies in
-        a valley that follows a kink: Gauss-Newton's model, taken on one side of the kink, sees no
-        descent there, while small first-order steps that cross it back and forth slide along it."""
-        x = mat.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=lr * float(mat.abs().mean().clamp_min(1e-12)))
-        best_obj = best = None
-        checked = float("inf")
-        for i in range(steps + 1):
-            with torch.enable_grad():
-                obj = self._objectives_of(self._z(x).unsqueeze(0), x.unsqueeze(0))[0]  # (m,)
-            with torch.no_grad():
-                if best is None:
-                    best_obj, best = obj.detach().clone(), x.detach().clone()
-                else:
-                    better = obj < best_obj
-                    best_obj = torch.where(better, obj, best_obj)
-                    best = torch.where(better[:, None], x, best)
-            if i % check_every == 0:
-                total = float(best_obj.sum())
-                if checked - total <= _TOL * total:
-                    break
-                checked = total
-            if i == steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            obj.sum().backward()
-            opt.step()
-        return best
 
     def solve(self, *, max_iter: int = 100) -> tuple[torch.Tensor, dict]:
         """Solve from zero and from the linearized solution (side by side) for :data:`_MERGE_AFTER`
@@ -500,7 +359,7 @@ class FastSolver:
             mat, _, polish = self.run(mat, max_iter=max_iter, tol=_TOL, spread=_FD_POLISH)
             iterations = [begun, polish]
             if self.problem.loss == "l2" and _VALLEY_STEPS:
-                mat = self.descend(mat, steps=_VALLEY_STEPS, lr=_VALLEY_LR)
+                mat = descend(self.stack, mat, steps=_VALLEY_STEPS, lr=_VALLEY_LR, tol=_TOL)
                 mat, _, again = self.run(mat, max_iter=max_iter, tol=_TOL, spread=_FD_POLISH)
                 iterations.append(again)
         lam = self.to_lam(mat)

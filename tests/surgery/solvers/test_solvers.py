@@ -15,6 +15,7 @@ from torch.func import jvp
 
 from surgery.rewrite import prepare_problem
 from surgery.solvers import FastSolver, solve_fast, solve_reference
+from surgery.solvers.descent import descend
 from surgery.solvers.direction import flatten_keys
 from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, tiny_clip, tiny_vit
 
@@ -137,7 +138,7 @@ def test_descend_keeps_each_channels_best_point(loss):
     assert len(info["iterations"]) == (3 if loss == "l2" else 2)  # starts, polish (, valley phase's polish)
     start = solver.to_mat(lam) * 1.05  # off the optimum, so there is something to gain
     before = solver.channel_objective(start)
-    after = solver.channel_objective(solver.descend(start, steps=20, lr=0.1))
+    after = solver.channel_objective(descend(solver.stack, start, steps=20, lr=0.1, tol=0.0))
     assert (after <= before * (1 + 1e-6) + 1e-15).all()
     assert after.sum() < before.sum()
 
@@ -328,7 +329,7 @@ def test_stacked_block_calls_equal_one_call_per_candidate(key):
         1e-2 * torch.randn(solver.m, solver.taps, generator=g, dtype=torch.float64) for _ in range(2)
     ]
     stacked = solver._objectives(mats)
-    assert solver._batchable is True
+    assert solver.stack.batchable is True
     for row, mat in zip(stacked, mats):
         torch.testing.assert_close(row, solver.channel_objective(mat), rtol=1e-10, atol=1e-15)
     # the difference Jacobian at a tiny step against forward mode, on the channels whose block output moves
@@ -347,14 +348,14 @@ def test_stacks_cut_to_the_memory_budget_solve_the_same(key, maps, monkeypatch):
     """Under a budget of a few layer outputs per block call (runs of candidates of one start, whole
     starts, or one output a call) the solve is the same to the last bit: the pieces only change how
     many outputs one call takes."""
-    import surgery.solvers.fast as fast
+    import surgery.solvers.stacked as stacked
 
     problem = _problem(key, "l1")
     lam, info = solve_fast(problem)
-    one_map = FastSolver(problem)._z0
-    monkeypatch.setattr(fast, "_STACK_BYTES", maps * one_map.numel() * one_map.element_size())
+    one_map = FastSolver(problem).stack.z0
+    monkeypatch.setattr(stacked, "STACK_BYTES", maps * one_map.numel() * one_map.element_size())
     solver = FastSolver(problem)
-    assert max(len(range(2)[st]) * len(range(10)[cs]) for st, cs in solver._pieces(2, 10)) <= maps
+    assert max(len(range(2)[st]) * len(range(10)[cs]) for st, cs in solver.stack.pieces(2, 10)) <= maps
     cut, cut_info = solver.solve()
     assert torch.equal(cut, lam) and cut_info["objective"] == info["objective"]
     assert cut_info["iterations"] == info["iterations"]
@@ -375,7 +376,7 @@ def test_a_block_that_hands_back_its_context_keeps_it_intact():
     for _ in range(2):
         stacked = solver._objectives(mats)
         torch.testing.assert_close(problem.context["const"], const, rtol=0, atol=0)
-        for cached in solver._contexts.values():
+        for cached in solver.stack.contexts.values():
             torch.testing.assert_close(cached["const"][: const.shape[0]], const, rtol=0, atol=0)
         torch.testing.assert_close(stacked, torch.zeros_like(stacked))
 
@@ -401,6 +402,6 @@ def test_blocks_that_mix_samples_get_one_call_per_candidate():
     solver = FastSolver(problem)
     mats = [torch.zeros(solver.m, solver.taps), 1e-2 * torch.ones(solver.m, solver.taps)]
     stacked = solver._objectives(mats)
-    assert solver._batchable is False
+    assert solver.stack.batchable is False
     for row, mat in zip(stacked, mats):
         torch.testing.assert_close(row, solver.channel_objective(mat), rtol=2e-5, atol=1e-12)
