@@ -149,13 +149,6 @@ class FastSolver:
                     return False
         return True
 
-    # -- batched block calls ------------------------------------------------------------------
-    def _objectives(self, mats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """:meth:`channel_objective` of several factor matrices from one stacked block call, ``(k, m)``."""
-        with torch.no_grad():
-            mats = torch.stack(list(mats)) if isinstance(mats, (list, tuple)) else mats
-            return self.stack.objectives(self.stack.z(mats), mats)
-
     # -- steps --------------------------------------------------------------------------------
     def _linear_step(self, mat: torch.Tensor) -> torch.Tensor:
         """The undamped least-squares Gauss-Newton step from ``mat``, through the exact (forward-mode)

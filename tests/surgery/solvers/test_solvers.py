@@ -311,6 +311,13 @@ def test_update_is_rank_r_along_u_and_blind_to_orthogonal_keys(m, n, k, rank, se
     torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
 
 
+def _stacked_objectives(solver: FastSolver, mats) -> torch.Tensor:
+    """The per-channel objectives of several factor matrices from one stacked block call, ``(k, m)``."""
+    with torch.no_grad():
+        mats = torch.stack(list(mats)) if isinstance(mats, (list, tuple)) else mats
+        return solver.stack.objectives(solver.stack.z(mats), mats)
+
+
 @pytest.mark.parametrize("key", [*FAMILIES, "tiny_vit_fc2"])
 def test_stacked_block_calls_equal_one_call_per_candidate(key):
     """The fast solver calls the block on many layer outputs at once (candidates of the line search, the
@@ -328,7 +335,7 @@ def test_stacked_block_calls_equal_one_call_per_candidate(key):
     mats = [torch.zeros(solver.m, solver.taps, dtype=torch.float64)] + [
         1e-2 * torch.randn(solver.m, solver.taps, generator=g, dtype=torch.float64) for _ in range(2)
     ]
-    stacked = solver._objectives(mats)
+    stacked = _stacked_objectives(solver, mats)
     assert solver.stack.batchable is True
     for row, mat in zip(stacked, mats):
         torch.testing.assert_close(row, solver.channel_objective(mat), rtol=1e-10, atol=1e-15)
@@ -374,7 +381,7 @@ def test_a_block_that_hands_back_its_context_keeps_it_intact():
     solver = FastSolver(problem)
     mats = torch.zeros(3, solver.m, solver.taps)
     for _ in range(2):
-        stacked = solver._objectives(mats)
+        stacked = _stacked_objectives(solver, mats)
         torch.testing.assert_close(problem.context["const"], const, rtol=0, atol=0)
         for cached in solver.stack.contexts.values():
             torch.testing.assert_close(cached["const"][: const.shape[0]], const, rtol=0, atol=0)
@@ -401,7 +408,7 @@ def test_blocks_that_mix_samples_get_one_call_per_candidate():
     )
     solver = FastSolver(problem)
     mats = [torch.zeros(solver.m, solver.taps), 1e-2 * torch.ones(solver.m, solver.taps)]
-    stacked = solver._objectives(mats)
+    stacked = _stacked_objectives(solver, mats)
     assert solver.stack.batchable is False
     for row, mat in zip(stacked, mats):
         torch.testing.assert_close(row, solver.channel_objective(mat), rtol=2e-5, atol=1e-12)
