@@ -165,18 +165,21 @@ class FastSolver:
             zero = torch.zeros(self.m, dtype=torch.float64, device=j.device)
             return self._solve_quadratic(j, r, q, mat, zero).to(mat.dtype)
 
-    def _linearize(self, mat: torch.Tensor, spread: float = _FD_STEP) -> tuple[torch.Tensor, torch.Tensor]:
+    def _linearize(
+        self, mat: torch.Tensor, spread: float = _FD_STEP, zs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Residuals ``(m, e)`` and Jacobian ``(m, taps, e)`` at ``mat`` (``(m, taps)``, or ``(s, m, taps)``
         for ``s`` starts, then both results with a leading ``s`` axis folded into ``m``: ``(s * m, ...)``),
         from one stacked block call (more where the stack exceeds :data:`~surgery.solvers.stacked.STACK_BYTES`): forward
         differences along each tap's response, a step of ``spread`` times the spread of ``z`` (exact on
         the linear pieces of ReLU / max-pool blocks that the step does not cross; a wide step averages
-        the slopes of the pieces it crosses)."""
+        the slopes of the pieces it crosses). ``zs``: the layer outputs of ``mat`` ``(s, E, m)``, where the
+        caller has them."""
         mats = mat.reshape(-1, self.m, self.taps)
         s, k = mats.shape[0], self.taps + 1
         steps = spread * self._fd_steps  # (taps,)
         offsets = torch.cat([torch.zeros_like(self.stack.design[:, :1]), self.stack.design * steps], dim=1).T  # (taps + 1, E)
-        zs = self.stack.z(mats)
+        zs = self.stack.z(mats) if zs is None else zs
         pieces = self.stack.pieces(s, k)
         if len(pieces) == 1:  # the usual case
             stack = self.stack.buffer(s, k, *zs.shape[1:])  # laid out as written
@@ -242,14 +245,16 @@ class FastSolver:
         spread: float = _FD_STEP,
         *,
         least_squares: bool = False,
+        zs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One damped Gauss-Newton step (``mat``'s shape) from ``mat`` ``(m, taps)`` or ``(s, m, taps)``
         with ``damping`` of ``mat``'s shape less the taps. For L1 (unless ``least_squares``) the
         linearized problem ``min_s sum_e d |r + j^T s|`` is itself solved by :data:`_L1_INNER` reweighted
         least-squares iterations, with residuals below ``smooth * mean|r|`` weighing as if they were that
-        large and the floor shrinking each inner iteration: no block call between them."""
+        large and the floor shrinking each inner iteration: no block call between them. ``zs``: see
+        :meth:`_linearize`."""
         with torch.no_grad():
-            r, j = self._linearize(mat, spread)
+            r, j = self._linearize(mat, spread, zs)
             flat, damping = mat.reshape(-1, self.taps), damping.reshape(-1)
             d = None if self._dt is None else self._dt.repeat(flat.shape[0] // self.m, 1)
             if least_squares or self.problem.loss == "l2":
@@ -295,11 +300,12 @@ class FastSolver:
             channel = torch.arange(self.m, device=mat.device)
             it = stalls = 0
             for it in range(1, max_iter + 1):
-                step = self._step(mat, damping, smooth, max(spread * _FD_DECAY ** (it - 1), _FD_STEP))
+                z = self.stack.z(mat)  # (s, E, m)
+                step = self._step(mat, damping, smooth, max(spread * _FD_DECAY ** (it - 1), _FD_STEP), zs=z)
                 smooth = max(smooth * _SMOOTH_DECAY, _SMOOTH_FLOOR)
                 # z is affine in mat: every candidate's layer output from the base and the step's move
                 cands = torch.addcmul(mat.unsqueeze(1), alphas, step.unsqueeze(1))  # (s, k, m, taps)
-                base, move = self.stack.z(mat).unsqueeze(1), (self.stack.design @ step.transpose(1, 2)).unsqueeze(1)
+                base, move = z.unsqueeze(1), (self.stack.design @ step.transpose(1, 2)).unsqueeze(1)
                 pieces = self.stack.pieces(s, k)
                 if len(pieces) == 1:  # the usual case
                     zs = self.stack.buffer(s, k, *self.stack.z0.shape)
