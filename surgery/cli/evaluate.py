@@ -7,7 +7,8 @@ Every folder holds one folder per class (``DIR/<class name or index>/*.jpg``). `
 transformed photos (the concept changed), ``--originals`` the same photos untransformed (same class
 folders and file names; then only photos whose original the unedited model gets right count, as in
 the paper), ``--clean`` any other labelled photos, for the accuracy the edit costs. Prints errors
-before and after the edit per class, writes JSON with ``--json``. The model is not changed.
+before and after the edit per class, writes JSON with ``--json``. The model is not changed; a checkpoint
+that already carries the edit is refused (the command applies the edit itself).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from surgery.cli.args import (
 )
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
-from surgery.evaluation.metrics import evaluate_edit
+from surgery.evaluation.metrics import evaluate_edit, refuse_edited_model
 from surgery.inputs.folders import load_labelled_photos
 from surgery.inputs.preprocess import default_input_size
 
@@ -65,6 +66,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         refuse_overwrite(args.json, inputs_of(args, "edit", "data", "originals", "clean", "class_names"), what="--json")
     edit = Edit.load(args.edit)  # a bad file fails before the model loads
     model = model_from_args(args).eval()
+    refuse_edited_model(  # before any photo is read
+        model, edit, "surgery evaluate", alphas=alphas,
+        fix=f"pass the unedited model (its checkpoint), or revert the edit first (surgery revert CHECKPOINT {args.edit} -o FILE)",
+    )
     transform = model_transform(model, args.size)
     size = args.size or default_input_size(model)[1]
     names = model_class_names(model, args.class_names, size)

@@ -31,7 +31,7 @@ from surgery._checks import check_labels, require_eval
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
 from surgery.evaluation.cached import CachedImages, Candidate
-from surgery.evaluation.metrics import errors_corrected
+from surgery.evaluation.metrics import errors_corrected, refuse_edited_model
 
 __all__ = [
     "CandidateResult",
@@ -276,7 +276,8 @@ def select_strength(
     budget.
 
     Args:
-        model: the unedited classifier, in eval mode (it is left exactly as it was).
+        model: the unedited classifier, in eval mode (it is left exactly as it was); a model that already
+            carries one of the candidates' edits is refused.
         candidates: :class:`Candidate` objects, :class:`~surgery.Edit` s (alpha 1), or ``(edit, alpha)``
             pairs; e.g. :func:`strength_grid`, or one rewrite per ridge or layer, or fine-tuning edits
             at several learning rates.
@@ -304,10 +305,11 @@ def select_strength(
 
     Raises:
         NoCandidateError: no candidate qualifies; the message gives the smallest drop seen.
-        SurgeryError: bad inputs.
+        SurgeryError: bad inputs, or a model that already carries a candidate's edit.
     """
     require_eval(model, "select_strength")
     cands = _as_candidates(candidates)
+    refuse_edited_model(model, [c.edit for c in cands], "select_strength", alphas=[c.alpha for c in cands])
     val = _cached(model, val_images, "val_images", batch_size)
     y = check_labels(val_labels, len(val), "val_labels").cpu()
     clean = _cached(model, clean_images, "clean_images", batch_size)

@@ -128,3 +128,19 @@ def test_evaluate_a_strength_grid(setup, capsys, tmp_path):
     for bad, message in (("x", "comma-separated numbers"), ("1,11", "must be in [0, 10], got 1,11")):
         assert main([*argv, "--alpha", bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_checkpoint_that_carries_the_edit(setup, capsys, tmp_path):
+    """``evaluate`` applies the edit itself: a checkpoint written by ``surgery apply`` is refused before any
+    photo is read, and the message says what to do (issue 27)."""
+    root, ckpt_args, edit = setup
+    edited_ckpt = tmp_path / "edited.safetensors"
+    assert main(["apply", str(root / "model.safetensors"), str(edit), "-o", str(edited_ckpt)]) == 0
+    capsys.readouterr()
+    argv = ["evaluate", MODEL, "--checkpoint", str(edited_ckpt), "--size", str(SIZE), "--edit", str(edit),
+            "--data", str(root / "snowy")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already carries it" in err and "strength 1" in err
+    assert "pass the unedited model (its checkpoint), or revert the edit first" in err.lower()
+    assert f"surgery revert CHECKPOINT {edit}" in err

@@ -205,3 +205,71 @@ def test_evaluate_edit_errors():
     model.train()
     with pytest.raises(SurgeryError, match=r"model\.eval\(\)"):
         evaluate_edit(model, swap_edit(), x, LABELS)
+
+
+# evaluate_edit applies the edit itself: a model that already carries it is refused (issue 27).
+REFUSED = "already carries it"
+FIX = "pass the unedited model, or revert the edit first"
+
+
+def factored_edit(model: nn.Module) -> Edit:
+    """A rank-one edit of the linear layer, recording the weights it was made on."""
+    lam, u = torch.tensor([[0.5, -1.0, 0.25]]), F.normalize(torch.tensor([[1.0, 2.0, -1.0]]), dim=1)
+    return Edit(layer="1", method="rewrite-test", lam=lam, u=u).made_on({"1.weight": model[1].weight.detach().clone()})
+
+
+def with_weight(model: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A fresh copy of ``model`` holding ``weight`` (no handles: as if loaded from an edited checkpoint)."""
+    other = linear_model()
+    with torch.no_grad():
+        other[1].weight.copy_(weight)
+    return other
+
+
+def test_evaluate_edit_refuses_a_model_that_carries_the_edit():
+    from surgery.edits.apply import apply_edit, edited, revert_edit
+
+    model, x = linear_model(), images_predicted_as(PRE)
+    edit = swap_edit()
+    handle = apply_edit(model, edit)  # the old README's mistake: apply, then evaluate
+    with pytest.raises(SurgeryError, match=REFUSED) as e:
+        evaluate_edit(model, edit, x, LABELS)
+    assert FIX in str(e.value).lower() and "apply_edit at strength 1" in str(e.value)
+    with pytest.raises(SurgeryError, match=REFUSED):  # an equal edit read back from a file is the same edit
+        evaluate_edit(model, Edit(layer="1", method="dense-test", deltas={"1.weight": SWAP - torch.eye(3)}), x, LABELS)
+    revert_edit(model, handle)
+    assert evaluate_edit(model, edit, x, LABELS).rows[0].errors_after == 3
+    with edited(model, edit), pytest.raises(SurgeryError, match=REFUSED):
+        evaluate_edit(model, edit, x, LABELS)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
+def test_evaluate_edit_finds_the_edit_on_the_weights(alpha):
+    """No handle (an edited checkpoint): the weights along the edit give it away, at any strength."""
+    model, x = linear_model(), images_predicted_as(PRE)
+    edit = factored_edit(model)
+    carrying = with_weight(model, edit.new_weight(model[1].weight, alpha=alpha))
+    with pytest.raises(SurgeryError, match=REFUSED) as e:
+        evaluate_edit(carrying, edit, x, LABELS)
+    assert f"strength {alpha:.3g}" in str(e.value) and FIX in str(e.value).lower()
+    evaluate_edit(model, edit, x, LABELS)  # the unedited model is measured
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the weights the edit was made on")
+def test_evaluate_edit_accepts_other_weights():
+    """Weights the edit was not made on, or changed in another way along it, are not taken for the edit."""
+    model, x = linear_model(), images_predicted_as(PRE)
+    edit = factored_edit(model)
+    torch.manual_seed(0)
+    other = with_weight(model, model[1].weight + 0.3 * torch.randn(3, 3))
+    assert evaluate_edit(other, edit, x, LABELS).rows[0].n == 8
+    # a dense edit of one parameter is measured by one number: only a strength near 1 (or alpha) counts
+    dense = Edit(layer="1", method="dense-test", deltas={"1.weight": SWAP - torch.eye(3)}).made_on(
+        {"1.weight": model[1].weight.detach().clone()}
+    )
+    shifted = with_weight(model, model[1].weight + 0.37 * (SWAP - torch.eye(3)))
+    evaluate_edit(shifted, dense, x, LABELS)
+    with pytest.raises(SurgeryError, match=REFUSED):
+        evaluate_edit(with_weight(model, dense.new_weight(model[1].weight)), dense, x, LABELS)
+    with pytest.raises(SurgeryError, match=REFUSED):
+        evaluate_edit(shifted, dense, x, LABELS, alpha=0.37)

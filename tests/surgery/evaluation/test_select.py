@@ -252,6 +252,22 @@ def test_error_when_none_qualifies(case):
     assert len(info.value.table) == 2
 
 
+def test_refuses_a_model_that_carries_a_candidate(case):
+    """select_strength applies every candidate itself: on a model that already has one, it would measure
+    that edit twice over (issue 27)."""
+    from surgery import edited
+
+    model, args = case["model"], (case["val"], case["val_labels"])
+    kwargs = {"clean_images": case["clean"], "clean_labels": case["clean_labels"]}
+    with edited(model, case["b"]), pytest.raises(SurgeryError, match="already carries it") as info:
+        select_strength(model, [case["a"], *strength_grid(case["b"], n=2)], *args, **kwargs)
+    assert "pass the unedited model, or revert the edit first" in str(info.value).lower()
+    assert "select_strength" in str(info.value)
+    with edited(model, case["c"]):  # another edit on the model is no reason to refuse
+        select_strength(model, [case["a"], case["b"]], *args, **kwargs, max_clean_drop=100.0)
+    assert select_strength(model, [case["a"], case["b"]], *args, **kwargs, max_clean_drop=100.0).edit is case["b"]
+
+
 def test_custom_score_and_strength_grid(case):
     grid = strength_grid(case["b"], n=4, lo=0.125, hi=1.0)
     assert [c.alpha for c in grid] == pytest.approx([0.125, 0.25, 0.5, 1.0])
