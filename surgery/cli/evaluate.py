@@ -33,7 +33,8 @@ from surgery.cli.args import (
 )
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
-from surgery.evaluation.metrics import evaluate_edit, refuse_edited_model
+from surgery.evaluation.metrics import evaluate_edit
+from surgery.evaluation.unedited import refuse_edited_model
 from surgery.inputs.folders import load_labelled_photos
 from surgery.inputs.preprocess import default_input_size
 

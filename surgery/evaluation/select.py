@@ -31,7 +31,8 @@ from surgery._checks import check_labels, require_eval
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
 from surgery.evaluation.cached import CachedImages, Candidate
-from surgery.evaluation.metrics import errors_corrected, refuse_edited_model
+from surgery.evaluation.metrics import errors_corrected
+from surgery.evaluation.unedited import refuse_edited_model
 
 __all__ = [
     "CandidateResult",
