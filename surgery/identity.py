@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "hasher",
+    "digest",
     "dtype_name",
     "hash_tensor",
     "tensor_sha256",
@@ -29,6 +31,16 @@ __all__ = [
 ]
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def hasher(data: str | bytes = b"") -> Any:
+    """A new SHA-256 hasher, fed ``data`` (a str as UTF-8); feed it more with ``update`` or :func:`hash_tensor`."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data)
+
+
+def digest(data: str | bytes, length: int | None = None) -> str:
+    """SHA-256 (hex) of ``data`` (a str as UTF-8); its first ``length`` hex digits when given."""
+    return hasher(data).hexdigest()[:length]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -44,7 +56,7 @@ def hash_tensor(h: Any, t: torch.Tensor) -> None:
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """SHA-256 (hex) of a tensor's raw bytes."""
-    h = hashlib.sha256()
+    h = hasher()
     hash_tensor(h, t)
     return h.hexdigest()
 
@@ -62,12 +74,12 @@ def stable_repr(obj: Any) -> str:
 def transform_id(transform: Callable[..., Any] | None) -> str:
     """A short, process-independent hash of a preprocessing transform (``None``: plain ToTensor)."""
     text = "ToTensor()" if transform is None else stable_repr(transform)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest(text, 16)
 
 
 def layout_digest(model: nn.Module) -> str:
     """Short SHA-256 of a model's module tree: every module's name and class, every parameter's name."""
-    h = hashlib.sha256()
+    h = hasher()
     for name, module in model.named_modules():
         cls = type(module)
         h.update(f"{name}\0{cls.__module__}.{cls.__qualname__}\0".encode())
@@ -97,7 +109,7 @@ def architecture_id(model: nn.Module) -> str:
 
 def content_id(layer: str, method: str, deltas: Mapping[str, torch.Tensor]) -> str:
     """A digest of what an edit does (its layer, method and every update's bytes): equal edits, equal ids."""
-    h = hashlib.sha256(f"{layer}\0{method}".encode())
+    h = hasher(f"{layer}\0{method}")
     for name, t in sorted(deltas.items()):
         h.update(name.encode())
         h.update(tensor_sha256(t).encode())

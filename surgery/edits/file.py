@@ -23,7 +23,6 @@ Nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from safetensors.torch import save as save_bytes
 from surgery._files import atomic_write
 from surgery._version import __version__
 from surgery.errors import EditFormatError, SurgeryError
+from surgery.identity import digest, hasher
 
 __all__ = [
     "FORMAT",
@@ -138,8 +138,7 @@ def _checksummed(data: bytes) -> bytes:
     span = _checksum_span(data[8 : 8 + n])
     if span is None:  # cannot happen with the metadata save_edit writes
         raise SurgeryError("internal error: the edit file's checksum placeholder was not found")
-    digest = hashlib.sha256(data).hexdigest().encode()
-    return data[: 8 + span[0]] + digest + data[8 + span[1] :]
+    return data[: 8 + span[0]] + digest(data).encode() + data[8 + span[1] :]
 
 
 def _verify_checksum(path: Path, n: int, recorded: str) -> None:
@@ -150,7 +149,7 @@ def _verify_checksum(path: Path, n: int, recorded: str) -> None:
             span = _checksum_span(head[8:])
             if span is None or head[8 + span[0] : 8 + span[1]].decode() != recorded:
                 raise EditFormatError(f"{path}: metadata {CHECKSUM_KEY!r} is malformed; the file is corrupted")
-            h = hashlib.sha256(head[: 8 + span[0]] + _CHECKSUM_PLACEHOLDER.encode() + head[8 + span[1] :])
+            h = hasher(head[: 8 + span[0]] + _CHECKSUM_PLACEHOLDER.encode() + head[8 + span[1] :])
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except OSError as e:

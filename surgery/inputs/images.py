@@ -7,7 +7,6 @@ Everything here turns what a user has (a folder, a few paths, PIL images, tensor
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 from surgery._checks import as_hw
 from surgery._files import PathLike
 from surgery.errors import SurgeryError
-from surgery.identity import tensor_sha256, transform_id
+from surgery.identity import hasher, tensor_sha256, transform_id
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -155,7 +154,7 @@ class ImageFolder(Dataset):
         changes between processes only costs cache misses.
         """
         if self._dataset_id is None:
-            h = hashlib.sha256()
+            h = hasher()
             for p in self.files:
                 st = p.stat()
                 rel = p.relative_to(self.root).as_posix()

@@ -9,7 +9,6 @@ all match, so editing an earlier layer, or reading other data, recomputes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from surgery._checks import model_device, require_eval
 from surgery.editable import EditableLayer
 from surgery.errors import SurgeryError
+from surgery.identity import digest
 from surgery.inputs.images import count_images, data_id, iter_batches
 from surgery.layers import get_layer
 from surgery.stats.distributed import all_ranks, all_reduce_sums, process_group, shard
@@ -108,9 +108,8 @@ def cache_path(
 ) -> Path:
     """Where :func:`collect_key_stats` caches the statistics these arguments identify."""
     key = json.dumps([layer, dataset_id, fingerprint, dtype, max_images])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = layer.replace(".", "_") or "model"
-    return Path(cache_dir) / f"{stem}-{digest}.safetensors"
+    return Path(cache_dir) / f"{stem}-{digest(key, 16)}.safetensors"
 
 
 def _cache_mismatch(stats: KeyStats, expected: dict[str, Any]) -> str | None:

@@ -8,7 +8,6 @@ it; editing the layer itself or anything after it does not.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from surgery._checks import model_device, require_eval
 from surgery.editable import EditableLayer, Site
 from surgery.errors import SurgeryError
 from surgery.hooks import Trace
-from surgery.identity import blank_addresses, dtype_name, hash_tensor
+from surgery.identity import blank_addresses, dtype_name, hash_tensor, hasher
 from surgery.layers import get_layer
 
 __all__ = [
@@ -113,7 +112,7 @@ class UpstreamRecorder:
         started = dict(self.started)
         if self.site.port == "output":  # the module at an output site runs before its keys exist
             started.pop(self.site.module, None)
-        h = hashlib.sha256()
+        h = hasher()
         for name in sorted(started):
             module = started[name]
             desc = f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"

@@ -11,7 +11,6 @@ when the statistics are saved, so edits read it instead of decomposing ``C`` aga
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from surgery._files import atomic_write
 from surgery.errors import SurgeryError
-from surgery.identity import dtype_name, tensor_sha256
+from surgery.identity import digest, dtype_name, tensor_sha256
 from surgery.stats.whitening import inverse_sqrt
 
 __all__ = ["KeyStats", "key_sums", "FORMAT", "FORMAT_VERSION", "READ_VERSIONS"]
@@ -146,7 +145,7 @@ class KeyStats:
             did = None
         else:
             joined = "\n".join(sorted((self.dataset_id, other.dataset_id)))
-            did = "merged:" + hashlib.sha256(joined.encode()).hexdigest()[:16]
+            did = "merged:" + digest(joined, 16)
         s = self.sum + other.sum.to(self.sum.device)
         return KeyStats(self.layer, s, self.count + other.count, self.dtype, did, self.fingerprint)
 
