@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from surgery._files import atomic_write
+
 from .objects import CLASS_NAMES
 from .scenes import Testbed
 from .styles import STYLES
@@ -75,7 +77,7 @@ def write_preview(
     """Write :func:`preview_grid` as a palette PNG (``colours`` colours, small enough to commit)."""
     grid = preview_grid(testbed or Testbed(seed=0))
     small = grid.quantize(colors=colours, method=Image.Quantize.FASTOCTREE)  # keeps object colours
-    small.save(path, optimize=True)
+    atomic_write(path, lambda tmp: small.save(tmp, format="PNG", optimize=True))
     logger.info(
         "wrote %s (%d x %d, %d KB)", path, grid.width, grid.height, os.path.getsize(path) // 1024
     )

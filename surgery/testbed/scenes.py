@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from surgery._files import atomic_write
+from surgery.identity import digest
 
 from .objects import (
     CLASS_NAMES,
@@ -116,7 +118,7 @@ class TestbedConfig:
         """A short hash of everything that changes the rendered pixels."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
         blob = json.dumps({"v": GENERATOR_VERSION, **fields}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return digest(blob, 16)
 
 
 @dataclass(frozen=True)
@@ -625,7 +627,7 @@ class Testbed:
                 [self.config.key(), self.seed, split, n, start, sorted((restyle or {}).items())],
                 default=str,
             )
-            path = Path(cache_dir) / f"scenes-{hashlib.sha256(req.encode()).hexdigest()[:20]}.npz"
+            path = Path(cache_dir) / f"scenes-{digest(req, 20)}.npz"
             if path.is_file():
                 with np.load(path) as z:
                     logger.info("testbed: loaded %d %s scenes from %s", n, split, path)
@@ -636,10 +638,12 @@ class Testbed:
         images, seg = self.render_batch(specs, restyle=restyle)
         logger.info("testbed: rendered %d %s scenes in %.1f s", n, split, time.perf_counter() - t0)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, images=images.numpy(), seg=seg.numpy())
-            os.replace(tmp, path)
+
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+                    np.savez(f, images=images.numpy(), seg=seg.numpy())
+
+            atomic_write(path, write)
         return self._data(specs, images, seg)
 
     @staticmethod
