@@ -1,4 +1,6 @@
-"""Input checks shared by the library's entry points: eval mode, devices, images, labels, logits.
+"""Input checks shared by the library's entry points: eval mode, devices, labels, logits, sizes.
+
+Images have their one check in :func:`surgery.inputs.images.check_images`.
 
 Each raises a :class:`SurgeryError` that names the problem and the fix.
 """
@@ -17,8 +19,6 @@ __all__ = [
     "require_eval",
     "model_device",
     "resolve_device",
-    "check_images",
-    "pixel_images",
     "check_labels",
     "check_logits",
     "check_label_range",
@@ -76,45 +76,6 @@ def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch
             "asked for; move the model first with model.to(device), or leave device=None"
         )
     return dev
-
-
-def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
-    """Validate an image batch ``(N, C, H, W)``: a non-empty, finite floating-point tensor."""
-    if not isinstance(images, torch.Tensor):
-        raise SurgeryError(
-            f"{what} must be a tensor (N, 3, H, W); got {type(images).__name__}. Load image files "
-            "first (e.g. with the model's preprocessing) and stack them"
-        )
-    if images.ndim != 4:
-        raise SurgeryError(f"{what} must have shape (N, 3, H, W); got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise SurgeryError(f"{what} is empty: give at least one image")
-    if not images.is_floating_point():
-        raise SurgeryError(f"{what} must be a floating-point tensor (preprocessed); got {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise SurgeryError(f"{what} contain NaN or infinite values")
-    return images
-
-
-def pixel_images(images: torch.Tensor, what: str = "images") -> tuple[torch.Tensor, bool]:
-    """Validate pixel images ``(N, 3, H, W)`` or ``(3, H, W)``, float in ``[0, 1]`` or uint8.
-
-    Returns the batch as float in ``[0, 1]`` and whether the input was a single ``(3, H, W)`` image.
-    """
-    if not isinstance(images, torch.Tensor):
-        raise SurgeryError(f"{what} must be a tensor (N, 3, H, W), got {type(images).__name__}")
-    single = images.ndim == 3
-    x = images[None] if single else images
-    if x.ndim != 4 or x.shape[1] != 3:
-        hint = " It looks channels-last: use x.permute(0, 3, 1, 2)." if x.ndim == 4 and x.shape[-1] == 3 else ""
-        raise SurgeryError(f"{what} has shape {tuple(images.shape)}; expected (N, 3, H, W) or (3, H, W).{hint}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    elif not x.is_floating_point():
-        raise SurgeryError(f"{what} has dtype {x.dtype}; pass float images in [0, 1] or uint8")
-    if not bool(torch.isfinite(x).all()):
-        raise SurgeryError(f"{what} contains NaN or infinite values")
-    return x, single
 
 
 def check_labels(

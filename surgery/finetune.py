@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from surgery._checks import (
-    check_images,
     check_label_range,
     check_labels,
     check_logits,
@@ -33,6 +32,7 @@ from surgery.editable import EditableLayer
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError, UnsupportedModelError
 from surgery.identity import architecture_id
+from surgery.inputs.images import check_images
 from surgery.layers import get_layer
 from surgery.suffix import feeds_context, network_suffix, suffix_parameters
 

@@ -23,7 +23,7 @@ from surgery.editable import EditableLayer
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError, SurgeryWarning
 from surgery.identity import architecture_id
-from surgery.inputs.images import ImageLike, Transform, load_images
+from surgery.inputs.images import ImageLike, Transform, check_images, load_images
 from surgery.inputs.masks import load_masks
 from surgery.inputs.preprocess import Preprocess
 from surgery.layers import get_layer
@@ -74,9 +74,15 @@ def _load_exemplars(
     transform: Transform | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     def load(images: Images, what: str) -> torch.Tensor:
-        tf = transform
-        if tf is None and not isinstance(images, torch.Tensor):
-            tf = Preprocess.from_model(model).model_input()
+        # a tensor is the model's input, held to the one image contract (check_images); paths and PIL
+        # images go through the model's preprocessing (or ``transform``)
+        if isinstance(images, torch.Tensor):
+            return check_images(images, what)
+        items = images if isinstance(images, Sequence) and not isinstance(images, str) else [images]
+        for i, item in enumerate(items):
+            if isinstance(item, torch.Tensor):
+                check_images(item[None] if item.ndim == 3 else item, f"{what}[{i}]")
+        tf = transform if transform is not None else Preprocess.from_model(model).model_input()
         try:
             return load_images(images, tf)
         except SurgeryError as e:

@@ -16,7 +16,8 @@ from surgery.cli.args import (
     write,
 )
 from surgery.editable import EditableLayer
-from surgery.inputs.images import ImageFolder, count_images
+from surgery.inputs.batches import count_images
+from surgery.inputs.images import ImageFolder
 from surgery.stats import KeyStats, collect_key_stats
 
 __all__ = ["add_command", "collect_from_folder"]

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from surgery._checks import pixel_images
 from surgery.errors import SurgeryError
+from surgery.inputs.images import pixels_to_float
 from surgery.inputs.masks import load_masks
 
 __all__ = ["paste_texture"]
@@ -122,7 +122,7 @@ def paste_texture(
     Raises:
         SurgeryError: bad shapes, dtypes or values.
     """
-    x, single = pixel_images(images)
+    x, single = pixels_to_float(images)
     n, _, H, W = x.shape
     m = _masks(masks, n, (H, W)).to(x.device)
     if not 0.0 <= float(blend) <= 1.0:

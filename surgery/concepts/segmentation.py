@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery._checks import pixel_images
 from surgery.concepts._weights import imagenet_normalize, load_torchvision_model, torchvision_weights
 from surgery.errors import SurgeryError
+from surgery.inputs.images import pixels_to_float
 
 __all__ = ["VOC_CLASSES", "segmentation_model", "masks_from_segmentation"]
 
@@ -102,7 +102,7 @@ def masks_from_segmentation(
     Raises:
         SurgeryError: unknown classes, bad shapes, or missing weights for the default model.
     """
-    x, single = pixel_images(images)
+    x, single = pixels_to_float(images)
     n, _, H, W = x.shape
     ids = _class_ids(classes, categories)
     if model is None:

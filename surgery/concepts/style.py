@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from surgery._checks import pixel_images
 from surgery._files import PathLike
 from surgery.concepts._weights import imagenet_normalize, load_torchvision_model, torchvision_weights
 from surgery.concepts.paste import _masks, _texture_tensor
 from surgery.errors import SurgeryError
+from surgery.inputs.images import pixels_to_float
 
 __all__ = ["ADAIN_WEIGHTS_URL", "VGGFeatures", "vgg_features", "style_transfer", "adain_transfer"]
 
@@ -155,7 +155,7 @@ def style_transfer(
     Raises:
         SurgeryError: bad inputs, or VGG-19 weights missing (the message names the file and folder).
     """
-    x, single = pixel_images(images)
+    x, single = pixels_to_float(images)
     n, _, H, W = x.shape
     m = _masks(masks, n, (H, W)).to(x.device)
     if steps < 1:
@@ -305,7 +305,7 @@ def adain_transfer(
     Raises:
         SurgeryError: missing weights (naming what to download) or bad inputs.
     """
-    x, single = pixel_images(images)
+    x, single = pixels_to_float(images)
     n, _, H, W = x.shape
     m = _masks(masks, n, (H, W)).to(x.device)
     if not 0.0 <= alpha <= 1.0:

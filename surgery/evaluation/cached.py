@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery._checks import check_images, require_eval
+from surgery._checks import require_eval
 from surgery.editable import EditableLayer
 from surgery.edits.apply import edited
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError, UnsupportedModelError
+from surgery.inputs.images import check_images
 from surgery.layers import get_layer
 from surgery.suffix import network_suffix, parameters_after_keys, suffix_logits
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from surgery._checks import check_images, check_labels, require_eval
+from surgery._checks import check_labels, require_eval
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
 from surgery.evaluation.cached import CachedImages, Candidate
@@ -23,6 +23,7 @@ from surgery.evaluation.select import (
     _measure_clean,
     _path,
 )
+from surgery.inputs.images import check_images
 from surgery.layers import get_layer
 from surgery.layout import Layout
 

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from surgery._checks import (
-    check_images,
     check_label_range,
     check_labels,
     check_logits,
@@ -30,6 +29,7 @@ from surgery.edits.apply import edited
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
 from surgery.evaluation.unedited import refuse_edited_model
+from surgery.inputs.images import check_images
 
 __all__ = ["errors_corrected", "predict", "evaluate_edit", "EditReport", "GroupResult"]
 
@@ -84,11 +84,7 @@ def _predict(
     require_eval(model, "predict")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise SurgeryError(f"batch_size must be a positive int; got {batch_size!r}")
-    if preprocess is None:
-        images = check_images(images, what)
-    elif not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise SurgeryError(f"{what} must be a non-empty tensor (N, C, H, W); got {shown}")
+    images = check_images(images, what, pixels=preprocess is not None)
     dev = resolve_device(model, device)
     out = []
     num_classes = 0

@@ -1,35 +1,37 @@
-"""Images in, tensors out: image folders, exemplar images, and batches for statistics.
+"""Images in, tensors out: the one image check, image files and folders, exemplar images.
 
-Everything here turns what a user has (a folder, a few paths, PIL images, tensors, a ``Dataset`` or a
-``DataLoader``) into float tensors ``(N, 3, H, W)``, and fails early with a
-:class:`~surgery.errors.SurgeryError` that says what to fix. Masks: :mod:`surgery.inputs.masks`.
+:func:`check_images` is the image contract of every function that takes images (``rewrite``,
+``evaluate_edit``, ``finetune``, ``collect_key_stats``, ``probe``, strength selection; docs/api.md,
+"Images"). The rest turns what a user has (a folder, a few paths, PIL images, tensors) into float
+tensors ``(N, 3, H, W)``, and fails early with a :class:`~surgery.errors.SurgeryError` that says what
+to fix. Batches from datasets and loaders: :mod:`surgery.inputs.batches`; masks:
+:mod:`surgery.inputs.masks`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import Dataset
 
 from surgery._checks import as_hw
 from surgery._files import PathLike
 from surgery.errors import SurgeryError
-from surgery.identity import hasher, tensor_sha256, transform_id
+from surgery.identity import hasher, transform_id
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "check_images",
+    "pixels_to_float",
     "ImageFolder",
     "load_images",
-    "iter_batches",
-    "count_images",
-    "data_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,30 +75,58 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _check_image_tensor(t: torch.Tensor, what: str, *, rgb: bool = True) -> torch.Tensor:
-    """Validate a ``(N, 3, H, W)`` image batch (any ``C`` when not ``rgb``): float (uint8 is scaled to
-    ``[0, 1]``) and finite."""
-    if t.ndim != 4:
-        raise SurgeryError(f"{what} has shape {tuple(t.shape)}; expected (N, 3, H, W) or (3, H, W)")
-    if rgb and t.shape[1] != 3:
+def check_images(images: Any, what: str = "images", *, pixels: bool = False) -> torch.Tensor:
+    """The one check of an image tensor, for every function that takes images (docs/api.md, "Images").
+
+    ``images`` must be a tensor ``(N, 3, H, W)`` with ``N >= 1`` and finite values. As the model's input
+    (the default) it must be floating point: a uint8 tensor holds pixels, which a model reads only after
+    its normalization, so it is refused, with the fix. With ``pixels=True`` (images that a preprocessing
+    or a pixel transformation reads, not the model) uint8 is accepted too, and returned unchanged.
+
+    Raises:
+        SurgeryError: naming the problem and the fix.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise SurgeryError(
+            f"{what} must be a tensor (N, 3, H, W); got {type(images).__name__}. Load image files first "
+            "(surgery.inputs.load_images with the model's preprocessing) and stack them"
+        )
+    shape = tuple(images.shape)
+    if images.ndim != 4:
+        hint = " It is one image: add the batch dimension with x.unsqueeze(0)." if shape[:1] == (3,) else ""
+        raise SurgeryError(f"{what} must have shape (N, 3, H, W); got {shape}.{hint}")
+    if shape[0] == 0:
+        raise SurgeryError(f"{what} is empty: give at least one image")
+    if shape[1] != 3:
         hint = (
             " It looks channels-last: use x.permute(0, 3, 1, 2)."
-            if t.shape[-1] == 3
+            if shape[-1] == 3
             else " Convert grayscale images with x.expand(-1, 3, -1, -1) or PIL's convert('RGB')."
         )
+        raise SurgeryError(f"{what} has {shape[1]} channels in shape {shape}; expected 3 (RGB).{hint}")
+    if images.dtype == torch.uint8 and not pixels:
         raise SurgeryError(
-            f"{what} has {t.shape[1]} channels in shape {tuple(t.shape)}; expected 3 (RGB).{hint}"
+            f"{what} must be floating-point, as the model reads it; got uint8 pixels. Normalize them with "
+            "the model's preprocessing, e.g. surgery.Preprocess.from_model(model).normalize(images)"
         )
-    if not t.is_floating_point():
-        if t.dtype != torch.uint8:
-            raise SurgeryError(f"{what} has dtype {t.dtype}; pass float images (or uint8 in 0..255)")
-        t = t.float().div_(255.0)
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not images.is_floating_point() and images.dtype != torch.uint8:
+        kinds = "floating-point (or uint8 pixels)" if pixels else "floating-point"
+        raise SurgeryError(f"{what} has dtype {images.dtype}; pass {kinds} images")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).sum())
         raise SurgeryError(
             f"{what} contains {bad} NaN or infinite value(s); fix the images or their preprocessing"
         )
-    return t
+    return images
+
+
+def pixels_to_float(images: Any, what: str = "images") -> tuple[torch.Tensor, bool]:
+    """Pixel images ``(N, 3, H, W)`` or one ``(3, H, W)``, float in ``[0, 1]`` or uint8, checked by
+    :func:`check_images` and returned as a float batch (uint8 scaled by 1/255), with whether one
+    ``(3, H, W)`` image was given."""
+    single = isinstance(images, torch.Tensor) and images.ndim == 3
+    x = check_images(images[None] if single else images, what, pixels=True)
+    return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), single
 
 
 class ImageFolder(Dataset):
@@ -204,8 +234,7 @@ def load_images(
             images of different sizes (the message says to pass ``size`` or ``transform``).
     """
     if isinstance(images, torch.Tensor):
-        t = images.unsqueeze(0) if images.ndim == 3 else images
-        return _check_image_tensor(t, "images")
+        return pixels_to_float(images)[0]
     items = [images] if _is_image_like(images) else list(images)
     if not items:
         raise SurgeryError("no images given")
@@ -217,8 +246,7 @@ def load_images(
     names: list[str] = []
     for i, item in enumerate(items):
         if isinstance(item, torch.Tensor):
-            t = item.unsqueeze(0) if item.ndim == 3 else item
-            name = f"images[{i}]"
+            t, name = item, f"images[{i}]"
         elif isinstance(item, (str, os.PathLike, Image.Image)):
             if isinstance(item, Image.Image):
                 image, name = item.convert("RGB"), f"images[{i}] (PIL)"
@@ -229,12 +257,11 @@ def load_images(
                 raise SurgeryError(
                     f"the transform returned {type(t).__name__} for {name}; it must return a tensor"
                 )
-            t = t.unsqueeze(0) if t.ndim == 3 else t
         else:
             raise SurgeryError(
                 f"images[{i}] is a {type(item).__name__}; pass paths, PIL images or tensors"
             )
-        batches.append(_check_image_tensor(t, name))
+        batches.append(pixels_to_float(t, name)[0])
         names.append(name)
     sizes = {tuple(b.shape[-2:]) for b in batches}
     if len(sizes) > 1:
@@ -246,144 +273,3 @@ def load_images(
     dtypes = {b.dtype for b in batches}
     dtype = torch.float32 if len(dtypes) > 1 else dtypes.pop()
     return torch.cat([b.to(dtype) for b in batches])
-
-
-def _first(item: Any, what: str) -> torch.Tensor:
-    """The images of a batch or sample: the tensor itself or the first element of a tuple/list."""
-    if isinstance(item, (tuple, list)) and item:
-        item = item[0]
-    if not isinstance(item, torch.Tensor):
-        raise SurgeryError(
-            f"{what} is a {type(item).__name__}; expected an image tensor or a tuple "
-            "(images, labels, ...) whose first element is one"
-        )
-    return item
-
-
-def _check_batch(batch: torch.Tensor) -> torch.Tensor:
-    """A batch from a dataset or loader (any channel count): ``(N, C, H, W)`` floats, finite."""
-    if batch.ndim == 3:
-        batch = batch.unsqueeze(0)
-    return _check_image_tensor(batch, "a batch", rgb=False)
-
-
-def _stack(samples: list[torch.Tensor], start: int) -> torch.Tensor:
-    shapes = {tuple(s.shape) for s in samples}
-    if len(shapes) > 1:
-        raise SurgeryError(
-            f"dataset items {start}..{start + len(samples) - 1} have different shapes "
-            f"{sorted(shapes)}; give the dataset a transform that resizes "
-            "(e.g. surgery.Preprocess.from_model(model).model_input())"
-        )
-    return torch.stack(samples)
-
-
-def _is_map_dataset(data: Any) -> bool:
-    """A map-style Dataset with a length (indexable as ``data[i]``)."""
-    return (
-        isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
-    )
-
-
-def _raw_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    """Unchecked image batches of ``data``, whatever its kind."""
-    if isinstance(data, torch.Tensor):
-        x = data.unsqueeze(0) if data.ndim == 3 else data
-        for i in range(0, x.shape[0], batch_size):
-            yield x[i : i + batch_size]
-    elif isinstance(data, DataLoader):
-        for j, batch in enumerate(data):
-            yield _first(batch, f"batch {j} of the DataLoader")
-    elif _is_map_dataset(data):
-        n = len(data)
-        for i in range(0, n, batch_size):
-            samples = [_first(data[k], f"dataset item {k}") for k in range(i, min(i + batch_size, n))]
-            yield _stack(samples, i)
-    elif isinstance(data, IterableDataset):
-        buf: list[torch.Tensor] = []
-        start = 0
-        for k, item in enumerate(data):
-            buf.append(_first(item, f"dataset item {k}"))
-            if len(buf) == batch_size:
-                yield _stack(buf, start)
-                buf, start = [], k + 1
-        if buf:
-            yield _stack(buf, start)
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, os.PathLike)):
-        for j, batch in enumerate(data):
-            yield _first(batch, f"batch {j}")
-    else:
-        raise SurgeryError(
-            f"cannot read images from a {type(data).__name__}; pass a tensor (N, 3, H, W), a Dataset, "
-            "a DataLoader, an iterable of batches, or a folder via surgery.inputs.images.ImageFolder"
-        )
-
-
-def iter_batches(
-    data: Any, *, batch_size: int = 32, max_images: int | None = None
-) -> Iterator[torch.Tensor]:
-    """Yield image batches ``(B, C, H, W)`` from any common data source.
-
-    Args:
-        data: a tensor ``(N, C, H, W)``; a map-style ``Dataset`` (items are tensors or tuples whose
-            first element is the image), batched here by ``batch_size``; an ``IterableDataset`` of
-            such items; a ``DataLoader`` or any other iterable of batches (tensors, or tuples whose
-            first element is the images), used as batched. A DataLoader with workers decodes faster
-            than a plain Dataset.
-        batch_size: images per batch where batching happens here.
-        max_images: stop after this many images, truncating the last batch.
-
-    Raises:
-        SurgeryError: an unknown data type, items that are not image tensors, items of different
-            shapes within a batch, or NaN/inf values.
-    """
-    if batch_size <= 0:
-        raise SurgeryError(f"batch_size must be positive, got {batch_size}")
-    if max_images is not None and max_images <= 0:
-        raise SurgeryError(f"max_images must be positive, got {max_images}")
-    seen = 0
-    for batch in _raw_batches(data, batch_size):
-        batch = _check_batch(batch)
-        if max_images is not None and seen + batch.shape[0] > max_images:
-            batch = batch[: max_images - seen]
-        if batch.shape[0] == 0:
-            continue
-        seen += batch.shape[0]
-        yield batch
-        if max_images is not None and seen >= max_images:
-            return
-
-
-def count_images(data: Any, max_images: int | None = None) -> int | None:
-    """How many images :func:`iter_batches` yields, if known without reading the data; else ``None``."""
-    n: int | None = None
-    if isinstance(data, torch.Tensor):
-        n = 1 if data.ndim == 3 else int(data.shape[0])
-    elif isinstance(data, DataLoader):
-        ds = data.dataset
-        if not isinstance(ds, IterableDataset) and hasattr(ds, "__len__") and not data.drop_last:
-            n = len(ds)  # type: ignore[arg-type]
-    elif _is_map_dataset(data):
-        n = len(data)
-    if n is None:
-        return max_images
-    return n if max_images is None else min(n, max_images)
-
-
-def data_id(data: Any, max_images: int | None = None) -> str | None:
-    """A stable id of ``data`` for caching statistics, or ``None`` when it cannot be known.
-
-    Tensors are hashed (dtype, shape and bytes); an :class:`ImageFolder` has its ``dataset_id``; a
-    ``DataLoader`` over an ImageFolder shares its id when it reads in order and drops nothing (a
-    shuffled loader reads another subset under ``max_images``).
-    """
-    if isinstance(data, torch.Tensor):
-        dtype = str(data.dtype).removeprefix("torch.")
-        return f"tensor:{dtype}:{'x'.join(map(str, data.shape))}:{tensor_sha256(data)}"
-    if isinstance(data, ImageFolder):
-        return data.dataset_id
-    if isinstance(data, DataLoader) and isinstance(data.dataset, ImageFolder):
-        ordered = isinstance(data.sampler, SequentialSampler) or max_images is None
-        if ordered and not data.drop_last:
-            return data.dataset.dataset_id
-    return None

@@ -36,7 +36,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from surgery._checks import (
-    check_images,
     check_label_range,
     check_labels,
     check_logits,
@@ -45,6 +44,7 @@ from surgery._checks import (
 )
 from surgery.errors import SurgeryError
 from surgery.evaluation.metrics import predict
+from surgery.inputs.images import check_images
 from surgery.probe.result import ProbeCell, ProbeResult, ProbeRow
 from surgery.probe.styles import PIXEL_STYLES, StyleFn, Transform, masked_transform
 
@@ -95,15 +95,6 @@ def _check_masks(masks: Mapping[str, Any], n: int, hw: tuple[int, int]) -> dict[
     return out
 
 
-def _check_images(images: Any, preprocess: Callable | None) -> torch.Tensor:
-    if preprocess is None:
-        return check_images(images)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        what = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise SurgeryError(f"images must be a non-empty tensor (N, C, H, W); got {what}")
-    return images
-
-
 def _num_classes(model: nn.Module, images: torch.Tensor, preprocess: Callable | None, device: torch.device) -> int:
     with torch.no_grad():
         x = images[:1].to(device)
@@ -132,9 +123,10 @@ def probe(
 
     Args:
         model: the classifier, in eval mode (it is only read, never changed).
-        images: ``(N, 3, H, W)`` clean images. Without ``preprocess`` they are the model's input
-            (floating point); with it, any pixel format the styles work in (e.g. uint8 RGB), and
-            ``preprocess(batch)`` makes the model's input.
+        images: ``(N, 3, H, W)`` clean images (checked by :func:`surgery.inputs.images.check_images`).
+            Without ``preprocess`` they are the model's input (floating point); with it, pixels the
+            styles work in (floating point or uint8 RGB), and ``preprocess(batch)`` makes the model's
+            input.
         labels: ``(N,)`` true classes.
         masks: ``{concept: (N, H, W) bool}``; an image shows a concept when its mask is non-empty.
         styles: ``{name: fn(images, masks) -> images}``, applied inside each concept's mask
@@ -159,7 +151,7 @@ def probe(
         SurgeryError: bad inputs (shapes, lengths, names, a model in training mode).
     """
     require_eval(model, "probe")
-    images = _check_images(images, preprocess)
+    images = check_images(images, pixels=preprocess is not None)
     n, hw = images.shape[0], (images.shape[2], images.shape[3])
     labels = check_labels(labels, n)
     masks = _check_masks(masks, n, hw)

@@ -24,7 +24,7 @@ from surgery._checks import model_device, require_eval
 from surgery.editable import EditableLayer
 from surgery.errors import SurgeryError
 from surgery.identity import digest
-from surgery.inputs.images import count_images, data_id, iter_batches
+from surgery.inputs.batches import count_images, data_id, iter_batches
 from surgery.layers import get_layer
 from surgery.stats.distributed import all_ranks, all_reduce_sums, process_group, shard
 from surgery.stats.fingerprint import (
@@ -156,7 +156,7 @@ def collect_key_stats(
         layer: an editable layer or its name.
         data: clean images: a tensor ``(N, 3, H, W)``, a :class:`~surgery.inputs.images.ImageFolder` or other
             ``Dataset``, a ``DataLoader``, or an iterable of batches (see
-            :func:`surgery.inputs.images.iter_batches`).
+            :func:`surgery.inputs.batches.iter_batches`).
         max_images: use at most this many images.
         batch_size: images per forward where batching happens here.
         device: where the images go (the model must be there already); default the device of the

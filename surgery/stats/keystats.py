@@ -59,7 +59,7 @@ class KeyStats:
         sum: ``n x n`` float64, the sum of ``k k^T`` over every key vector seen.
         count: the number of key vectors (images x positions or tokens).
         dtype: dtype of the keys, e.g. ``"float32"``.
-        dataset_id: where the keys came from (see :func:`surgery.inputs.images.data_id`); ``None`` if unknown.
+        dataset_id: where the keys came from (see :func:`surgery.inputs.batches.data_id`); ``None`` if unknown.
         fingerprint: SHA-256 of the model upstream of the key site (:func:`weights_fingerprint`).
         max_images: the image limit the statistics were collected under (``None``: all the data).
     """

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torchvision import transforms as T
 
 from surgery.errors import SurgeryError
-from surgery.inputs.images import IMAGE_EXTENSIONS, ImageFolder, count_images, data_id, iter_batches, load_images
+from surgery.inputs.batches import count_images, data_id, iter_batches
+from surgery.inputs.images import IMAGE_EXTENSIONS, ImageFolder, load_images
 from surgery.inputs.masks import load_masks
 
 
