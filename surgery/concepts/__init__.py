@@ -8,7 +8,7 @@ hub cache, never downloaded silently.
 
 from surgery.concepts.paste import paste_texture
 from surgery.concepts.segmentation import VOC_CLASSES, masks_from_segmentation, segmentation_model
-from surgery.concepts.style import ADAIN_WEIGHTS_URL, VGGFeatures, adain_transfer, style_transfer, vgg_features
+from surgery.concepts.neural_style import ADAIN_WEIGHTS_URL, VGGFeatures, adain_transfer, style_transfer, vgg_features
 
 __all__ = [
     "paste_texture",

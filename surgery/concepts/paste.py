@@ -1,7 +1,7 @@
 """Paste a texture into a concept: the simplest way to make a transformed exemplar ``x'``.
 
 :func:`paste_texture` fills a concept mask with a texture ("the road covered in snow"). Restyling with
-a style-transfer model: :mod:`surgery.concepts.style`; masks from a segmentation model:
+a style-transfer model: :mod:`surgery.concepts.neural_style`; masks from a segmentation model:
 :mod:`surgery.concepts.segmentation`; mask files: :mod:`surgery.inputs.masks`.
 """
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from surgery.concepts.paste import paste_texture
 from surgery.concepts.segmentation import VOC_CLASSES, masks_from_segmentation, segmentation_model
-from surgery.concepts.style import VGGFeatures, adain_transfer, style_transfer, vgg_features
+from surgery.concepts.neural_style import VGGFeatures, adain_transfer, style_transfer, vgg_features
 from surgery.errors import SurgeryError
 from surgery.inputs.masks import load_masks
 
