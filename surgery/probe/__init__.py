@@ -7,6 +7,6 @@ accuracy drops on the images of that class that show the concept: :func:`probe` 
 
 from surgery.probe.result import ProbeCell, ProbeResult, ProbeRow
 from surgery.probe.run import probe
-from surgery.probe.styles import PIXEL_STYLES, StyleFn, Transform, masked_transform
+from surgery.probe.pixel_styles import PIXEL_STYLES, StyleFn, Transform, masked_transform
 
 __all__ = ["probe", "ProbeResult", "ProbeCell", "ProbeRow", "PIXEL_STYLES", "StyleFn", "Transform", "masked_transform"]

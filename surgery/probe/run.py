@@ -46,7 +46,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluation.metrics import predict
 from surgery.inputs.images import check_images
 from surgery.probe.result import ProbeCell, ProbeResult, ProbeRow
-from surgery.probe.styles import PIXEL_STYLES, StyleFn, Transform, masked_transform
+from surgery.probe.pixel_styles import PIXEL_STYLES, StyleFn, Transform, masked_transform
 
 __all__ = ["probe"]
 
