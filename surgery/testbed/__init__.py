@@ -32,7 +32,7 @@ from .scenes import (
     preference_markdown,
     preference_table,
 )
-from .styles import STYLES
+from .procedural_styles import STYLES
 from .textures import CONCEPT_REGION, CONCEPTS, REGIONS
 
 __all__ = [

@@ -12,7 +12,7 @@ from surgery._files import atomic_write
 
 from .objects import CLASS_NAMES
 from .scenes import Testbed
-from .styles import STYLES
+from .procedural_styles import STYLES
 from .textures import CONCEPTS, REGIONS
 
 __all__ = ["preview_grid", "write_preview"]

@@ -18,7 +18,7 @@ from surgery.probe.run import ProbeResult, Transform, probe
 
 from .objects import CLASS_NAMES
 from .scenes import Testbed, TestbedData
-from .styles import STYLES
+from .procedural_styles import STYLES
 from .textures import CONCEPTS
 from .train import normalize
 

@@ -28,7 +28,7 @@ from surgery.stats import KeyStats
 
 from .objects import CLASS_NAMES
 from .scenes import Testbed, TestbedData
-from .styles import STYLES
+from .procedural_styles import STYLES
 from .textures import CONCEPTS
 
 __all__ = ["MIN_DROP", "MIN_HURT", "ALPHAS", "select_pairs", "choose_target", "edit_candidates"]

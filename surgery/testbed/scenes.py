@@ -46,7 +46,7 @@ from .objects import (
     TestbedError,
     load_object_bank,
 )
-from .styles import STYLES, apply_style, style_atlases, style_variant
+from .procedural_styles import STYLES, apply_style, style_atlases, style_variant
 from .textures import ATLAS, CONCEPT_REGION, CONCEPTS, REGIONS, concept_atlases
 
 __all__ = [
