@@ -202,6 +202,23 @@ class EditableLayer:
         """Every site this layer reads: keys, values, then context."""
         return (self.key_site, self.value_site, *self.context_sites.values())
 
+    @property
+    def plain(self) -> bool:
+        """Whether the edited module is a plain ``nn.Conv2d`` or ``nn.Linear``, whose output is affine in its
+        weight by construction (subclasses may standardize or reparametrize the weight)."""
+        return type(self.module) in (nn.Conv2d, nn.Linear)
+
+    def update_response(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """How the layer's output on ``keys`` moves when its weight moves by ``delta``, for a layer affine in
+        its weight: ``layer(k, W + D) - layer(k, W) = layer(k, D) - layer(k, 0)`` (the bias taken out)."""
+        out = self.layer_forward(keys, delta)
+        if not self.plain:
+            return out - self.layer_forward(keys, torch.zeros_like(delta))
+        bias = self.module.bias
+        if bias is None:
+            return out
+        return out - (bias[:, None, None] if type(self.module) is nn.Conv2d else bias)
+
     def layer_forward(self, keys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The edited module alone applied to ``keys`` with ``weight`` in place of its own."""
         m = self.module

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from surgery.errors import SurgeryError
 
-__all__ = ["Layout", "token_grid"]
+__all__ = ["Layout", "token_grid", "channels_last_rows", "channels_first_rows"]
 
 LayoutKind = Literal["nchw", "nhwc", "tokens", "flat", "last"]
 
@@ -65,6 +65,18 @@ class Layout:
         kind = {2: "flat", 3: "tokens", 4: "nhwc"}.get(t.ndim, "flat")
         return Layout(kind, self.prefix, self.channel_dim)  # type: ignore[arg-type]
 
+    @staticmethod
+    def of(layout: Layout | int, t: torch.Tensor) -> Layout:
+        """``layout`` resolved for ``t``; an int is read as a channel axis, as before layouts existed: 1 is
+        NCHW, -1 on a 4-D tensor NHWC, anything else flat with that channel axis."""
+        if isinstance(layout, Layout):
+            return layout.resolve(t)
+        if layout == 1:
+            return Layout("nchw")
+        if layout == -1 and t.ndim == 4:
+            return Layout("nhwc")
+        return Layout("flat", channel_dim=layout)
+
     def pool_mask(
         self, masks: torch.Tensor, t: torch.Tensor, dtype: torch.dtype = torch.float64
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,6 +119,18 @@ class Layout:
             f"masks need spatial keys/values: (N, C, H, W), (N, H, W, C) maps or (N, L, C) tokens; this "
             f"layer's have shape {tuple(t.shape)} and layout {lay.kind!r}"
         )
+
+
+def channels_last_rows(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``t`` as rows ``(positions, channels)``: the channel axis last, every other axis flattened in order
+    (a view where ``t`` is laid out so)."""
+    return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
+
+
+def channels_first_rows(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``t`` as ``(channels, positions)``: one row per channel, the other axes flattened in the order of
+    :func:`channels_last_rows`."""
+    return t.movedim(channel_dim, 0).reshape(t.shape[channel_dim], -1)
 
 
 def token_grid(count: int, image_hw: tuple[int, int], *, tolerance: float = 1.5) -> tuple[int, int]:

@@ -8,7 +8,7 @@
 
 from surgery.edits.apply import EditHandle, apply_edit, edited, list_edits, revert_edit
 from surgery.edits.checkpoint import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
-from surgery.edits.checks import RevertReport
+from surgery.edits.preflight import RevertReport
 from surgery.edits.edit import Edit, Presence
 
 __all__ = [

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from surgery.edits.checks import RevertReport, check_base, check_presence, combine, not_a_parameter, plan_update
 from surgery.edits.edit import Edit
+from surgery.edits.preflight import RevertReport, check_base, check_presence, not_a_parameter, plan_update
 from surgery.errors import IncompatibleEditError, SurgeryError, SurgeryWarning
 from surgery.identity import architecture_id, content_id, tensor_sha256
+from surgery.rank_one import add_scaled
 
 __all__ = [
     "EditHandle",
@@ -163,7 +164,7 @@ def _expected(state: _State, name: str) -> torch.Tensor:
     for h in state.handles:
         deltas = h.edit.parameter_deltas()
         if name in deltas:
-            value = combine(value, deltas[name], h.alpha)
+            value = add_scaled(value, deltas[name], h.alpha)
     return value
 
 

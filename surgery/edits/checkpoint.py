@@ -23,7 +23,7 @@ import torch
 
 from surgery._files import atomic_write, refuse_overwrite
 from surgery.edits.apply import EditSource, as_edit
-from surgery.edits.checks import RevertReport, check_base, check_presence, plan_update
+from surgery.edits.preflight import RevertReport, check_base, check_presence, plan_update
 from surgery.edits.edit import Edit
 from surgery.edits.file import read_edit_metadata
 from surgery.errors import IncompatibleEditError, SurgeryError, SurgeryWarning
@@ -199,7 +199,7 @@ def revert_from_checkpoint(
     it) raises before anything is written; ``force=True`` subtracts it anyway.
 
     Returns:
-        A :class:`~surgery.edits.checks.RevertReport`: truthy when every reverted tensor has exactly the bytes
+        A :class:`~surgery.edits.preflight.RevertReport`: truthy when every reverted tensor has exactly the bytes
         the edit was made on (its base fingerprint); otherwise float rounding left differences (each
         element within 1 ulp), and ``report.after`` measures the deviation along the edit.
     """

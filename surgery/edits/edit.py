@@ -19,27 +19,9 @@ import torch
 from surgery.edits.file import load_edit_file, save_edit_file
 from surgery.errors import SurgeryError
 from surgery.identity import dtype_name, tensor_sha256
+from surgery.rank_one import add_scaled, project_on, rank_one_delta
 
-__all__ = ["Edit", "Presence", "rank_one_delta", "project_on", "base_record"]
-
-
-def rank_one_delta(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``sum_r lam[r] (x) u[r]`` with ``u`` on axis 1: ``(r, m, *k)`` and ``(r, n)`` -> ``(m, n, *k)``."""
-    if lam.ndim < 2 or u.ndim != 2 or lam.shape[0] != u.shape[0]:
-        raise SurgeryError(
-            f"factors do not fit: lambda {tuple(lam.shape)} must be (rank, m, ...) and u "
-            f"{tuple(u.shape)} must be (rank, n) with the same rank"
-        )
-    return torch.einsum("rm...,rn->mn...", lam, u)
-
-
-def project_on(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``weight`` along the rows of ``u`` on its input-channel axis: ``(m, n, *k)``, ``(r, n)`` -> ``(r, m, *k)``.
-
-    Computed in float64. For a factored edit ``delta = lam (x) u`` with unit rows, the edit moves this
-    projection by ``G lam`` (``G = u u^T``) and leaves the rest of the weight alone.
-    """
-    return torch.einsum("mn...,rn->rm...", weight.detach().to(torch.float64), u.detach().to(weight.device, torch.float64))
+__all__ = ["Edit", "Presence", "base_record"]
 
 
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,9 +223,9 @@ class Edit:
         return {self.param: self.delta()} if self.factored else dict(self.deltas)
 
     def new_weight(self, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``weight + alpha * delta`` in ``weight``'s dtype, without modifying ``weight``."""
-        d = self.delta().to(device=weight.device)
-        return (weight.detach().to(d.dtype) + alpha * d).to(weight.dtype)
+        """``weight + alpha * delta`` as apply writes it (:func:`~surgery.rank_one.add_scaled`: float64, rounded
+        once to ``weight``'s dtype), without modifying ``weight``."""
+        return add_scaled(weight, self.delta(), alpha)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the edit as one safetensors file, atomically (format: docs/edit-format.md)."""

@@ -196,14 +196,8 @@ class CachedImages:
         base = self._layer_output(entry)
         if self._delta_out is None or self._delta_out[0] is not edit:
             d = edit.delta().to(device=self.device, dtype=entry.layer.weight.dtype)
-            bias = entry.layer.module.bias
-            parts = []
             with torch.no_grad():
-                for _, keys, _ in self._batches(entry):
-                    out = entry.layer.layer_forward(keys, d)
-                    if bias is not None:  # conv: (N, C, H, W) with bias (C,); linear: bias on the last axis
-                        out = out - (bias[:, None, None] if isinstance(entry.layer.module, nn.Conv2d) else bias)
-                    parts.append(out.cpu())
+                parts = [entry.layer.update_response(keys, d).cpu() for _, keys, _ in self._batches(entry)]
             self._delta_out = (edit, torch.cat(parts))
         delta_out = self._delta_out[1]
         post = entry.layer.post
@@ -233,7 +227,7 @@ class CachedImages:
             entry = self.layer_cache(edit.layer)
             assert entry is not None
             if _single_layer(edit):
-                if type(entry.layer.module) in (nn.Conv2d, nn.Linear):  # linear in the weight
+                if entry.layer.plain:  # affine in the weight
                     return self._strength_logits(entry, edit, candidate.alpha)
                 return self._suffix_logits(entry, edit.new_weight(entry.layer.weight, candidate.alpha))
             with edited(self.model, edit, alpha=candidate.alpha):

@@ -13,8 +13,8 @@ from surgery.editable import EditableLayer
 from surgery.edits.apply import edited
 from surgery.errors import LayerNotFoundError
 from surgery.layers import get_layer
+from surgery.layout import channels_last_rows
 from surgery.rewrite import rewrite
-from surgery.solvers.direction import flatten_keys
 
 __all__ = ["recommended_layers", "rank_layers"]
 
@@ -82,7 +82,7 @@ def rank_layers(
     ranked = []
     for layer in layers:
         keys = torch.cat([layer.capture(model, x2).keys, layer.capture(model, x).keys])
-        k_rows = flatten_keys(keys, layer.key_channel_dim).to(torch.float64)
+        k_rows = channels_last_rows(keys, layer.key_channel_dim).to(torch.float64)
         moment = k_rows.T @ k_rows / len(k_rows)
         moment = moment + 1e-2 * torch.trace(moment) / moment.shape[0] * torch.eye(
             moment.shape[0], dtype=moment.dtype, device=moment.device

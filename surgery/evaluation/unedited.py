@@ -22,7 +22,7 @@ __all__ = ["refuse_edited_model"]
 
 logger = logging.getLogger(__name__)
 
-_STRENGTH_SLACK = 0.1  # as a revert by subtraction accepts (surgery.edits.checks.check_presence)
+_STRENGTH_SLACK = 0.1  # as a revert by subtraction accepts (surgery.edits.preflight.check_presence)
 
 
 def _carried(model: nn.Module, edit: Edit, alphas: Sequence[float]) -> str | None:

@@ -14,11 +14,7 @@ from surgery.errors import SurgeryError
 from surgery.layout import Layout
 from surgery.stats.whitening import inverse_sqrt
 
-__all__ = ["rank_one_direction", "key_weights", "flatten_keys"]
-
-def flatten_keys(keys: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Keys as rows ``(positions, n)``: the channel axis last, every other axis flattened."""
-    return keys.movedim(channel_dim, -1).reshape(-1, keys.shape[channel_dim])
+__all__ = ["rank_one_direction", "key_weights"]
 
 
 def key_weights(
@@ -38,7 +34,7 @@ def key_weights(
     """
     if masks is None:
         return None
-    lay = _as_layout(layout, keys)
+    lay = Layout.of(layout, keys)
     if not lay.spatial:
         raise SurgeryError(
             f"masks need spatial keys (N, C, H, W), (N, H, W, C) or tokens (N, L, C); this layer's keys "
@@ -50,18 +46,8 @@ def key_weights(
         raise SurgeryError(f"masks need spatial keys: {e}. Pass masks=None to use every position") from None
     if prefix is not None:
         pooled = torch.where(prefix, torch.full_like(pooled, prefix_weight**0.5), pooled)
-    # rows in the order of flatten_keys: every axis but the channel axis, flattened
+    # rows in the order of channels_last_rows: every axis but the channel axis, flattened
     return pooled.movedim(lay.channel_axis, -1).reshape(-1)
-
-
-def _as_layout(layout: Layout | int, t: torch.Tensor) -> Layout:
-    if isinstance(layout, Layout):
-        return layout.resolve(t)
-    if layout == 1:
-        return Layout("nchw")
-    if layout == -1 and t.ndim == 4:
-        return Layout("nhwc")
-    return Layout("flat", channel_dim=layout)
 
 
 def rank_one_direction(
@@ -77,7 +63,7 @@ def rank_one_direction(
 
     Args:
         moment: ``C``, the ``(n, n)`` second moment of the layer's keys.
-        keys: exemplar keys as rows ``(positions, n)`` (see :func:`flatten_keys`).
+        keys: exemplar keys as rows ``(positions, n)`` (see :func:`~surgery.layout.channels_last_rows`).
         weights: per-position weights (the mask at key resolution); ``None`` weighs all equally.
         rank: how many directions: the top ``rank`` singular vectors.
         eps: ridge added to ``C``; by default only when ``C`` is ill-conditioned.

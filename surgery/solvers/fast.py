@@ -35,12 +35,12 @@ import warnings
 import torch
 from torch.func import jvp, vmap
 
-from surgery.errors import UnsupportedModelError
+from surgery.errors import SurgeryError, UnsupportedModelError
 
 from .descent import descend
 from .joint import linear_in_weight, solve_joint
 from .problem import EditProblem
-from .responses import TapResponses, lam_to_mat, mat_to_lam
+from .responses import TapResponses
 from .stacked import StackedBlock
 
 __all__ = ["solve_fast", "FastSolver"]
@@ -64,7 +64,7 @@ _VALLEY_STEPS, _VALLEY_LR = 50, 0.1
 class FastSolver:
     """Per-output-channel Gauss-Newton for one :class:`EditProblem`.
 
-    Factors are held as ``mat`` ``(m, taps)`` (:meth:`to_mat`), or ``(starts, m, taps)`` for several
+    Factors are held as ``mat`` ``(m, taps)`` (:meth:`EditProblem.to_mat`), or ``(starts, m, taps)`` for several
     starts solved side by side; maps as ``(positions, m)`` matrices, channels last.
     """
 
@@ -76,14 +76,13 @@ class FastSolver:
                 "solver's per-channel split does not apply; use solver='reference'"
             )
         if problem.u is None:
-            raise ValueError("the problem has no direction u")
+            raise SurgeryError("the problem has no direction u: build it with surgery.rewrite.prepare_problem")
         self.problem = problem
-        self.vdim = layer.value_channel_dim
         self.responses = TapResponses(problem)
         self.zdim = self.responses.zdim
         self.rank, self.m, self.taps = self.responses.rank, self.responses.m, self.responses.taps
         self.z0, self.designs = self.responses.z0, self.responses.designs
-        self.numel = problem.values.numel()
+        self.numel = problem.numel
         self.stack = StackedBlock(problem, self.responses)  # evaluations, maps as (positions, m)
         self._dt = None if self.stack.d is None else self.stack.d.T.contiguous()  # loss weights (m, Ev)
         # each tap's forward-difference step per unit of `spread`: the spread of z over that of the tap's response
@@ -93,19 +92,6 @@ class FastSolver:
             device=self.z0.device,
         )
         self._alphas = torch.tensor(_STEP_SIZES, dtype=self.z0.dtype, device=self.z0.device)
-
-    # -- shapes -------------------------------------------------------------------------------
-    def to_lam(self, mat: torch.Tensor) -> torch.Tensor:
-        """``(m, taps)`` -> ``(rank, m, *kernel)``."""
-        return mat_to_lam(mat, self.problem.lam_shape)
-
-    def to_mat(self, lam: torch.Tensor) -> torch.Tensor:
-        """``(rank, m, *kernel)`` -> ``(m, taps)``."""
-        return lam_to_mat(lam)
-
-    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
-        """Values-shaped ``t`` -> ``(m, elements)``."""
-        return t.movedim(self.vdim, 0).reshape(self.m, -1)
 
     # -- evaluation ---------------------------------------------------------------------------
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:
@@ -121,15 +107,10 @@ class FastSolver:
     def channel_objective(self, mat: torch.Tensor) -> torch.Tensor:
         """The objective of each output channel, ``(m,)`` in float64, through the block called on the
         layer's own layout (no stacking); their sum is the objective."""
+        p = self.problem
         with torch.no_grad():
-            r = self._per_channel(self.post(self.layer_output(mat)) - self.problem.values).to(torch.float64)
-            if self._dt is not None:
-                r = r * self._dt.to(torch.float64)
-            loss = r.abs() if self.problem.loss == "l1" else r.square()
-            obj = loss.sum(dim=1) / self.numel
-            if self.problem.ridge:
-                obj = obj + self.problem.ridge * mat.to(torch.float64).square().sum(dim=1)
-        return obj
+            r = p.per_channel(p.residual(self.post(self.layer_output(mat)))).to(torch.float64)
+            return p.objective_of(r, mat, dim=1)
 
     def post_is_affine(self, mat: torch.Tensor, *, rtol: float = 1e-4) -> bool:
         """Whether the block after the layer is affine, tested along the move from ``z0`` to the layer
@@ -159,8 +140,8 @@ class FastSolver:
             with warnings.catch_warnings():  # torch.func's vmap over jvp warns about torch.jit internals
                 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
                 v, jt = vmap(lambda dz: jvp(self.post, (z,), (dz,)), out_dims=(None, 0))(tangents)
-            j = torch.stack([self._per_channel(t) for t in jt], dim=1).to(torch.float64)  # (m, taps, e)
-            r = self._per_channel(v - self.problem.values).to(torch.float64)
+            j = torch.stack([self.problem.per_channel(t) for t in jt], dim=1).to(torch.float64)  # (m, taps, e)
+            r = self.problem.per_channel(v - self.problem.values).to(torch.float64)
             q = None if self._dt is None else self._dt.to(torch.float64).square()
             zero = torch.zeros(self.m, dtype=torch.float64, device=j.device)
             return self._solve_quadratic(j, r, q, mat, zero).to(mat.dtype)
@@ -361,7 +342,7 @@ class FastSolver:
                 mat = descend(self.stack, mat, steps=_VALLEY_STEPS, lr=_VALLEY_LR, tol=_TOL)
                 mat, _, again = self.run(mat, max_iter=max_iter, tol=_TOL, spread=_FD_POLISH)
                 iterations.append(again)
-        lam = self.to_lam(mat)
+        lam = self.problem.to_lam(mat)
         with torch.no_grad():  # through the real block with W + lam u, not the per-channel model
             objective = float(self.problem.objective(lam))
         info = {

@@ -34,16 +34,19 @@ import logging
 import time
 
 import torch
-from torch import nn
 from torch.func import jvp, vjp, vmap
 
+from surgery.errors import SurgeryError
 from surgery.solvers.problem import EditProblem
-from surgery.solvers.responses import TapResponses, lam_to_mat, mat_to_lam
+from surgery.solvers.responses import TapResponses
 
 __all__ = ["JointSolver", "solve_joint", "linear_in_weight"]
 
 logger = logging.getLogger(__name__)
 
+# backtracking from the full step, the first that lowers the objective taken (the fast solver instead tries
+# longer steps too, all at once: its per-channel problems cross flat valleys; these joint problems are capped
+# by a trust region)
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 
 
@@ -56,7 +59,7 @@ def linear_in_weight(problem: EditProblem, *, rtol: float = 1e-4) -> bool:
     channels of a random network) ``z(D)`` would be rounding noise and a plain conv would fail the check.
     """
     layer = problem.layer
-    if type(layer.module) in (nn.Conv2d, nn.Linear):  # layer_forward is F.conv2d / F.linear: linear by construction
+    if layer.plain:  # layer_forward is F.conv2d / F.linear: linear by construction
         return True
     w0 = problem.weight0
     keys = problem.keys
@@ -84,17 +87,14 @@ class JointSolver:
         explicit_limit: int = 8_000_000,
     ) -> None:
         if problem.u is None:
-            raise ValueError("the problem has no direction u")
+            raise SurgeryError("the problem has no direction u: build it with surgery.rewrite.prepare_problem")
         self.problem = problem
         self.shape = problem.lam_shape
         self.unknowns = int(torch.Size(self.shape).numel())
         self.dtype = problem.weight0.dtype
         self.device = problem.weight0.device
-        self.numel = problem.values.numel()
-        w = problem.weights
-        self.d = None if w is None else w.expand_as(problem.values)
+        self.numel = problem.numel
         self.channelwise = problem.layer.channelwise
-        self.vdim = problem.layer.value_channel_dim
         self.m = self.shape[1]
         self.taps = self.unknowns // self.m
         self.cg_iters = cg_iters
@@ -119,7 +119,7 @@ class JointSolver:
     def _layer_output(self, lam: torch.Tensor) -> torch.Tensor:
         # One broadcast add per tap, not TapResponses.layer_output's single product: the post-norm SwinV2
         # L1 case ends 1% apart (1.254 vs 1.240) under the product's other rounding with 2 threads.
-        mat = self._to_mat(lam)
+        mat = self.problem.to_mat(lam)
         r = self.responses
         shape = [1] * r.z0.ndim
         shape[r.zdim] = self.m
@@ -138,18 +138,12 @@ class JointSolver:
             v = z if p.layer.post is None else p.layer.post(z, p.context)
         else:
             v = p.forward(p.weight_for(lam))
-        r = v - p.values
-        return r if self.d is None else r * self.d
+        return p.residual(v)
 
     def objective(self, lam: torch.Tensor, loss: str | None = None) -> float:
         """The problem's objective (loss plus ridge; ``loss`` overrides the problem's), in float64."""
         with torch.no_grad():
-            r = self.residual(lam).to(torch.float64)
-            loss = r.abs() if (loss or self.problem.loss) == "l1" else r.square()
-            obj = loss.sum() / self.numel
-            if self.problem.ridge:
-                obj = obj + self.problem.ridge * lam.to(torch.float64).square().sum()
-        return float(obj)
+            return float(self.problem.objective_of(self.residual(lam).to(torch.float64), lam, loss=loss))
 
     # -- one linearized step -----------------------------------------------------------------------
     def _weights(self, r: torch.Tensor, loss: str, smooth: float) -> torch.Tensor:
@@ -160,29 +154,26 @@ class JointSolver:
         floor = smooth * absr.mean() + 1e-30
         return 1.0 / absr.clamp_min(floor)
 
-    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
-        return t.movedim(self.vdim, 0).reshape(self.m, -1)
-
     def _step_blocks(self, lam, r, q, grad, damping) -> torch.Tensor:
         """Exact per-channel normal equations (the block is channelwise; ``J`` is block-diagonal)."""
         columns = []
         for t in range(self.taps):
             basis = torch.zeros(self.m, self.taps, dtype=lam.dtype, device=lam.device)
             basis[:, t] = 1
-            tangent = self._to_lam(basis)
+            tangent = self.problem.to_lam(basis)
             _, col = jvp(self.residual, (lam.to(self.dtype),), (tangent.to(self.dtype),))
-            columns.append(self._per_channel(col).to(torch.float64))
+            columns.append(self.problem.per_channel(col).to(torch.float64))
         j = torch.stack(columns, dim=1)  # (m, taps, elements)
-        qc = self._per_channel(q)
+        qc = self.problem.per_channel(q)
         hess = torch.einsum("mte,mse->mts", j * qc[:, None, :], j) / self.numel
         eye = torch.eye(self.taps, dtype=torch.float64, device=hess.device)
         if self.problem.ridge:
             hess = hess + 2 * self.problem.ridge * eye
         scale = hess.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
         hess = hess + ((damping + 1e-12) * scale)[:, None, None] * eye
-        g = self._to_mat(grad)
+        g = self.problem.to_mat(grad)
         step = -torch.linalg.solve(hess, g.unsqueeze(-1)).squeeze(-1)
-        return self._to_lam(torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0))
+        return self.problem.to_lam(torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0))
 
     def _step_explicit(self, lam, q, grad, damping) -> torch.Tensor:
         """Exact normal equations with ``J`` formed by batched forward-mode products."""
@@ -262,14 +253,6 @@ class JointSolver:
         if self.mode == "explicit":
             return self._step_explicit(lam, q, grad, damping)
         return self._step_cg(lam, q, grad, vjp_fn, damping)
-
-    # -- shapes ------------------------------------------------------------------------------------
-    def _to_lam(self, mat: torch.Tensor) -> torch.Tensor:
-        """``(m, taps)`` -> ``(rank, m, *kernel)``."""
-        return mat_to_lam(mat, self.shape)
-
-    def _to_mat(self, lam: torch.Tensor) -> torch.Tensor:
-        return lam_to_mat(lam)
 
     # -- the iteration -----------------------------------------------------------------------------
     @torch.no_grad()

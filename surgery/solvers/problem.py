@@ -3,6 +3,11 @@
 ``objective(lam) = loss(v*, f(k*; W + lam (x) u)) + ridge * ||lam||^2``, where the loss is the mean over
 every element of ``d * |v* - f|`` (L1) or ``(d * (v* - f))^2`` (L2), and ``d`` is the square root of
 the concept mask average-pooled to value resolution (all ones without a mask).
+
+:class:`EditProblem` owns that objective (:meth:`EditProblem.objective_of`, the one definition every
+solver evaluates, whatever the layout of its residuals) and the shapes the solvers convert between:
+``lam`` ``(rank, m, *kernel)`` and ``mat`` ``(m, taps)`` (taps rank-major), values-shaped tensors as
+``(m, positions)`` or ``(positions, m)``.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from typing import Literal
 import torch
 
 from surgery.editable import EditableLayer
-from surgery.edits.edit import rank_one_delta
 from surgery.errors import SurgeryError
-from surgery.layout import Layout
+from surgery.layout import Layout, channels_first_rows, channels_last_rows
+from surgery.rank_one import rank_one_delta
 
-__all__ = ["EditProblem", "Loss", "value_weights"]
+__all__ = ["EditProblem", "Loss", "value_weights", "penalty"]
 
 Loss = Literal["l1", "l2"]
 
@@ -42,7 +47,7 @@ def value_weights(
     Without masks (``masks=None``) every grid token weighs 1 and prefix tokens as above; the result is
     ``None`` (no weighting) when that changes nothing, i.e. ``prefix_weight == 1`` or no prefix tokens.
     """
-    lay = layout.resolve(values) if isinstance(layout, Layout) else _int_layout(layout, values)
+    lay = Layout.of(layout, values)
     prefix_d = prefix_weight if loss == "l1" else prefix_weight**0.5
     if masks is None:
         if prefix_weight == 1.0 or lay.kind != "tokens" or not lay.prefix:
@@ -66,12 +71,11 @@ def value_weights(
     return d
 
 
-def _int_layout(channel_dim: int, values: torch.Tensor) -> Layout:
-    if channel_dim == 1:
-        return Layout("nchw")
-    if channel_dim == -1 and values.ndim == 4:
-        return Layout("nhwc")
-    return Layout("flat", channel_dim=channel_dim)
+def penalty(r: torch.Tensor, loss: Loss, *, inplace: bool = False) -> torch.Tensor:
+    """The loss of each (weighted) residual: ``|r|`` for L1, ``r^2`` for L2 (in place on ``r`` if asked)."""
+    if loss == "l1":
+        return r.abs_() if inplace else r.abs()
+    return r.square_() if inplace else r.square()
 
 
 @dataclass
@@ -124,12 +128,37 @@ class EditProblem:
         return self.layer.weight.detach()
 
     @property
+    def numel(self) -> int:
+        """Elements of the values: the loss is their mean."""
+        return self.values.numel()
+
+    # -- shapes -----------------------------------------------------------------------------------
+    @property
     def lam_shape(self) -> tuple[int, ...]:
         """``(rank, m, *kernel)``."""
         assert self.u is not None
         w = self.weight0
         return (self.u.shape[0], w.shape[0], *w.shape[2:])
 
+    def to_mat(self, lam: torch.Tensor) -> torch.Tensor:
+        """``(rank, m, *kernel)`` -> ``(m, taps)``, taps rank-major (``t = r * kh * kw + kernel position``)."""
+        rank, m = lam.shape[0], lam.shape[1]
+        return lam.reshape(rank, m, -1).permute(1, 0, 2).reshape(m, -1)
+
+    def to_lam(self, mat: torch.Tensor) -> torch.Tensor:
+        """``(m, taps)`` -> ``(rank, m, *kernel)``: the inverse of :meth:`to_mat`."""
+        shape = self.lam_shape
+        return mat.reshape(shape[1], shape[0], -1).permute(1, 0, 2).reshape(shape)
+
+    def per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """Values-shaped ``t`` -> ``(m, positions)``, one row per output channel."""
+        return channels_first_rows(t, self.layer.value_channel_dim)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Values-shaped ``t`` -> ``(positions, m)``, channels last (a view where ``t`` is laid out so)."""
+        return channels_last_rows(t, self.layer.value_channel_dim)
+
+    # -- the objective ----------------------------------------------------------------------------
     def weight_for(self, lam: torch.Tensor) -> torch.Tensor:
         """``W + lam (x) u``."""
         assert self.u is not None
@@ -139,19 +168,42 @@ class EditProblem:
         """The block's values for the transformed keys with ``weight``."""
         return self.layer.block_forward(self.keys, weight, self.context)
 
-    def loss_value(self, values: torch.Tensor) -> torch.Tensor:
-        """The (weighted, mean) loss between ``values`` and the targets."""
-        diff = values - self.values
-        if self.weights is not None:
-            diff = diff * self.weights
-        return diff.abs().mean() if self.loss == "l1" else diff.square().mean()
+    def residual(self, values: torch.Tensor) -> torch.Tensor:
+        """``d * (values - v*)``, values-shaped, in the values' dtype."""
+        r = values - self.values
+        return r if self.weights is None else r * self.weights
+
+    def objective_of(
+        self,
+        residual: torch.Tensor,
+        factors: torch.Tensor | None = None,
+        *,
+        dim: int | None = None,
+        inplace: bool = False,
+        loss: Loss | None = None,
+    ) -> torch.Tensor:
+        """The objective from weighted residuals ``d * (f - v*)`` (any layout) and the factors (for the
+        ridge; ``None``: the loss alone): the penalty summed over ``dim`` (every axis when ``None``), in the
+        residuals' dtype, then divided by the values' element count in float64; plus ``ridge`` times the
+        factors' squares summed in float64 (over the last axis when ``dim`` is given, each row's factors,
+        else over all). Per-channel objectives come from residuals laid out per channel; their sum is the
+        objective. Differentiable where ``residual`` is, unless ``inplace`` (then ``residual`` is overwritten).
+        ``loss`` overrides the problem's (the joint solver gives an L1 run an L2 start).
+        """
+        terms = penalty(residual, loss or self.loss, inplace=inplace)
+        obj = (terms.sum() if dim is None else terms.sum(dim=dim)).to(torch.float64) / self.numel
+        if self.ridge and factors is not None:
+            sq = factors.to(torch.float64).square()
+            obj = obj + self.ridge * (sq.sum() if dim is None else sq.sum(dim=-1))
+        return obj
 
     def objective(self, lam: torch.Tensor) -> torch.Tensor:
-        """Loss plus ridge for the factors ``lam``."""
-        value = self.loss_value(self.forward(self.weight_for(lam)))
-        if self.ridge:
-            value = value + self.ridge * lam.square().sum()
-        return value
+        """Loss plus ridge for the factors ``lam``, through the real block with ``W + lam (x) u`` (float64)."""
+        return self.objective_of(self.residual(self.forward(self.weight_for(lam))), lam)
+
+    def loss_of_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The loss alone (no ridge) of any weight, differentiable in it (the reference solver's objective)."""
+        return self.objective_of(self.residual(self.forward(weight)))
 
     def projection(self, weight: torch.Tensor) -> torch.Tensor:
         """The ``lam`` whose ``W + lam (x) u`` is closest to ``weight`` (least squares along ``u``)."""

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from surgery.errors import SurgeryError
+
 from .problem import EditProblem
 
 __all__ = ["solve_reference"]
@@ -43,9 +45,9 @@ def solve_reference(
         objective's ``trajectory`` ``[(steps taken, objective), ...]``.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise SurgeryError(f"steps must be >= 1, got {steps}")
     if callback_every < 1:
-        raise ValueError(f"callback_every must be >= 1, got {callback_every}")
+        raise SurgeryError(f"callback_every must be >= 1, got {callback_every}")
     w0 = problem.weight0
     weight = w0.clone().requires_grad_(True)
     opt = torch.optim.Adam([weight], lr=lr)
@@ -58,7 +60,7 @@ def solve_reference(
     outside = 0.0  # seconds spent in the callback
     for step in tqdm(range(steps), desc=f"reference {problem.layer.name}", disable=not progress):
         opt.zero_grad(set_to_none=True)
-        loss = problem.loss_value(problem.forward(weight))
+        loss = problem.loss_of_weight(weight)
         if step == 0 or step in marks:
             trajectory.append((step, float(loss.detach())))
         loss.backward()
@@ -73,7 +75,7 @@ def solve_reference(
             callback(step + 1)
             outside += time.perf_counter() - begun
     with torch.no_grad():
-        final = float(problem.loss_value(problem.forward(weight)))
+        final = float(problem.loss_of_weight(weight))
     trajectory.append((steps, final))
     info = {"objective": final, "steps": steps, "seconds": time.perf_counter() - start - outside, "trajectory": trajectory}
     logger.info("reference solver on %s: objective %.6g after %d steps", problem.layer.name, final, steps)

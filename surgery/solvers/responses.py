@@ -3,7 +3,7 @@
 With ``W' = W + lam (x) u`` and a layer linear in its weight, ``z = z0 + sum_t lam[:, t] * A_t``: ``z0`` is
 the unedited output and ``A_t`` the response to the unit update at tap ``t`` (for a conv, ``u^T k`` shifted
 by the kernel tap), the same in every output channel, so one channel of it is kept. Taps are ordered
-rank-major: ``t = r * kh * kw + kernel position``; ``mat`` is ``lam`` as ``(m, taps)``.
+rank-major: ``t = r * kh * kw + kernel position``; ``mat`` is ``lam`` as ``(m, taps)`` (:meth:`EditProblem.to_mat`).
 """
 
 from __future__ import annotations
@@ -12,23 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.edits.edit import rank_one_delta
+from surgery.rank_one import rank_one_delta
 
 from .problem import EditProblem
 
-__all__ = ["TapResponses", "lam_to_mat", "mat_to_lam"]
-
-
-def mat_to_lam(mat: torch.Tensor, lam_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """``(m, taps)`` -> ``(rank, m, *kernel)``."""
-    rank, m = lam_shape[0], lam_shape[1]
-    return mat.reshape(m, rank, -1).permute(1, 0, 2).reshape(lam_shape)
-
-
-def lam_to_mat(lam: torch.Tensor) -> torch.Tensor:
-    """``(rank, m, *kernel)`` -> ``(m, taps)``."""
-    rank, m = lam.shape[0], lam.shape[1]
-    return lam.reshape(rank, m, -1).permute(1, 0, 2).reshape(m, -1)
+__all__ = ["TapResponses"]
 
 
 class TapResponses:
@@ -52,8 +40,9 @@ class TapResponses:
         """Every tap's response, bias excluded, one per entry of the channel axis. Plain convolutions and
         linear layers get them from one call whose weight has one output row per tap (``u[r]`` at one
         kernel position); other layers from one call per tap with the whole weight."""
-        module = self.problem.layer.module
-        if (type(module) is nn.Conv2d and module.groups == 1) or type(module) is nn.Linear:
+        layer = self.problem.layer
+        module = layer.module
+        if layer.plain and getattr(module, "groups", 1) == 1:
             per_rank = self.taps // self.rank
             u = self.problem.u.to(device=keys.device, dtype=keys.dtype)
             rows = torch.zeros(self.taps, u.shape[1], per_rank, dtype=keys.dtype, device=keys.device)
@@ -66,14 +55,13 @@ class TapResponses:
     def per_call(self, keys: torch.Tensor) -> list[torch.Tensor]:
         """The tap responses from the whole layer, called once per tap with the unit update (any layer)."""
         problem = self.problem
-        bias_only = problem.layer.layer_forward(keys, torch.zeros_like(problem.weight0))
         out = []
         with torch.no_grad():
             for t in range(self.taps):
                 basis = torch.zeros(self.m, self.taps, dtype=keys.dtype, device=keys.device)
                 basis[:, t] = 1
-                delta = rank_one_delta(mat_to_lam(basis, problem.lam_shape), problem.u)
-                out.append((problem.layer.layer_forward(keys, delta) - bias_only).narrow(self.zdim, 0, 1))
+                delta = rank_one_delta(problem.to_lam(basis), problem.u)
+                out.append(problem.layer.update_response(keys, delta).narrow(self.zdim, 0, 1))
         return out
 
     def layer_output(self, mat: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ class StackedBlock:
 
     def __init__(self, problem: EditProblem, responses: TapResponses) -> None:
         self.problem = problem
-        self.zdim, self.vdim = responses.zdim, problem.layer.value_channel_dim
+        self.zdim = responses.zdim
         self.m = responses.m
-        self.numel = problem.values.numel()
+        self.rows = problem.rows  # values-shaped -> (positions, m)
         moved = responses.z0.movedim(self.zdim, -1)
         self.batch = responses.z0.shape[0]
         self.sample_shape = moved.shape[1:]  # one sample's layer output, channels last
@@ -42,10 +42,6 @@ class StackedBlock:
         self.batchable: bool | None = None  # whether the block treats samples independently (checked once)
         self.contexts: dict[int, dict[str, torch.Tensor]] = {}  # the context repeated for k outputs
         self.scratch: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Values-shaped ``t`` -> ``(positions, m)``, channels last (a view where ``t`` is laid out so)."""
-        return t.movedim(self.vdim, -1).reshape(-1, self.m)
 
     def z(self, mat: torch.Tensor) -> torch.Tensor:
         """Layer outputs ``(..., E, m)`` for factors ``(..., m, taps)``."""
@@ -107,19 +103,14 @@ class StackedBlock:
         """Per-channel objectives ``(k, m)`` in float64 of candidates with layer outputs ``zs`` ``(k, E, m)``
         and factors ``mats`` ``(k, m, taps)`` (for the ridge); differentiable where ``zs`` is."""
         out = self.post(zs)
-        loss_name = self.problem.loss
-        if out.requires_grad or not self.owned(out):
-            r = out - self.values
-            r = r if self.d is None else r * self.d
-            loss = r.abs() if loss_name == "l1" else r.square()
-        else:  # in place
+        inplace = not out.requires_grad and self.owned(out)
+        if inplace:
             r = out.sub_(self.values)
             r = r if self.d is None else r.mul_(self.d)
-            loss = r.abs_() if loss_name == "l1" else r.square_()
-        obj = loss.sum(dim=1).to(torch.float64) / self.numel
-        if self.problem.ridge:
-            obj = obj + self.problem.ridge * mats.to(torch.float64).square().sum(dim=-1)
-        return obj
+        else:
+            r = out - self.values
+            r = r if self.d is None else r * self.d
+        return self.problem.objective_of(r, mats, dim=1, inplace=inplace)
 
     def _like_z(self, t: torch.Tensor) -> torch.Tensor:
         """A context map in the layout the stacked layer outputs have (channels-last for NCHW maps)."""

@@ -30,8 +30,8 @@ from torch import nn
 import surgery
 from surgery import editable_layers, get_layer, recommended_layers
 from surgery.hooks import TraceDict
+from surgery.layout import channels_last_rows
 from surgery.rewrite import rewrite
-from surgery.solvers.direction import flatten_keys
 from tests.tiny_models import (
     randomize_batchnorm,
     randomize_layer_scale,
@@ -210,7 +210,7 @@ def test_family(key):
     x2[:, :, size // 2 :] = torch.randn(2, 3, size - size // 2, size)
     mask = torch.zeros(2, 1, size, size)
     mask[:, :, size // 2 :] = 1
-    k = flatten_keys(layer.capture(model, torch.randn(4, 3, size, size)).keys, layer.key_channel_dim).double()
+    k = channels_last_rows(layer.capture(model, torch.randn(4, 3, size, size)).keys, layer.key_channel_dim).double()
     moment = k.T @ k / len(k) + 0.05 * torch.eye(k.shape[1], dtype=torch.float64)
     edit = rewrite(model, layer, x, x2, mask, stats=moment, use_mask=layer.value_layout.spatial, loss="l2", steps=3)
     assert torch.isfinite(edit.lam).all() and edit.lam.abs().sum() > 0
@@ -241,7 +241,7 @@ def test_multihead_attention_out_proj_keys_and_statistics():
     torch.testing.assert_close(nn.functional.linear(io.keys, layer.weight, layer.module.bias), ref, rtol=1e-5, atol=1e-6)
     data = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     stats = surgery.collect_key_stats(model, layer, data, batch_size=2, progress=False)
-    k = flatten_keys(layer.capture(model, data).keys, -1).double()
+    k = channels_last_rows(layer.capture(model, data).keys, -1).double()
     torch.testing.assert_close(stats.moment(), k.T @ k / len(k), rtol=1e-6, atol=1e-8)
     # the fingerprint covers the attention's own in_proj (it computes the keys), not out_proj
     fp = surgery.stats.weights_fingerprint(model, layer, x)

@@ -10,9 +10,10 @@ import torch
 
 from surgery import SurgeryError, get_layer
 from surgery.layout import Layout, token_grid
+from surgery.layout import channels_last_rows
 from surgery.rewrite import prepare_problem, rewrite
 from surgery.solvers import value_weights
-from surgery.solvers.direction import flatten_keys, key_weights, rank_one_direction
+from surgery.solvers.direction import key_weights, rank_one_direction
 from tests.tiny_models import randomize_layer_scale
 
 
@@ -104,7 +105,7 @@ def test_masked_direction_follows_the_concept_tokens():
     grid[:, :2, :, 0] = 1.0  # top half: channel 0
     grid[:, 2:, :, 1] = 1.0  # bottom half: channel 1 (the concept)
     mask = _grid_mask(1, 32, 32, slice(16, 32))
-    rows = flatten_keys(keys, -1)
+    rows = channels_last_rows(keys, -1)
     c = torch.eye(n, dtype=torch.float64)
     u = rank_one_direction(c, rows, key_weights(mask, keys, Layout("tokens", prefix=1), prefix_weight=0.0))[0]
     assert u[1].item() == pytest.approx(1.0)
@@ -127,7 +128,7 @@ def vit():
 
 
 def _moment(layer, model, size=64):
-    keys = flatten_keys(layer.capture(model, torch.randn(6, 3, size, size)).keys, layer.key_channel_dim).double()
+    keys = channels_last_rows(layer.capture(model, torch.randn(6, 3, size, size)).keys, layer.key_channel_dim).double()
     return keys.T @ keys / len(keys) + 0.05 * torch.eye(keys.shape[1], dtype=torch.float64)
 
 

@@ -8,9 +8,9 @@ import timm
 import torch
 import torchvision
 
+from surgery.layout import channels_last_rows
 from surgery.rewrite import prepare_problem
 from surgery.solvers import JointSolver, linear_in_weight, solve_fast, solve_reference
-from surgery.solvers.direction import flatten_keys
 from tests.tiny_models import (
     randomize_batchnorm,
     randomize_layer_scale,
@@ -29,7 +29,7 @@ def _problem(model, layer: str, size: int, loss: str):
     x2 = x.clone()
     x2[:, :, size // 2 :] = torch.randn(2, 3, size - size // 2, size, generator=g)
     l = get_layer(model, layer)
-    keys = flatten_keys(l.capture(model, torch.randn(6, 3, size, size, generator=g)).keys, l.key_channel_dim)
+    keys = channels_last_rows(l.capture(model, torch.randn(6, 3, size, size, generator=g)).keys, l.key_channel_dim)
     k = keys.double()
     moment = k.T @ k / len(k) + 0.05 * torch.eye(k.shape[1], dtype=torch.float64)
     return prepare_problem(model, l, x, x2, stats=moment, loss=loss)

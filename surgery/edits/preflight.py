@@ -20,13 +20,13 @@ import torch
 from surgery.edits.edit import Edit, Presence
 from surgery.errors import IncompatibleEditError, SurgeryError, SurgeryWarning
 from surgery.identity import tensor_sha256
+from surgery.rank_one import add_scaled
 
 __all__ = [
     "plan_update",
     "check_parameter",
     "check_base",
     "check_presence",
-    "combine",
     "not_a_parameter",
     "RevertReport",
 ]
@@ -51,11 +51,6 @@ def check_parameter(name: str, value: torch.Tensor, where: str) -> None:
         raise not_a_parameter(name, where, f"an integer tensor ({str(value.dtype).removeprefix('torch.')})")
     if name.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES:
         raise not_a_parameter(name, where, "a BatchNorm buffer (running statistics or a counter)")
-
-
-def combine(p: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``p + alpha * delta`` computed in float64 and rounded once to ``p``'s dtype."""
-    return (p.detach().to(torch.float64) + alpha * delta.detach().to(p.device, torch.float64)).to(p.dtype)
 
 
 def _check_size(name: str, p: torch.Tensor, delta: torch.Tensor, alpha: float, strict: bool, stacklevel: int) -> None:
@@ -108,7 +103,7 @@ def plan_update(
             )
         if sign > 0:
             _check_size(name, p, delta, alpha, strict, stacklevel + 1)
-        new = combine(p, delta, sign * alpha)
+        new = add_scaled(p, delta, sign * alpha)
         if not torch.isfinite(new).all():
             raise SurgeryError(f"applying the edit would put non-finite values into {name!r}; nothing was changed")
         planned[name] = new
