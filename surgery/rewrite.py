@@ -27,8 +27,9 @@ from surgery.inputs.images import ImageLike, Transform, check_images, load_image
 from surgery.inputs.masks import load_masks
 from surgery.inputs.preprocess import Preprocess
 from surgery.layers import get_layer
+from surgery.layout import channels_last_rows
 from surgery.solvers import EditProblem, solve_fast, solve_reference, value_weights
-from surgery.solvers.direction import flatten_keys, key_weights, rank_one_direction
+from surgery.solvers.direction import key_weights, rank_one_direction
 from surgery.stats.keystats import KeyStats
 
 __all__ = ["rewrite", "prepare_problem", "auto_prefix_weight", "SOLVERS"]
@@ -185,7 +186,7 @@ def prepare_problem(
     whitening = stats.whitening().to(device) if isinstance(stats, KeyStats) else None  # kept with the stats
     u = rank_one_direction(
         moment.to(device),
-        flatten_keys(io_t.keys, layer.key_channel_dim),
+        channels_last_rows(io_t.keys, layer.key_channel_dim),
         weights,
         rank=rank,
         whitening=whitening,
