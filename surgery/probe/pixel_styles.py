@@ -42,6 +42,9 @@ def _blur(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 PIXEL_STYLES: dict[str, StyleFn] = {"gray": _gray, "flat": _flat, "blur": _blur}
+"""Generic pixel styles for :func:`~surgery.probe.probe`: ``gray`` (no colour), ``flat`` (no texture),
+``blur``. They work on float images in any linear pixel scale (they are channel-wise affine-equivariant
+except ``gray``, whose weights assume RGB order), and on uint8 images."""
 
 
 def masked_transform(images: torch.Tensor, masks: Mapping[str, torch.Tensor], styles: Mapping[str, StyleFn]) -> Transform:

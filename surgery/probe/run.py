@@ -55,15 +55,6 @@ logger = logging.getLogger(__name__)
 
 
 
-
-
-"""Generic pixel styles for :func:`probe`: ``gray`` (no colour), ``flat`` (no texture), ``blur``.
-They work on float images in any linear pixel scale (they are channel-wise affine-equivariant
-except ``gray``, whose weights assume RGB order), and on uint8 images."""
-
-
-
-
 # --------------------------------------------------------------------------------------------------
 # The probe
 # --------------------------------------------------------------------------------------------------
