@@ -45,14 +45,12 @@ from surgery._checks import (
 from surgery.errors import SurgeryError
 from surgery.evaluation.metrics import predict
 from surgery.inputs.images import check_images
-from surgery.probe.result import ProbeCell, ProbeResult, ProbeRow
 from surgery.probe.pixel_styles import PIXEL_STYLES, StyleFn, Transform, masked_transform
+from surgery.probe.result import ProbeCell, ProbeResult, ProbeRow
 
 __all__ = ["probe"]
 
 logger = logging.getLogger(__name__)
-
-
 
 
 # --------------------------------------------------------------------------------------------------
