@@ -21,12 +21,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from surgery.cli import demo, edit, edits, evaluate, layers, probe, stats
+from surgery.cli import demo, edit, edit_files, evaluate, layers, probe, stats
 from surgery.errors import SurgeryError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (layers, demo, stats, edit, evaluate, probe, edits)
+COMMANDS = (layers, demo, stats, edit, evaluate, probe, edit_files)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from surgery import (
     apply_edit,
     revert_edit,
 )
-from surgery.cli.edits import add_command
+from surgery.cli.edit_files import add_command
 from surgery.edits.checkpoint import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
 from surgery.identity import architecture_id, tensor_sha256
 from surgery.models.checkpoints import read_checkpoint
