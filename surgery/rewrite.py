@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from surgery._checks import model_device, require_eval
+from surgery._guards import model_device, require_eval
 from surgery.adapters import get_adapter
 from surgery.editable import EditableLayer
 from surgery.edits.edit import Edit

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery._checks import require_eval
+from surgery._guards import require_eval
 from surgery.editable import EditableLayer
 from surgery.edits.apply import edited
 from surgery.edits.edit import Edit

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from surgery._checks import check_labels, require_eval
+from surgery._guards import check_labels, require_eval
 from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError
 from surgery.evaluation.cached import CachedImages, Candidate

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery._checks import (
+from surgery._guards import (
     check_label_range,
     check_labels,
     check_logits,

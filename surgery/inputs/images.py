@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from surgery._checks import as_hw
+from surgery._guards import as_hw
 from surgery._files import PathLike
 from surgery.errors import SurgeryError
 from surgery.identity import hasher, transform_id

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from surgery._checks import as_hw
+from surgery._guards import as_hw
 from surgery._files import PathLike
 from surgery.errors import SurgeryError
 

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from surgery._checks import as_hw
+from surgery._guards import as_hw
 from surgery.errors import SurgeryError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "default_input_size", "open_clip_visual"]

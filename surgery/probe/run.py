@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from surgery._checks import (
+from surgery._guards import (
     check_label_range,
     check_labels,
     check_logits,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from surgery._checks import model_device, require_eval
+from surgery._guards import model_device, require_eval
 from surgery.editable import EditableLayer
 from surgery.errors import SurgeryError
 from surgery.identity import digest

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery._checks import model_device, require_eval
+from surgery._guards import model_device, require_eval
 from surgery.editable import EditableLayer, Site
 from surgery.errors import SurgeryError
 from surgery.hooks import Trace
