@@ -28,18 +28,13 @@ from surgery.inputs.masks import load_masks
 from surgery.inputs.preprocess import Preprocess
 from surgery.layers import get_layer
 from surgery.layout import channels_last_rows
-from surgery.solvers import EditProblem, solve_fast, solve_reference, value_weights
+from surgery.solvers import EditProblem, ReferenceConfig, SolverConfig, solver_config, value_weights
 from surgery.solvers.direction import key_weights, rank_one_direction
 from surgery.stats.keystats import KeyStats
 
-__all__ = ["rewrite", "prepare_problem", "auto_prefix_weight", "SOLVERS"]
+__all__ = ["rewrite", "prepare_problem", "auto_prefix_weight"]
 
 logger = logging.getLogger(__name__)
-
-SOLVERS = ("fast", "reference")
-_REFERENCE_STEPS = 20_000
-_REFERENCE_LR = 1e-4
-_FAST_MAX_ITER = 100
 
 Images = ImageLike | Sequence[ImageLike]
 
@@ -217,18 +212,19 @@ def rewrite(
     masks: Any = None,
     *,
     stats: KeyStats | torch.Tensor,
-    solver: Literal["fast", "reference"] = "fast",
+    solver: Literal["fast", "reference"] | SolverConfig = "fast",
     loss: Literal["l1", "l2"] = "l1",
     use_mask: bool = False,
-    restrict_rank: bool = True,
-    ridge: float = 0.0,
-    steps: int | None = None,
-    lr: float | None = None,
     ntrain: int | None = None,
     rank: int = 1,
     transform: Transform | None = None,
-    progress: bool = False,
     prefix_weight: PrefixWeight = "auto",
+    ridge: float | None = None,
+    max_iter: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    restrict_rank: bool | None = None,
+    progress: bool | None = None,
 ) -> Edit:
     """Compute the edit of ``layer`` that makes ``model`` see ``transformed`` as it sees ``originals``.
 
@@ -244,41 +240,33 @@ def rewrite(
             exemplar keys that define the direction (on maps and token grids; a layer whose keys are
             not positions, like a token-mixing MLP, ignores them there) and, with ``use_mask``, the loss.
         stats: second moment of the layer's keys (``surgery.collect_key_stats``).
-        solver: ``"fast"`` (per-channel Gauss-Newton) or ``"reference"`` (Adam, as the paper).
+        solver: a :class:`~surgery.solvers.FastConfig` (per-channel Gauss-Newton; the default, as
+            ``"fast"``: ``ridge=0``, at most 100 iterations) or a :class:`~surgery.solvers.ReferenceConfig`
+            (Adam as the paper; ``"reference"``: 20,000 steps at lr 1e-4).
         loss: ``"l1"`` (the paper's) or ``"l2"``.
         use_mask: weight the loss by the mask; the paper found editing without it works better.
-        restrict_rank: reference solver only; ``False`` optimizes the whole weight (an ablation).
-        ridge: fast solver only; adds ``ridge * ||lam||^2`` to make the edit weaker.
-        steps: reference: Adam steps (20,000); fast: the most Gauss-Newton iterations (50).
-        lr: reference solver only (1e-4).
         ntrain: use only the first ``ntrain`` exemplars as key/value pairs (all define the direction).
         rank: number of directions.
         transform: preprocessing for path / PIL inputs.
-        progress: a progress bar for the reference solver.
         prefix_weight: on token layers (ViT, DeiT, EVA, CLIP ViT), each class/register/distillation
             token counts as ``prefix_weight`` grid tokens fully inside the concept: in the direction
             when masks are given, in the masked loss, and in the unmasked loss (where every grid token
             weighs 1). ``"auto"`` (the default): where the head reads the class token, the prefix
             tokens together weigh as much as the grid, else 1 (see :func:`auto_prefix_weight`);
             1.0 treats them like any fully masked grid token.
+        ridge, max_iter, steps, lr, restrict_rank, progress: a solver's own options beside a solver *name*
+            (``solver="fast", ridge=1e-3`` is ``solver=FastConfig(ridge=1e-3)``; ``steps`` of the fast
+            solver is its ``max_iter``); an option the named solver does not have raises
+            :class:`SurgeryError` (:func:`~surgery.solvers.solver_config`).
 
     Returns:
-        An :class:`Edit` with factors ``lam``, ``u`` (or a dense delta when ``restrict_rank=False``).
+        An :class:`Edit` with factors ``lam``, ``u`` (or a dense delta when ``restrict_rank=False``); its
+        ``hparams`` record the solver that ran (``"joint"`` where the fast solver handed the block to the
+        joint solver) and its settings.
     """
-    if solver not in SOLVERS:
-        raise SurgeryError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver == "fast":
-        if lr is not None:
-            raise SurgeryError("lr applies to solver='reference' only; the fast solver has no learning rate")
-        if not restrict_rank:
-            raise SurgeryError(
-                "restrict_rank=False (the full-weight ablation) needs solver='reference'"
-            )
-    elif ridge:
-        raise SurgeryError("ridge applies to solver='fast'; the reference solver is regularized by lr and steps")
-    if steps is not None and steps < 1:
-        raise SurgeryError(f"steps must be at least 1, got {steps}")
-
+    config = solver_config(
+        solver, ridge=ridge, max_iter=max_iter, steps=steps, lr=lr, restrict_rank=restrict_rank, progress=progress
+    )
     start = time.perf_counter()
     problem = prepare_problem(
         model,
@@ -289,35 +277,24 @@ def rewrite(
         stats=stats,
         loss=loss,
         use_mask=use_mask,
-        ridge=ridge,
+        ridge=config.problem_ridge,
         ntrain=ntrain,
         rank=rank,
         transform=transform,
         prefix_weight=prefix_weight,
     )
     layer = problem.layer
+    result, info = config.solve(problem)
     hparams: dict[str, Any] = {
-        "solver": solver,
+        "solver": info["solver"],
         "loss": loss,
         "use_mask": use_mask,
-        "restrict_rank": restrict_rank,
         "rank": rank,
         "ntrain": int(problem.keys.shape[0]),
+        **config.hparams(),
     }
     if problem.prefix_weight != 1.0 or prefix_weight != "auto":
         hparams["prefix_weight"] = problem.prefix_weight
-    if solver == "fast":
-        max_iter = steps or _FAST_MAX_ITER
-        lam, info = solve_fast(problem, max_iter=max_iter)
-        hparams.update(ridge=ridge, max_iter=max_iter)
-        result: torch.Tensor | None = lam
-    else:
-        steps = steps or _REFERENCE_STEPS
-        lr = _REFERENCE_LR if lr is None else lr
-        result, info = solve_reference(
-            problem, steps=steps, lr=lr, restrict_rank=restrict_rank, progress=progress
-        )
-        hparams.update(steps=steps, lr=lr)
     with torch.no_grad():
         zero = torch.zeros(problem.lam_shape, dtype=problem.u.dtype, device=problem.u.device)
         info["objective_before"] = float(problem.objective(zero))
@@ -330,7 +307,7 @@ def rewrite(
         info=info,
     )
     base = {layer.param_name: layer.weight}
-    if solver == "reference" and not restrict_rank:
+    if isinstance(config, ReferenceConfig) and not config.restrict_rank:
         return Edit(deltas={layer.param_name: result.detach().cpu()}, **provenance).made_on(base)
     edit = Edit(lam=result.detach().cpu(), u=problem.u.detach().cpu(), **provenance).made_on(base)
     if not bool(edit.lam.abs().max() > 0):

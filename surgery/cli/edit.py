@@ -111,7 +111,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     edit = rewrite(
         model, layer, originals, transformed, mask_tensor, stats=stats, solver=args.solver, loss=args.loss,
         use_mask=args.use_mask, ridge=args.ridge, steps=args.steps, lr=args.lr, rank=args.rank,
-        transform=transform, progress=args.solver == "reference",
+        transform=transform, progress=True if args.solver == "reference" else None,
     )
     if args.description is not None:
         edit.description = args.description
@@ -126,7 +126,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     before, after = float(info["objective_before"]), float(info["objective"])
     change = f" ({100.0 * (after - before) / before:+.1f}%)" if before > 0 else ""
     norm = float(edit.lam.norm()) if edit.lam is not None else float(edit.delta().norm())
-    print(f"edit {edit.layer}: {len(originals)} exemplar(s), {args.solver} solver, {args.loss} loss, rank {args.rank}")
+    print(f"edit {edit.layer}: {len(originals)} exemplar(s), {edit.hparams['solver']} solver, {args.loss} loss, rank {args.rank}")
     print(f"objective: {before:.6g} -> {after:.6g}{change}")
     print(
         f"||lam|| = {norm:.6g}, solver {float(info.get('seconds', 0.0)):.3f} s "
@@ -160,7 +160,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--loss", choices=("l1", "l2"), default="l1", help="default: l1 (the paper's)")
     p.add_argument("--use-mask", action="store_true", help="weight the loss by the masks")
     p.add_argument("--rank", type=positive_int, default=1, help="number of directions (default 1)")
-    p.add_argument("--ridge", type=nonnegative_float, default=0.0, help="fast solver: ridge on lambda (weaker edit)")
+    p.add_argument("--ridge", type=nonnegative_float, help="fast solver: ridge on lambda (weaker edit; default 0)")
     p.add_argument(
         "--steps", type=positive_int,
         help="reference solver: Adam steps (default 20000); fast solver: most Gauss-Newton iterations",

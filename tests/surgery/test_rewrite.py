@@ -11,6 +11,7 @@ from surgery import LayerNotFoundError, SurgeryError, get_layer
 from surgery.edits.apply import edited
 from surgery.identity import tensor_sha256
 from surgery.rewrite import rewrite
+from surgery.solvers import FastConfig, ReferenceConfig
 from surgery.stats.collect import collect_key_stats
 from tests.tiny_models import randomize_batchnorm
 
@@ -98,8 +99,12 @@ def test_paths_are_loaded_with_the_transform(setup, tmp_path):
         (dict(layer="layer3.1.bn2"), LayerNotFoundError, "layer3.1.conv2"),
         (dict(layer="layer3.1.conv1", stats_layer=True), SurgeryError, "collected at"),
         (dict(solver="adam"), SurgeryError, "solver must be"),
-        (dict(lr=1e-3), SurgeryError, "reference"),
-        (dict(restrict_rank=False), SurgeryError, "reference"),
+        (dict(lr=1e-3), SurgeryError, "lr is not an option of the fast solver.*solver='reference'"),
+        (dict(restrict_rank=False), SurgeryError, "restrict_rank is not an option of the fast solver"),
+        (dict(solver="reference", ridge=1e-3), SurgeryError, "ridge is not an option of the reference solver"),
+        (dict(solver="reference", max_iter=5), SurgeryError, "max_iter is not an option of the reference solver.*'fast'"),
+        (dict(solver=FastConfig(), ridge=1e-3), SurgeryError, "set them on the config"),
+        (dict(solver=ReferenceConfig(steps=5), steps=5), SurgeryError, "set them on the config"),
         (dict(ntrain=5), SurgeryError, "ntrain"),
         (dict(train_mode=True), SurgeryError, r"model\.eval\(\)"),
     ],
@@ -121,3 +126,48 @@ def test_degenerate_input_is_a_clear_error(setup, kwargs, error, match):
             rewrite(model, layer, x, transformed, masks, stats=stats, **kwargs)
     finally:
         model.eval()
+
+
+def test_configs_are_the_named_solvers_with_their_options(setup):
+    model, stats, x, x2, _ = setup
+    by_name = rewrite(model, LAYER, x, x2, stats=stats, solver="fast", ridge=1e-3, steps=7)
+    by_config = rewrite(model, LAYER, x, x2, stats=stats, solver=FastConfig(ridge=1e-3, max_iter=7))
+    assert torch.equal(by_name.lam, by_config.lam)
+    assert by_config.hparams["solver"] == "fast"
+    assert (by_config.hparams["ridge"], by_config.hparams["max_iter"]) == (1e-3, 7)
+    ref = rewrite(model, LAYER, x, x2, stats=stats, solver=ReferenceConfig(steps=5, lr=1e-3))
+    assert ref.hparams["solver"] == "reference" and (ref.hparams["steps"], ref.hparams["lr"]) == (5, 1e-3)
+    assert "ridge" not in ref.hparams and "steps" not in by_config.hparams
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: FastConfig(ridge=-1.0), "ridge"),
+        (lambda: FastConfig(max_iter=0), "max_iter"),
+        (lambda: ReferenceConfig(steps=0), "steps"),
+        (lambda: ReferenceConfig(lr=float("nan")), "lr"),
+    ],
+)
+def test_bad_solver_settings_are_clear_errors(make, match):
+    with pytest.raises(SurgeryError, match=match):
+        make()
+
+
+def test_the_edit_records_the_joint_solver_when_it_ran():
+    """A squeeze-excite gate after the edited conv mixes output channels: the fast solver hands the block to
+    the joint solver, and the edit's hparams say so."""
+    import timm
+
+    from tests.tiny_models import randomize_norms
+
+    torch.manual_seed(0)
+    model = randomize_norms(randomize_batchnorm(timm.create_model("test_resnet", block_args=dict(attn_layer="se")))).eval()
+    layer = "layer3.0.conv3"
+    stats = collect_key_stats(model, layer, torch.randn(8, 3, 32, 32), progress=False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x2 = x.clone()
+    x2[:, :, 16:] = 0.0
+    edit = rewrite(model, layer, x, x2, stats=stats, steps=5)
+    assert edit.hparams["solver"] == "joint" and edit.info["solver"] == "joint"
+    assert edit.hparams["max_iter"] == 5

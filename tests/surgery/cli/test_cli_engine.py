@@ -254,7 +254,7 @@ def test_mismatched_exemplar_counts(files, tmp_path, capsys):
     [
         (["--mask", "M", "M"], "2 --mask file(s) for 1 exemplar"),
         (["--use-mask"], "--use-mask needs masks"),
-        (["--lr", "1e-3"], "lr applies to solver='reference'"),
+        (["--lr", "1e-3"], "lr is not an option of the fast solver"),
     ],
 )
 def test_edit_option_errors(files, tmp_path, capsys, extra, message):
