@@ -45,12 +45,12 @@ PAPER_LAYERS = {
 }
 
 
-def _tiny_swin(v2: bool) -> nn.Module:
+def tiny_swin(v2: bool) -> nn.Module:
     name = "swinv2_tiny_window8_256" if v2 else "swin_tiny_patch4_window7_224"
     return timm.create_model(name, img_size=32, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2))
 
 
-def _tiny_bit() -> nn.Module:
+def tiny_bit() -> nn.Module:
     from timm.layers import GroupNormAct, StdConv2d
     from timm.models.resnetv2 import ResNetV2
 
@@ -67,17 +67,23 @@ def _tiny_bit() -> nn.Module:
 # blocks that mix channels or are not linear in the weight: the joint solver
 JOINT = {
     "se_resnet": (lambda: timm.create_model("test_resnet", block_args=dict(attn_layer="se")), "layer3.0.conv3", 32),
-    "swinv2_post_norm": (lambda: _tiny_swin(True), "layers.1.blocks.0.mlp.fc2", 32),
-    "bit_std_conv": (lambda: _tiny_bit(), "stages.0.blocks.0.conv3", 32),
+    "swinv2_post_norm": (lambda: tiny_swin(True), "layers.1.blocks.0.mlp.fc2", 32),
+    "bit_std_conv": (lambda: tiny_bit(), "stages.0.blocks.0.conv3", 32),
 }
 
 RIDGE = 1e-3
 
 
-def _random_problem(factory: Callable[[], nn.Module], layer: str, size: int, loss: str, ridge: float) -> EditProblem:
-    """Random weights with their zero-init pitfalls removed, two exemplars whose lower half changes."""
+def random_problem(factory: Callable[[], nn.Module], layer: str, size: int, loss: str, ridge: float = 0.0) -> EditProblem:
+    """A model from ``factory`` with seeded random weights and two exemplars (:func:`exemplar_problem`)."""
     torch.manual_seed(0)
-    model = randomize_norms(randomize_layer_scale(randomize_batchnorm(factory()))).eval()
+    return exemplar_problem(factory(), layer, size, loss, ridge)
+
+
+def exemplar_problem(model: nn.Module, layer: str, size: int, loss: str, ridge: float = 0.0) -> EditProblem:
+    """``model`` with its zero-init pitfalls removed, two exemplars whose lower half changes, and the second
+    moment of six random images' keys (kept well-conditioned)."""
+    model = randomize_norms(randomize_layer_scale(randomize_batchnorm(model))).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, size, size, generator=g)
     x2 = x.clone()
@@ -115,15 +121,15 @@ def cases() -> dict[str, tuple[Callable[[], EditProblem], Callable[[EditProblem]
         for ridge in (0.0, RIDGE):
             for name, (f, layer, size) in FAMILIES.items():
                 out[f"{name} {loss} ridge={ridge:g}"] = (
-                    lambda f=f, layer=layer, size=size, loss=loss, ridge=ridge: _random_problem(f, layer, size, loss, ridge),
+                    lambda f=f, layer=layer, size=size, loss=loss, ridge=ridge: random_problem(f, layer, size, loss, ridge),
                     _fast,
                 )
         for name, (f, layer, size) in {**JOINT, **PAPER_LAYERS}.items():
             out[f"{name} {loss}"] = (
-                lambda f=f, layer=layer, size=size, loss=loss: _random_problem(f, layer, size, loss, 0.0),
+                lambda f=f, layer=layer, size=size, loss=loss: random_problem(f, layer, size, loss, 0.0),
                 _joint if name in JOINT else _fast,
             )
-        out[f"reference vgg_block {loss}"] = (lambda loss=loss: _random_problem(*FAMILIES["vgg_block"], loss, 0.0), _reference)
+        out[f"reference vgg_block {loss}"] = (lambda loss=loss: random_problem(*FAMILIES["vgg_block"], loss, 0.0), _reference)
     for case in ("testbed vgg features.25", "testbed resnet layer4.0.conv2"):
         out[case] = (lambda case=case: _trained_problem(case), _fast)
     return out

@@ -8,63 +8,24 @@ import timm
 import torch
 import torchvision
 
-from surgery.layout import channels_last_rows
-from surgery.rewrite import prepare_problem
 from surgery.solvers import JointSolver, linear_in_weight, solve_fast, solve_reference
-from tests.tiny_models import (
-    randomize_batchnorm,
-    randomize_layer_scale,
-    randomize_norms,
-)
+from tests.surgery.solvers.harness import exemplar_problem as _problem
+from tests.surgery.solvers.harness import tiny_bit, tiny_swin
 
 REFERENCE_STEPS = 300  # tiny problems; the reference only has to be matched, not beaten by much
-
-
-def _problem(model, layer: str, size: int, loss: str):
-    from surgery import get_layer
-
-    model = randomize_norms(randomize_layer_scale(randomize_batchnorm(model))).eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, size, size, generator=g)
-    x2 = x.clone()
-    x2[:, :, size // 2 :] = torch.randn(2, 3, size - size // 2, size, generator=g)
-    l = get_layer(model, layer)
-    keys = channels_last_rows(l.capture(model, torch.randn(6, 3, size, size, generator=g)).keys, l.key_channel_dim)
-    k = keys.double()
-    moment = k.T @ k / len(k) + 0.05 * torch.eye(k.shape[1], dtype=torch.float64)
-    return prepare_problem(model, l, x, x2, stats=moment, loss=loss)
-
-
-def _tiny_swin(v2: bool):
-    name = "swinv2_tiny_window8_256" if v2 else "swin_tiny_patch4_window7_224"
-    return timm.create_model(name, img_size=32, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2))
 
 
 CASES = {
     # channelwise blocks, valued after the add: the fast per-channel solver
     "vit_mlp": (lambda: timm.create_model("test_vit", init_values=1e-5), "blocks.1.mlp.fc2", 32, "fast"),
     "convnext_fc2": (lambda: timm.create_model("test_convnext"), "stages.1.blocks.0.mlp.fc2", 32, "fast"),
-    "swin_attn_call_site": (lambda: _tiny_swin(False), "layers.1.blocks.0.attn.proj", 32, "fast"),
+    "swin_attn_call_site": (lambda: tiny_swin(False), "layers.1.blocks.0.attn.proj", 32, "fast"),
     "tv_mbconv_skip": (lambda: torchvision.models.mobilenet_v3_small(), "features.5.block.3.0", 32, "fast"),
     # squeeze-excite after the edited conv, post-norm branches, weight standardization: the joint solver
     "se_resnet": (lambda: timm.create_model("test_resnet", block_args=dict(attn_layer="se")), "layer3.0.conv3", 32, "explicit"),
-    "swinv2_post_norm": (lambda: _tiny_swin(True), "layers.1.blocks.0.mlp.fc2", 32, "explicit"),
-    "bit_std_conv": (lambda: _tiny_bit(), "stages.0.blocks.0.conv3", 32, "per-channel blocks"),
+    "swinv2_post_norm": (lambda: tiny_swin(True), "layers.1.blocks.0.mlp.fc2", 32, "explicit"),
+    "bit_std_conv": (lambda: tiny_bit(), "stages.0.blocks.0.conv3", 32, "per-channel blocks"),
 }
-
-
-def _tiny_bit():
-    from timm.layers import GroupNormAct, StdConv2d
-    from timm.models.resnetv2 import ResNetV2
-
-    return ResNetV2(
-        layers=(1, 1, 1, 1),
-        channels=(32, 32, 64, 64),
-        stem_chs=16,
-        stem_type="fixed",
-        conv_layer=StdConv2d,
-        norm_layer=lambda c, **kw: GroupNormAct(c, num_groups=8, **kw),
-    )
 
 
 @pytest.mark.parametrize("loss", ["l1", "l2"])
@@ -100,7 +61,7 @@ def test_conjugate_gradients_on_a_squeeze_excite_block():
 
 def test_linearity_check_tells_standardized_weights_apart():
     conv = _problem(timm.create_model("test_resnet"), "layer1.0.conv2", 32, "l2")
-    std = _problem(_tiny_bit(), "stages.0.blocks.0.conv3", 32, "l2")
+    std = _problem(tiny_bit(), "stages.0.blocks.0.conv3", 32, "l2")
     assert linear_in_weight(conv) and not linear_in_weight(std)
     assert std.layer.channelwise  # standardization is per output channel: the Jacobian is block-diagonal
 
