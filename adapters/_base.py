@@ -9,7 +9,7 @@ hooks on them never fire). Every other dense Conv2d or Linear is still editable,
 as the value.
 
 Adapters also say where to edit: :meth:`Adapter.candidates` lists the block-valued layers in the
-order the breadth benchmark (``benchmarks/breadth.py``) measured to work best for the family.
+order the breadth benchmark (``benchmarks/breadth/``) measured to work best for the family.
 """
 
 from __future__ import annotations

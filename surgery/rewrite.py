@@ -105,7 +105,7 @@ def auto_prefix_weight(model: nn.Module, layer: EditableLayer, keys: torch.Tenso
     the prefix tokens together weigh as much as the whole grid (each ``grid / prefix`` grid tokens);
     otherwise (average-pooled heads, register tokens, layers without prefix tokens) 1.
 
-    Measured (``benchmarks/breadth.py --sweep``): with weight 1 an edit of a class-token ViT fits the
+    Measured (``python -m benchmarks.breadth --sweep``): with weight 1 an edit of a class-token ViT fits the
     grid tokens, which the head never reads, and barely moves the logits.
     """
     lay = layer.key_layout.resolve(keys) if layer.key_layout is not None else None

@@ -31,7 +31,7 @@ def recommended_layers(
     """Where to edit ``model``: its ``k`` best candidate layers, best first.
 
     Candidates are layers valued after a residual add (or at a block end), ordered by the adapter
-    (``Adapter.candidates``) as the breadth benchmark (``benchmarks/breadth.py --sweep``) measured for
+    (``Adapter.candidates``) as the breadth benchmark (``python -m benchmarks.breadth --sweep``) measured for
     the family, or, for ResNets and VGGs, as the paper found on trained models (the deepest first).
 
     With exemplars (``originals`` and ``transformed`` image tensors, optionally ``masks``), the first

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.breadth``."""
+
+from .driver import main
+
+raise SystemExit(main())

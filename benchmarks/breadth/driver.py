@@ -1,0 +1,168 @@
+"""The run: every model (or the quick set, or ``--models``), its recommended or sweep layers, measured;
+the command line, and where results are written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from surgery.adapters import GenericAdapter, get_adapter
+
+import surgery
+
+from .branch import branch_markdown, run_branch_comparison
+from .concept import IMAGES, make_data
+from .measure import batch_logits, measure_layer
+from .models import MODELS, QUICK, ModelSpec
+from .report import markdown
+from .sweep import layer_branch, sweep_layers
+from .weights import prepare_model
+
+__all__ = ["RESULTS", "run_model", "run", "main"]
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def run_model(
+    spec: ModelSpec, *, mode: str, k: int, period: int = 2, images: dict[str, int] | None = None
+) -> dict[str, Any]:
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    data = make_data(spec.size, period=period, **(images or {}))
+    model = prepare_model(spec.build().eval(), data.calibration)
+    adapter = get_adapter(model)
+    layers_all = adapter.layers(model)
+    out: dict[str, Any] = {
+        "model": spec.id,
+        "source": spec.source,
+        "family": spec.family,
+        "adapter": type(adapter).__name__,
+        "generic_fallback": isinstance(adapter, GenericAdapter),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "size": spec.size,
+        "editable_layers": len(layers_all),
+        "block_valued_layers": sum(1 for l in layers_all if l.post is not None),
+    }
+    base = {k_: batch_logits(model, getattr(data, k_)) for k_ in ("x", "x2", "h", "h2", "clean")}
+    if mode == "sweep":
+        layers = sweep_layers(model)
+    else:
+        layers = surgery.recommended_layers(model, k=k)
+    out["rows"] = []
+    for layer in layers:
+        try:
+            stats = surgery.collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
+            has_prefix = layer.value_layout.kind == "tokens" and (layer.value_layout.prefix or 0) > 0
+            # the sweep compares prefix weight 1 with the default ("auto") where there are prefix tokens
+            settings = [1.0, "auto"] if (mode == "sweep" and has_prefix) else ["auto"]
+            for i, pw in enumerate(settings):
+                row = measure_layer(model, layer, data, base, stats=stats, prefix_weight=pw, scores=(mode == "sweep" and i == 0))
+                row["branch"] = layer_branch(layer)
+                row["depth"] = _relative_depth(layers_all, layer)
+                out["rows"].append(row)
+                _progress(spec.id, row)
+        except Exception as e:  # noqa: BLE001 - report, keep going
+            out["rows"].append({"layer": layer.name, "error": f"{type(e).__name__}: {e}"})
+            _progress(spec.id, out["rows"][-1])
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _relative_depth(layers: list, layer) -> float:
+    names = [l.name for l in layers]
+    return round(names.index(layer.name) / max(len(names) - 1, 1), 3)
+
+
+def _progress(model_id: str, row: dict) -> None:
+    if "error" in row:
+        print(f"  {model_id} {row['layer']}: {row['error']}", file=sys.stderr, flush=True)
+        return
+    print(
+        f"  {model_id:34s} {row['layer']:45s} pw={row['prefix_weight']:<5g} value {row['value_ratio']:.3f} "
+        f"exemplars {row['exemplar_ratio']:.3f} held-out {row['heldout_ratio']:.3f} clean {row['clean_change']:.3f} "
+        f"({row['seconds']:.0f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run(
+    model_ids: Sequence[str] | None = None,
+    *,
+    mode: str = "recommended",
+    k: int = 3,
+    quick: bool = False,
+    period: int = 2,
+    images: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark on ``model_ids`` (default: all, or the quick set) and return the results.
+
+    ``images`` overrides how many images ``make_data`` draws (``exemplars``, ``held_out``, ``clean``,
+    ``calibration``), for tests.
+    """
+    specs = {s.id: s for s in MODELS}
+    ids = list(model_ids) if model_ids else list(QUICK if quick else specs)
+    unknown = [i for i in ids if i not in specs]
+    if unknown:
+        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(specs)}")
+    if quick:
+        k = 1
+    results = []
+    for i in ids:
+        print(f"[{len(results) + 1}/{len(ids)}] {i}", file=sys.stderr, flush=True)
+        try:
+            results.append(run_model(specs[i], mode=mode, k=k, period=period, images=images))
+        except Exception as e:  # noqa: BLE001
+            results.append({"model": i, "error": f"{type(e).__name__}: {e}"})
+            print(f"  {i}: {results[-1]['error']}", file=sys.stderr, flush=True)
+    return {
+        "mode": mode,
+        "k": k,
+        "quick": quick,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "texture_period": period,
+        "images": {**IMAGES, **(images or {})},
+        "models": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.breadth", description=sys.modules[__package__].__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="6 small models, the first recommended layer")
+    ap.add_argument("--sweep", action="store_true", help="candidate layers at several depths, with layer-choice scores")
+    ap.add_argument("--models", default="", help="comma-separated model ids (default: all)")
+    ap.add_argument("-k", type=int, default=3, help="recommended layers per model")
+    ap.add_argument("--out", default="", help="output stem (default benchmarks/results/breadth[-sweep|-quick])")
+    ap.add_argument(
+        "--aperiodic", action="store_true", help="a texture whose phase changes from patch to patch (5/7 px stripes)"
+    )
+    ap.add_argument("--branch-only", action="store_true", help="compare values after the add with branch-only values")
+    args = ap.parse_args(argv)
+    if args.branch_only:
+        res = run_branch_comparison()
+        res["command"] = "python -m benchmarks.breadth --branch-only"
+        stem = Path(args.out) if args.out else RESULTS / "breadth-branch"
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+        stem.with_suffix(".md").write_text(branch_markdown(res))
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        return 0
+    mode = "sweep" if args.sweep else "recommended"
+    ids = [m for m in args.models.split(",") if m]
+    res = run(ids or None, mode=mode, k=args.k, quick=args.quick, period=0 if args.aperiodic else 2)
+    res["command"] = "python -m benchmarks.breadth " + " ".join(argv if argv is not None else sys.argv[1:])
+    stem = Path(args.out) if args.out else RESULTS / ("breadth" + ("-sweep" if args.sweep else "-quick" if args.quick else ""))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    stem.with_suffix(".md").write_text(markdown(res))
+    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return 0
