@@ -227,7 +227,9 @@ class CachedImages:
             entry = self.layer_cache(edit.layer)
             assert entry is not None
             if _single_layer(edit):
-                if entry.layer.plain:  # affine in the weight
+                # affine in the weight: the layer runs once per edit, not per strength; in half precision that
+                # would score logits apart from those of the weight apply writes, so it runs per strength there
+                if entry.layer.plain and entry.layer.weight.dtype in (torch.float32, torch.float64):
                     return self._strength_logits(entry, edit, candidate.alpha)
                 return self._suffix_logits(entry, edit.new_weight(entry.layer.weight, candidate.alpha))
             with edited(self.model, edit, alpha=candidate.alpha):

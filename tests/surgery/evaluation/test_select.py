@@ -313,3 +313,42 @@ def test_concept_match_on_tokens_weighs_only_the_concepts_grid_tokens():
     sel = select_by_concept_match(vit, grid, x, masks, x, masks, clean_images=x, max_clean_drop=100.0)
     assert sel.alpha == 0.0 and sel.result.extra["distance"] == pytest.approx(0.0, abs=1e-6)
     assert sel.table[0].extra["distance"] > sel.table[2].extra["distance"] > 0
+
+
+def test_a_strength_chosen_in_bfloat16_scores_the_weights_apply_writes():
+    """In bfloat16, W + alpha * delta rounded in the weight's dtype and in float64 differ: selection scores
+    the weight that apply_edit writes (float64, rounded once), so the logits it scored for the chosen
+    strength are those of the model carrying the edit."""
+    from surgery import apply_edit, revert_edit
+
+    model = tiny_vgg().to(torch.bfloat16)
+    layer = get_layer(model, LAYER)
+    g = torch.Generator().manual_seed(3)
+    w = layer.weight.detach().float()
+    direction = torch.randn(w.shape, generator=g)
+    edit = dense_edit(model, (0.05 * w.norm() / direction.norm() * direction), "E")
+    images = torch.randn(64, 3, 16, 16, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    alphas = (1 / 3, 0.7, 1.3)
+    scored: dict[float, torch.Tensor] = {}
+
+    def score(before, after, y):
+        scored[len(scored)] = after.clone()
+        return float((after.argmax(1) == y).double().mean())
+
+    sel = select_strength(
+        model, [(edit, a) for a in alphas], images, labels, clean_images=images, clean_labels=labels,
+        max_clean_drop=100.0, score=score,
+    )
+    i = alphas.index(sel.alpha)
+    naive = (layer.weight.detach() + sel.alpha * edit.delta().to(torch.bfloat16)).detach()
+    handle = apply_edit(model, edit, alpha=sel.alpha)
+    try:
+        written = layer.weight.detach().clone()
+        with torch.no_grad():
+            after = model(images).float()
+    finally:
+        revert_edit(model, handle)
+    assert not torch.equal(naive, written)  # the two roundings differ here: the test can tell them apart
+    assert torch.equal(edit.new_weight(layer.weight, sel.alpha), written)
+    torch.testing.assert_close(scored[i].float(), after, rtol=0, atol=0)
