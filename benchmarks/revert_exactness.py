@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 import surgery
 from surgery._files import write_text
 from surgery.concepts.paste import paste_texture
-from surgery.edits.checkpoint import apply_to_checkpoint, revert_from_checkpoint
+from surgery.edits.on_checkpoints import apply_to_checkpoint, revert_from_checkpoint
 from surgery.inputs.photos import sample_photos, sample_textures
 from surgery.inputs.preprocess import Preprocess
 from surgery.models.loading import efficientnet_lite0

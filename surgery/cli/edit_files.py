@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from surgery.cli.args import finite_float, warnings_on_stderr
-from surgery.edits.checkpoint import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
+from surgery.edits.on_checkpoints import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
 from surgery.errors import SurgeryError
 
 __all__ = ["add_command"]

@@ -3,11 +3,11 @@
 :class:`~surgery.edits.edit.Edit` (factors or dense deltas, with provenance), its safetensors file
 (:mod:`surgery.edits.file`, docs/edit-format.md), :func:`~surgery.edits.apply.apply_edit` /
 :func:`~surgery.edits.apply.revert_edit` on a loaded model, and the same on checkpoint files
-(:mod:`surgery.edits.checkpoint`).
+(:mod:`surgery.edits.on_checkpoints`).
 """
 
 from surgery.edits.apply import EditHandle, apply_edit, edited, list_edits, revert_edit
-from surgery.edits.checkpoint import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
+from surgery.edits.on_checkpoints import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
 from surgery.edits.preflight import RevertReport
 from surgery.edits.edit import Edit, Presence
 

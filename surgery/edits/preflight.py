@@ -140,7 +140,7 @@ def check_base(
 
 @dataclass(frozen=True)
 class RevertReport:
-    """What :func:`revert_edit` (and :func:`surgery.edits.checkpoint.revert_from_checkpoint`) did.
+    """What :func:`revert_edit` (and :func:`surgery.edits.on_checkpoints.revert_from_checkpoint`) did.
 
     Truthy when the weights are now exactly the bytes the edit was made on.
 

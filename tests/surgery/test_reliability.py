@@ -25,7 +25,7 @@ from surgery import Edit, IncompatibleEditError, SurgeryError, SurgeryWarning, a
 from surgery._files import atomic_write, refuse_overwrite, remove_stale_temporaries
 from surgery.cli.args import warnings_on_stderr as _warnings_on_stderr
 from surgery.cli.main import main
-from surgery.edits.checkpoint import apply_to_checkpoint, revert_from_checkpoint
+from surgery.edits.on_checkpoints import apply_to_checkpoint, revert_from_checkpoint
 from surgery.identity import architecture_id, tensor_sha256
 from tests.strategies import ModelRecipe
 

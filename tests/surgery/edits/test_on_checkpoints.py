@@ -1,4 +1,4 @@
-"""Edits on checkpoints on disk (surgery.edits.checkpoint) and the inspect / apply / revert commands."""
+"""Edits on checkpoints on disk (surgery.edits.on_checkpoints) and the inspect / apply / revert commands."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from surgery import (
     revert_edit,
 )
 from surgery.cli.edit_files import add_command
-from surgery.edits.checkpoint import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
+from surgery.edits.on_checkpoints import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
 from surgery.identity import architecture_id, tensor_sha256
 from surgery.models.checkpoints import read_checkpoint
 from tests.strategies import ModelRecipe
