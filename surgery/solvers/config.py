@@ -16,7 +16,7 @@ import torch
 
 from surgery.errors import SurgeryError
 
-from .fast import solve_fast
+from .fast import MAX_ITER, solve_fast
 from .problem import EditProblem
 from .reference import solve_reference
 
@@ -35,7 +35,7 @@ class FastConfig:
 
     name: ClassVar[str] = "fast"
     ridge: float = 0.0
-    max_iter: int = 100
+    max_iter: int = MAX_ITER
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ridge, (int, float)) and 0 <= self.ridge < math.inf):

@@ -59,6 +59,7 @@ _FD_START, _FD_POLISH, _FD_DECAY, _FD_STEP = 0.1, 0.01, 0.5, 1e-3
 # L2 on kinked blocks: Adam steps along the valleys that follow kinks (where Gauss-Newton stalls), with a
 # step size relative to the mean |lam|, then Gauss-Newton again
 _VALLEY_STEPS, _VALLEY_LR = 50, 0.1
+MAX_ITER = 100  # the most Gauss-Newton iterations of each run, by default (FastConfig.max_iter)
 
 
 class FastSolver:
@@ -316,7 +317,7 @@ class FastSolver:
         self.stack.release()
         return mat.reshape(start.shape), obj.reshape(start.shape[:-1]), it
 
-    def solve(self, *, max_iter: int = 100) -> tuple[torch.Tensor, dict]:
+    def solve(self, *, max_iter: int = MAX_ITER) -> tuple[torch.Tensor, dict]:
         """Solve from zero and from the linearized solution (side by side) for :data:`_MERGE_AFTER`
         iterations, keep each channel's better point and go on from there to convergence.
 
@@ -358,7 +359,7 @@ class FastSolver:
         return lam, info
 
 
-def solve_fast(problem: EditProblem, *, max_iter: int = 100) -> tuple[torch.Tensor, dict]:
+def solve_fast(problem: EditProblem, *, max_iter: int = MAX_ITER) -> tuple[torch.Tensor, dict]:
     """Solve ``problem`` with the per-channel decomposition; returns ``(lam, info)``.
 
     Blocks that mix output channels (squeeze-excite after the edited conv, a LayerNorm on the
