@@ -93,8 +93,12 @@ def check_images(images: Any, what: str = "images", *, pixels: bool = False) -> 
         )
     shape = tuple(images.shape)
     if images.ndim != 4:
-        hint = " It is one image: add the batch dimension with x.unsqueeze(0)." if shape[:1] == (3,) else ""
-        raise SurgeryError(f"{what} must have shape (N, 3, H, W); got {shape}.{hint}")
+        hint = (
+            "It is one image: add the batch dimension with x.unsqueeze(0)"
+            if images.ndim == 3 and shape[0] == 3
+            else "Stack the images into one batch (torch.stack) of that shape"
+        )
+        raise SurgeryError(f"{what} must have shape (N, 3, H, W); got {shape}. {hint}")
     if shape[0] == 0:
         raise SurgeryError(f"{what} is empty: give at least one image")
     if shape[1] != 3:
