@@ -30,6 +30,7 @@ from surgery.layers import get_layer
 from surgery.layout import channels_last_rows
 from surgery.solvers import EditProblem, ReferenceConfig, SolverConfig, solver_config, value_weights
 from surgery.solvers.direction import key_weights, rank_one_direction
+from surgery.span import rewrite_span
 from surgery.stats.keystats import KeyStats
 
 __all__ = ["rewrite", "prepare_problem", "auto_prefix_weight"]
@@ -132,6 +133,7 @@ def prepare_problem(
     rank: int = 1,
     transform: Transform | None = None,
     prefix_weight: PrefixWeight = "auto",
+    shift: torch.Tensor | None = None,
 ) -> EditProblem:
     """Capture keys and values, compute the direction ``u``, and return the problem a solver takes.
 
@@ -139,6 +141,9 @@ def prepare_problem(
     ``prefix_weight`` grid tokens fully inside the concept, in the masked direction, in the masked
     loss, and in the unmasked loss (where every grid token weighs 1); ``"auto"`` is
     :func:`auto_prefix_weight`. The value used is ``problem.prefix_weight``; see :func:`rewrite`.
+
+    ``shift`` (values-shaped, one per exemplar): the targets become the transformed exemplars' own values
+    moved by ``shift`` instead of the originals' values (a span edit's share of the gap, ``surgery.span``).
     """
     layer = get_layer(model, layer)
     require_eval(model, "rewrite")
@@ -165,7 +170,12 @@ def prepare_problem(
     device = model_device(model)
     dtype = layer.weight.dtype
     io_t = layer.capture(model, x2.to(device, dtype))
-    io_o = layer.capture(model, x.to(device, dtype))
+    if shift is None:
+        targets = layer.capture(model, x.to(device, dtype)).values
+    elif tuple(shift.shape) != tuple(io_t.values.shape):
+        raise SurgeryError(f"shift must have the values' shape {tuple(io_t.values.shape)}, got {tuple(shift.shape)}")
+    else:
+        targets = io_t.values + shift.to(io_t.values)
 
     if prefix_weight == "auto":
         prefix_weight = auto_prefix_weight(model, layer, io_t.keys)
@@ -186,7 +196,7 @@ def prepare_problem(
         rank=rank,
         whitening=whitening,
     )
-    values = io_o.values[:ntrain]
+    values = targets[:ntrain]
     loss_masks = m[:ntrain].to(device) if (use_mask and m is not None) else None
     loss_weights = value_weights(
         loss_masks, values, layer.value_layout, prefix_weight=prefix_weight, loss=loss
@@ -206,7 +216,7 @@ def prepare_problem(
 
 def rewrite(
     model: nn.Module,
-    layer: str | EditableLayer,
+    layer: str | EditableLayer | Sequence[str],
     originals: Images,
     transformed: Images,
     masks: Any = None,
@@ -225,6 +235,7 @@ def rewrite(
     lr: float | None = None,
     restrict_rank: bool | None = None,
     progress: bool | None = None,
+    schedule: Literal["memit", "first_last"] = "memit",
 ) -> Edit:
     """Compute the edit of ``layer`` that makes ``model`` see ``transformed`` as it sees ``originals``.
 
@@ -232,7 +243,9 @@ def rewrite(
 
     Args:
         model: the classifier, in eval mode.
-        layer: the editable layer's module name (see ``surgery.editable_layers``).
+        layer: the editable layer's module name (see ``surgery.editable_layers``), or a list of layers of
+            consecutive residual blocks in forward order: one span edit, an update per layer made with
+            ``schedule`` (:mod:`surgery.span`); ``stats`` is then ``{layer: KeyStats}``.
         originals: images ``(N, 3, H, W)``, or paths / PIL images (preprocessed with ``transform``,
             by default the model's own preprocessing).
         transformed: the same images with the concept transformed.
@@ -258,6 +271,9 @@ def rewrite(
             (``solver="fast", ridge=1e-3`` is ``solver=FastConfig(ridge=1e-3)``; ``steps`` of the fast
             solver is its ``max_iter``); an option the named solver does not have raises
             :class:`SurgeryError` (:func:`~surgery.solvers.solver_config`).
+        schedule: a span edit's share of the gap per layer: ``"memit"`` (each layer in turn takes the gap
+            left at the span's end over the layers left) or ``"first_last"`` (the same over the first and
+            last layers only).
 
     Returns:
         An :class:`Edit` with factors ``lam``, ``u`` (or a dense delta when ``restrict_rank=False``); its
@@ -267,6 +283,13 @@ def rewrite(
     config = solver_config(
         solver, ridge=ridge, max_iter=max_iter, steps=steps, lr=lr, restrict_rank=restrict_rank, progress=progress
     )
+    if not isinstance(layer, (str, EditableLayer)):
+        if isinstance(config, ReferenceConfig) and not config.restrict_rank:
+            raise SurgeryError("a span edit is made of rank-one updates: restrict_rank=False is for one layer")
+        return rewrite_span(
+            model, list(layer), originals, transformed, masks, stats=stats, config=config, schedule=schedule,
+            loss=loss, use_mask=use_mask, ntrain=ntrain, rank=rank, transform=transform, prefix_weight=prefix_weight,
+        )
     start = time.perf_counter()
     problem = prepare_problem(
         model,

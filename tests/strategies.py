@@ -121,6 +121,32 @@ def factored_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) 
 
 
 @st.composite
+def span_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) -> Edit:
+    """A span edit: factors (rank 1-2) for two or more layers of ``model`` in forward order, starting at
+    ``layer`` (a single-layer factored edit where no layer follows it), made on their current weights."""
+    names = editable_layers(model)
+    first = layer if layer is not None else draw(st.sampled_from(names[:-1]))
+    later = names[names.index(first) + 1 :]
+    if not later:
+        return draw(factored_edits(model, first))
+    layers = [first, *draw(st.lists(st.sampled_from(later), min_size=1, max_size=len(later), unique=True))]
+    layers.sort(key=names.index)
+    rank = draw(st.integers(1, 2))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    span = {}
+    for name in layers:
+        weight = model.get_parameter(f"{name}.weight")
+        m, n, *kernel = weight.shape
+        dtype = _factor_dtype(draw, weight)
+        lam = torch.randn(rank, m, *kernel, generator=g, dtype=torch.float64)
+        lam = (lam * _scale(draw, weight, lam[0].numel() * rank)).to(dtype)
+        u = torch.randn(rank, n, generator=g, dtype=torch.float64)
+        span[f"{name}.weight"] = (lam, (u / u.norm(dim=1, keepdim=True)).to(dtype))
+    edit = Edit(span=span, **draw(_provenance(model, first, list(span), "rewrite")))
+    return edit.made_on({p: model.get_parameter(p) for p in span})
+
+
+@st.composite
 def dense_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) -> Edit:
     """A dense edit of a layer's weight (and, sometimes, its bias), made on its current weights."""
     layer = layer if layer is not None else draw(st.sampled_from(editable_layers(model)))
@@ -139,8 +165,10 @@ def dense_edits(draw: st.DrawFn, model: nn.Module, layer: str | None = None) -> 
 
 
 def edits(model: nn.Module, layer: str | None = None) -> st.SearchStrategy[Edit]:
-    """Factored (mostly) or dense edits of ``model``."""
-    return st.one_of(factored_edits(model, layer), factored_edits(model, layer), dense_edits(model, layer))
+    """Factored (mostly), span or dense edits of ``model``."""
+    return st.one_of(
+        factored_edits(model, layer), factored_edits(model, layer), span_edits(model, layer), dense_edits(model, layer)
+    )
 
 
 def state_hashes(model: nn.Module) -> dict[str, str]:

@@ -103,9 +103,17 @@ def _add_device_and_size(p: argparse.ArgumentParser, size_help: str) -> None:
     p.add_argument("--size", type=positive_int, help=size_help)
 
 
-def add_image_args(p: argparse.ArgumentParser) -> None:
-    """``--layer``, ``--device``, ``--size``: the commands that compute on one layer (stats, edit)."""
-    p.add_argument("--layer", required=True, help="the editable layer (see `surgery layers MODEL`)")
+def add_image_args(p: argparse.ArgumentParser, *, span: bool = False) -> None:
+    """``--layer``, ``--device``, ``--size``: the commands that compute on a layer (stats, edit); with ``span``,
+    ``--layer`` may be repeated (a list)."""
+    if span:
+        p.add_argument(
+            "--layer", required=True, action="append",
+            help="the editable layer (see `surgery layers MODEL`); repeat it for one edit spread over layers of "
+            "consecutive residual blocks, in forward order (a span edit)",
+        )
+    else:
+        p.add_argument("--layer", required=True, help="the editable layer (see `surgery layers MODEL`)")
     _add_device_and_size(
         p,
         "crop images to SIZE px, with the model's own resize ratio and normalization (default: the model's input size)",

@@ -89,45 +89,60 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     check_files(transformed, "--transformed image")
     check_files(masks or (), "--mask")
     if args.stats is not None:
-        check_files([args.stats], "--stats")
+        if len(args.stats) != len(args.layer):
+            raise SurgeryError(
+                f"{len(args.stats)} --stats file(s) for {len(args.layer)} --layer(s): give one statistics file per "
+                "layer, in the same order"
+            )
+        check_files(args.stats, "--stats")
     refuse_overwrite(args.output, inputs_of(args, "original", "transformed", "mask", "stats", "data"), what="the edit file")
 
     model = model_from_args(args)
     transform = model_transform(model, args.size)
-    layer = get_layer(model, args.layer)  # fail on a bad layer name before any long computation
-    if args.stats is not None:
-        stats = KeyStats.load(args.stats)
-        if stats.layer != layer.name:
-            raise SurgeryError(
-                f"the key statistics in {args.stats!r} are of layer {stats.layer!r}, not {layer.name!r}; "
-                f"compute them with: surgery stats {args.model} --layer {layer.name} --data DIR -o FILE"
-            )
-        _check_stats_weights(model, layer, stats, args.stats, transform, transformed[0])
-    else:
-        stats, images = collect_from_folder(model, layer, args, transform)
-        print(f"{layer.name}: key statistics from {images} images, {stats.count} key vectors, n={stats.n}")
+    layers = [get_layer(model, name) for name in args.layer]  # fail on a bad layer name before any long computation
+    stats: dict[str, KeyStats] = {}
+    for i, layer in enumerate(layers):
+        if args.stats is not None:
+            stats[layer.name] = KeyStats.load(args.stats[i])
+            if stats[layer.name].layer != layer.name:
+                raise SurgeryError(
+                    f"the key statistics in {args.stats[i]!r} are of layer {stats[layer.name].layer!r}, not "
+                    f"{layer.name!r}; compute them with: surgery stats {args.model} --layer {layer.name} --data DIR -o FILE"
+                )
+            _check_stats_weights(model, layer, stats[layer.name], args.stats[i], transform, transformed[0])
+        else:
+            stats[layer.name], images = collect_from_folder(model, layer, args, transform)
+            print(f"{layer.name}: key statistics from {images} images, {stats[layer.name].count} key vectors, n={stats[layer.name].n}")
 
     mask_tensor = None if masks is None else masks_for_inputs(masks, originals, Preprocess.from_model(model), args.size)
     edit = rewrite(
-        model, layer, originals, transformed, mask_tensor, stats=stats, solver=args.solver, loss=args.loss,
+        model, [layer.name for layer in layers] if len(layers) > 1 else layers[0], originals, transformed, mask_tensor,
+        stats=stats if len(layers) > 1 else stats[layers[0].name], solver=args.solver, loss=args.loss,
         use_mask=args.use_mask, ridge=args.ridge, steps=args.steps, lr=args.lr, rank=args.rank,
         transform=transform, progress=True if args.solver == "reference" else None,
     )
     if args.description is not None:
         edit.description = args.description
-    if edit.factored and not bool(edit.lam.abs().max() > 0):
+    if edit.factored and not any(bool(lam.abs().max() > 0) for lam, _ in edit.factors().values()):
         raise SurgeryError(
-            f"the edit of {edit.layer} is zero, so it would change nothing; nothing was written. The block's "
+            f"the edit of {' + '.join(edit.layers)} is zero, so it would change nothing; nothing was written. The block's "
             "value does not depend on this layer's weight along the edit direction (a zero-initialised "
             "BatchNorm after it, as timm ResNets have with random weights, or exemplars whose keys do not "
             "differ there): check the weights (--checkpoint/--pretrained) or edit another layer"
         )
     info = edit.info
-    before, after = float(info["objective_before"]), float(info["objective"])
-    change = f" ({100.0 * (after - before) / before:+.1f}%)" if before > 0 else ""
-    norm = float(edit.lam.norm()) if edit.lam is not None else float(edit.delta().norm())
-    print(f"edit {edit.layer}: {len(originals)} exemplar(s), {edit.hparams['solver']} solver, {args.loss} loss, rank {args.rank}")
-    print(f"objective: {before:.6g} -> {after:.6g}{change}")
+    print(
+        f"edit {' + '.join(edit.layers)}: {len(originals)} exemplar(s), {edit.hparams['solver']} solver, "
+        f"{args.loss} loss, rank {args.rank}"
+    )
+    for part in info.get("layers", [info]):  # a span edit reports each layer's solve
+        before, after = float(part["objective_before"]), float(part["objective"])
+        change = f" ({100.0 * (after - before) / before:+.1f}%)" if before > 0 else ""
+        print(f"objective{' of ' + part['layer'] if 'layer' in part else ''}: {before:.6g} -> {after:.6g}{change}")
+    if edit.span:
+        gaps = info["gap_at_last"]
+        print(f"mean |gap| at {edit.layers[-1]}: {gaps[0]:.6g} -> {gaps[-1]:.6g}")
+    norm = sum(float(lam.norm()) ** 2 for lam, _ in edit.factors().values()) ** 0.5 if edit.factored else float(edit.delta().norm())
     print(
         f"||lam|| = {norm:.6g}, solver {float(info.get('seconds', 0.0)):.3f} s "
         f"(total {float(info.get('seconds_total', 0.0)):.3f} s)"
@@ -146,7 +161,7 @@ def add_command(subparsers: Any) -> None:
         "exemplars as it sees the originals, and write it as a safetensors file.",
     )
     add_model_args(p)
-    add_image_args(p)
+    add_image_args(p, span=True)
     p.add_argument("--original", nargs="+", required=True, metavar="IMAGE", help="original exemplar images")
     p.add_argument(
         "--transformed", nargs="+", required=True, metavar="IMAGE",
@@ -154,7 +169,9 @@ def add_command(subparsers: Any) -> None:
     )
     p.add_argument("--mask", nargs="+", metavar="IMAGE", help="concept masks (grayscale), one per exemplar")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--stats", metavar="FILE", help="key statistics written by `surgery stats`")
+    source.add_argument(
+        "--stats", nargs="+", metavar="FILE", help="key statistics written by `surgery stats`, one per --layer, in order"
+    )
     source.add_argument("--data", metavar="DIR", help="a folder of clean images to compute the key statistics from")
     p.add_argument("--solver", choices=("fast", "reference"), default="fast", help="default: fast")
     p.add_argument("--loss", choices=("l1", "l2"), default="l1", help="default: l1 (the paper's)")

@@ -1,9 +1,10 @@
-"""The :class:`Edit`: a weight update of one layer, as factors (rank-one rewrite) or dense deltas.
+"""The :class:`Edit`: a weight update of one layer (or of a span of layers), as factors (rank-one rewrite)
+or dense deltas.
 
 A rewrite stores ``lam`` and ``u`` with the update ``delta[o, c, ...] = sum_r lam[r, o, ...] * u[r, c]``:
 ``u`` lies along the input-channel axis of the edited weight and ``lam`` holds one coefficient per
-output channel and kernel tap. Methods without factors (fine-tuning) store dense ``deltas`` per
-parameter name.
+output channel and kernel tap. A span edit (one rewrite spread over several blocks) stores such factors
+for each of its layers. Methods without factors (fine-tuning) store dense ``deltas`` per parameter name.
 """
 
 from __future__ import annotations
@@ -79,14 +80,15 @@ def _now() -> str:
 
 @dataclass
 class Edit:
-    """A weight update of one editable layer.
+    """A weight update of one editable layer, or of several (a span edit), applied and reverted as a whole.
 
     Attributes:
-        layer: module name of the edited layer.
+        layer: module name of the edited layer (of a span edit: its first layer; all are in :attr:`layers`).
         method: e.g. ``"rewrite"`` or ``"finetune"``.
         hparams: how it was made (solver, loss, ridge, steps, ...); JSON-serializable.
-        lam: ``(rank, m, kh, kw)`` for convs, ``(rank, m)`` for Linear layers; ``None`` for dense edits.
-        u: ``(rank, n)``, unit rows along the input-channel axis; ``None`` for dense edits.
+        lam: ``(rank, m, kh, kw)`` for convs, ``(rank, m)`` for Linear layers, of a single-layer factored
+            edit; ``None`` for dense and span edits.
+        u: ``(rank, n)``, unit rows along the input-channel axis; as ``lam``.
         deltas: dense updates by parameter name, for methods without factors.
         base: for every parameter the edit changes, its ``shape``, ``dtype`` and the ``sha256`` of its
             original bytes (see :func:`base_record`).
@@ -98,6 +100,8 @@ class Edit:
             factored edit the projection ``W0 ._1 u`` ``(rank, m, *kernel)`` (as small as ``lam``), for
             a dense edit the scalar ``<W0, delta>``. With them a revert can tell whether (and how
             strongly) the edit is on a set of weights (:meth:`presence`). Filled by :meth:`made_on`.
+        span: a span edit's factors, ``{weight parameter name: (lam, u)}`` for each of its layers in forward
+            order (two or more); empty for a single-layer edit, which holds ``lam`` and ``u``.
     """
 
     layer: str
@@ -112,14 +116,24 @@ class Edit:
     created: str = field(default_factory=_now)
     info: dict[str, Any] = field(default_factory=dict)
     base_along: dict[str, torch.Tensor] = field(default_factory=dict)
+    span: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.lam is None) != (self.u is None):
             raise SurgeryError("an Edit needs both factors (lam and u) or neither")
-        if self.lam is None and not self.deltas:
-            raise SurgeryError("an Edit needs factors (lam, u) or dense deltas")
-        if self.lam is not None:
-            rank_one_delta(self.lam[:, :1], self.u[:, :1])  # shape check only, cheap
+        kinds = (self.lam is not None) + bool(self.span) + bool(self.deltas)
+        if kinds != 1:
+            raise SurgeryError(
+                "an Edit holds exactly one of: factors lam and u (one layer), a span of factors (several "
+                "layers), or dense deltas"
+            )
+        if self.span:
+            if len(self.span) < 2:
+                raise SurgeryError("a span edit has two or more layers; give one layer's factors as lam and u")
+            if next(iter(self.span)) != self.param:
+                raise SurgeryError(f"a span edit's layer must be its first layer, {next(iter(self.span))!r}")
+        for lam, u in self.factors().values():
+            rank_one_delta(lam[:, :1], u[:, :1])  # shape check only, cheap
         for name, t in self.base_along.items():
             expected = self._along_shape(name)
             if expected is not None and tuple(t.shape) != expected:
@@ -129,13 +143,13 @@ class Edit:
 
     def _along_shape(self, name: str) -> tuple[int, ...] | None:
         if self.factored:
-            return tuple(self.lam.shape) if name == self.param else None  # type: ignore[union-attr]
+            return tuple(self.factors()[name][0].shape) if name in self.factors() else None
         return () if name in self.deltas else None
 
     def _along(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` along this edit's update of ``name``, in float64."""
         if self.factored:
-            return project_on(weight, self.u)  # type: ignore[arg-type]
+            return project_on(weight, self.factors()[name][1])
         d = self.deltas[name].detach().to(weight.device, torch.float64)
         return (weight.detach().to(torch.float64) * d).sum()
 
@@ -166,7 +180,7 @@ class Edit:
             base = self.base_along[name].to(w.device, torch.float64)
             change = self._along(name, w) - base
             if self.factored:  # the projection moves by alpha * G lam
-                unit = project_on(delta.to(w.device), self.u)  # type: ignore[arg-type]
+                unit = project_on(delta.to(w.device), self.factors()[name][1])
             else:  # the scalar <W, delta> moves by alpha * ||delta||^2
                 unit = delta.detach().to(w.device, torch.float64).square().sum()
             changes.append((change, unit))
@@ -177,7 +191,7 @@ class Edit:
             w_norm = float(w.detach().to(torch.float64).norm())
             d_norm = float(delta.detach().to(torch.float64).norm())
             if self.factored:
-                scale = w_norm * (self.rank or 1) ** 0.5
+                scale = w_norm * self.factors()[name][1].shape[0] ** 0.5
                 noise += (eps_w * scale + eps_s * float(base.norm())) ** 2
             else:
                 noise += (eps_w * w_norm * d_norm + eps_s * abs(float(base))) ** 2
@@ -200,18 +214,36 @@ class Edit:
         """Name of the edited layer's weight parameter."""
         return f"{self.layer}.weight" if self.layer else "weight"
 
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{weight parameter name: (lam, u)}`` of every layer a factored edit changes (empty for dense edits)."""
+        if self.lam is not None:
+            return {self.param: (self.lam, self.u)}  # type: ignore[dict-item]
+        return dict(self.span)
+
+    @property
+    def layers(self) -> list[str]:
+        """The edited layers in forward order: one, or a span edit's several."""
+        if self.span:
+            return [name.removesuffix(".weight") for name in self.span]
+        return [self.layer]
+
     @property
     def factored(self) -> bool:
-        """True when the edit is stored as factors ``lam`` and ``u``."""
-        return self.lam is not None
+        """True when the edit is stored as factors (``lam`` and ``u`` per layer)."""
+        return self.lam is not None or bool(self.span)
 
     @property
     def rank(self) -> int | None:
-        """Number of rank-one terms, ``None`` for dense edits."""
-        return None if self.u is None else int(self.u.shape[0])
+        """Number of rank-one terms (per layer), ``None`` for dense edits."""
+        return max((int(u.shape[0]) for _, u in self.factors().values()), default=None)
 
     def delta(self) -> torch.Tensor:
-        """The dense update of the edited layer's weight."""
+        """The dense update of the edited layer's weight (a single-layer edit)."""
+        if self.span:
+            raise SurgeryError(
+                f"this span edit changes {len(self.span)} layers ({', '.join(self.layers)}): take their "
+                "updates from parameter_deltas()"
+            )
         if self.factored:
             return rank_one_delta(self.lam, self.u)  # type: ignore[arg-type]
         if self.param not in self.deltas:
@@ -220,7 +252,9 @@ class Edit:
 
     def parameter_deltas(self) -> dict[str, torch.Tensor]:
         """Every parameter this edit changes, with its dense update."""
-        return {self.param: self.delta()} if self.factored else dict(self.deltas)
+        if self.factored:
+            return {name: rank_one_delta(lam, u) for name, (lam, u) in self.factors().items()}
+        return dict(self.deltas)
 
     def new_weight(self, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """``weight + alpha * delta`` as apply writes it (:func:`~surgery.rank_one.add_scaled`: float64, rounded
@@ -230,13 +264,15 @@ class Edit:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the edit as one safetensors file, atomically (format: docs/edit-format.md)."""
         if self.factored:
-            tensors = {f"{self.param}.lambda": self.lam, f"{self.param}.u": self.u}
+            tensors = {}
+            for name, (lam, u) in self.factors().items():
+                tensors.update({f"{name}.lambda": lam, f"{name}.u": u})
         else:
             tensors = {f"{name}.delta": d for name, d in self.deltas.items()}
         tensors.update({f"{name}.base_along": t for name, t in self.base_along.items()})
         fields = {
             "kind": "factored" if self.factored else "dense",
-            "params": [self.param] if self.factored else list(self.deltas),
+            "params": list(self.factors()) if self.factored else list(self.deltas),
             **{k: getattr(self, k) for k in ("method", "layer", "base", "hparams", "architecture", "description", "created", "info")},
         }
         save_edit_file(path, tensors, fields)  # type: ignore[arg-type]
@@ -248,5 +284,6 @@ class Edit:
 
     def __repr__(self) -> str:
         what = f"rank {self.rank}" if self.factored else f"dense, {len(self.deltas)} parameter(s)"
-        return f"Edit({self.layer!r}, {self.method}, {what})"
+        where = " + ".join(self.layers)
+        return f"Edit({where!r}, {self.method}, {what})"
 

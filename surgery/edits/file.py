@@ -1,11 +1,14 @@
-"""Edits as files: one safetensors file with the factors and string metadata (format version 2).
+"""Edits as files: one safetensors file with the factors and string metadata (format versions 2 and 3).
 
 Tensors:
-    ``<param>.lambda`` ``(rank, m, *kernel)`` and ``<param>.u`` ``(rank, n)`` for factored edits, or
+    ``<param>.lambda`` ``(rank, m, *kernel)`` and ``<param>.u`` ``(rank, n)`` for factored edits (for each
+    layer of a span edit, which is what version 3 adds: a factored edit of several parameters), or
     ``<param>.delta`` (the parameter's shape) for each parameter of a dense edit; and for each changed
     parameter ``<param>.base_along``: its original values along the edit (``W0 ._1 u``, the shape of
     ``lambda``, for factored edits; the scalar ``<W0, delta>`` for dense ones), with which a revert
-    tells whether the edit is on a set of weights. Version 1 files (without ``base_along``) are read.
+    tells whether the edit is on a set of weights. Version 1 files (without ``base_along``) are read. A
+    writer marks a file version 3 only when it needs to (a span edit), so that single-layer edits stay
+    readable by libraries that know version 2.
 Metadata (every value a string; JSON where noted):
     ``format`` = ``model-surgery/edit``, ``format_version`` = ``1``, ``library_version``, ``kind``
     (``factored`` | ``dense``), ``method``, ``layer``, ``params`` (JSON list), ``base`` (JSON: for each
@@ -51,8 +54,8 @@ __all__ = [
 ]
 
 FORMAT = "model-surgery/edit"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 MAX_HEADER_BYTES = 1 << 20  # real edit headers are a few KB; refuse anything beyond 1 MiB
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 CHECKSUM_KEY = "file_sha256"
@@ -91,9 +94,10 @@ def save_edit_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor
             f"the edit has no base record (shape, dtype, fingerprint) for {missing}; edits made by "
             "rewrite() and finetune() have one"
         )
+    spans = fields["kind"] == "factored" and len(params) > 1
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if spans else "2",
         "library_version": __version__,
         "kind": fields["kind"],
         "method": fields["method"],
@@ -227,8 +231,8 @@ def read_edit_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise EditFormatError(f"{path} is a safetensors file but not a model-surgery edit (format {meta.get('format')!r})")
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise EditFormatError(
-            f"{path} uses edit format version {meta.get('format_version')!r}; this library reads version "
-            f"{FORMAT_VERSION}. Upgrade model-surgery to read it"
+            f"{path} uses edit format version {meta.get('format_version')!r}; this library reads versions "
+            f"{', '.join(READABLE_VERSIONS)}. Upgrade model-surgery to read it"
         )
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
@@ -269,9 +273,13 @@ def load_edit_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     info = _loads(meta, "info", path, dict) if "info" in meta else {}
     kind = meta["kind"]
     if kind == "factored":
-        if len(params) != 1:
-            raise EditFormatError(f"{path}: a factored edit changes exactly one parameter")
-        expected = {f"{params[0]}.lambda", f"{params[0]}.u"}
+        if len(params) != 1 and meta["format_version"] in ("1", "2"):
+            raise EditFormatError(
+                f"{path}: a factored edit of format version {meta['format_version']} changes exactly one parameter"
+            )
+        if len(set(params)) != len(params):
+            raise EditFormatError(f"{path}: metadata 'params' names a parameter twice")
+        expected = {f"{p}.{t}" for p in params for t in ("lambda", "u")}
     elif kind == "dense":
         expected = {f"{p}.delta" for p in params}
     else:
@@ -307,27 +315,34 @@ def load_edit_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         info=info,
     )
     if kind == "factored":
-        p = params[0]
-        lam, u = tensors[f"{p}.lambda"], tensors[f"{p}.u"]
-        shape = base[p]["shape"]
-        if not (
-            len(shape) >= 2
-            and u.ndim == 2
-            and lam.ndim == len(shape)
-            and lam.shape[0] == u.shape[0] >= 1
-            and lam.shape[1] == shape[0]
-            and u.shape[1] == shape[1]
-            and list(lam.shape[2:]) == shape[2:]
-        ):
-            raise EditFormatError(
-                f"{path}: factors lambda {tuple(lam.shape)} and u {tuple(u.shape)} do not fit the parameter "
-                f"shape {tuple(shape)} recorded in the file"
-            )
-        if p != (f"{meta['layer']}.weight" if meta["layer"] else "weight"):
-            raise EditFormatError(f"{path}: parameter {p!r} is not the weight of layer {meta['layer']!r}")
-        if p in along and tuple(along[p].shape) != tuple(lam.shape):
-            raise EditFormatError(f"{path}: {p}.base_along must have the shape of lambda {tuple(lam.shape)}")
-        return {"lam": lam, "u": u, **common}
+        factors = {}
+        for p in params:
+            lam, u = tensors[f"{p}.lambda"], tensors[f"{p}.u"]
+            shape = base[p]["shape"]
+            if not (
+                len(shape) >= 2
+                and u.ndim == 2
+                and lam.ndim == len(shape)
+                and lam.shape[0] == u.shape[0] >= 1
+                and lam.shape[1] == shape[0]
+                and u.shape[1] == shape[1]
+                and list(lam.shape[2:]) == shape[2:]
+            ):
+                raise EditFormatError(
+                    f"{path}: factors lambda {tuple(lam.shape)} and u {tuple(u.shape)} of {p!r} do not fit the "
+                    f"parameter shape {tuple(shape)} recorded in the file"
+                )
+            if not p.endswith(".weight") and p != "weight":
+                raise EditFormatError(f"{path}: factored parameter {p!r} is not the weight of a layer")
+            if p in along and tuple(along[p].shape) != tuple(lam.shape):
+                raise EditFormatError(f"{path}: {p}.base_along must have the shape of lambda {tuple(lam.shape)}")
+            factors[p] = (lam, u)
+        if params[0] != (f"{meta['layer']}.weight" if meta["layer"] else "weight"):
+            raise EditFormatError(f"{path}: parameter {params[0]!r} is not the weight of layer {meta['layer']!r}")
+        if len(factors) == 1:
+            ((lam, u),) = factors.values()
+            return {"lam": lam, "u": u, **common}
+        return {"span": factors, **common}
     for p in params:
         if list(tensors[f"{p}.delta"].shape) != base[p]["shape"]:
             raise EditFormatError(f"{path}: delta of {p!r} does not have the recorded shape {base[p]['shape']}")

@@ -240,8 +240,6 @@ def _shape(shape: Sequence[int]) -> str:
 
 def inspect_edit(path: str | os.PathLike[str]) -> str:
     """A readable summary of an edit file: metadata, factor shapes and norms, rank, and sizes."""
-
-
     path = Path(path)
     edit = Edit.load(path)
     meta = read_edit_metadata(path)
@@ -253,7 +251,7 @@ def inspect_edit(path: str | os.PathLike[str]) -> str:
             f"format:        {meta['format']} version {meta['format_version']}, written by model-surgery "
             f"{meta.get('library_version', '?')}"
         ),
-        f"layer:         {edit.layer}",
+        f"layer:         {edit.layer}" if not edit.span else f"layers:        {', '.join(edit.layers)} (a span edit)",
         f"method:        {edit.method} ({kind})",
         f"architecture:  {edit.architecture or '-'}",
         f"created:       {edit.created or '-'}",
@@ -272,13 +270,12 @@ def inspect_edit(path: str | os.PathLike[str]) -> str:
             f"base sha256 {str(rec.get('sha256', '?'))[:16]}..."
         )
         lines.append(f"  update:      norm {float(delta.double().norm()):.6g}")
-    if edit.factored:
-        for label, t in (("lambda", edit.lam), ("u", edit.u)):
+        for label, t in zip(("lambda", "u"), edit.factors().get(name, ())):
             norms = ", ".join(f"{float(x):.6g}" for x in t.double().flatten(1).norm(dim=1))
             lines.append(
                 f"  {label + ':':<12} {_shape(t.shape)} {str(t.dtype).removeprefix('torch.')}, row norms {norms}"
             )
-    else:
+    if not edit.factored:
         for name, delta in edit.deltas.items():
             lines.append(f"  delta:       {name} {_shape(delta.shape)} {str(delta.dtype).removeprefix('torch.')}")
     lines.append(

@@ -312,3 +312,43 @@ def test_size_keeps_the_models_normalization():
     x = _transform(model, 32)(white)
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5; ImageNet's: 2.2
     assert _transform(model, None)(white).shape == (3, 224, 224)
+
+
+def test_edit_of_a_span_writes_one_file_with_every_layer(files, tmp_path, capsys):
+    """``--layer`` twice: one span edit (conv1 and conv2 of one BasicBlock: values of one shape), key
+    statistics for both from the same folder, one file that inspect and apply/revert handle as a whole."""
+    out_path = tmp_path / "span.safetensors"
+    first = "layer2.0.conv1"
+    code, out, err = run(
+        capsys, "edit", MODEL, "--checkpoint", files["ckpt"], "--layer", first, "--layer", LAYER, "--size", SIZE,
+        "--original", *files["x"], "--transformed", *files["y"], "--data", files["data"], "--max-images", "6",
+        "-o", str(out_path),
+    )
+    assert code == 0, err
+    assert f"objective of {first}:" in out and f"objective of {LAYER}:" in out and f"mean |gap| at {LAYER}" in out
+    edit = Edit.load(out_path)
+    assert edit.layers == [first, LAYER] and edit.hparams["span"] == [first, LAYER]
+    code, out, err = run(capsys, "inspect", str(out_path))
+    assert code == 0, err
+    assert f"layers:        {first}, {LAYER} (a span edit)" in out and "version 3" in out
+    edited_ckpt = tmp_path / "edited.safetensors"
+    code, _, err = run(capsys, "apply", files["ckpt"], str(out_path), "-o", str(edited_ckpt))
+    assert code == 0, err
+    back = tmp_path / "back.safetensors"
+    code, _, err = run(capsys, "revert", str(edited_ckpt), str(out_path), "-o", str(back))
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    original, edited_w, reverted = load_file(files["ckpt"]), load_file(str(edited_ckpt)), load_file(str(back))
+    for name in (f"{first}.weight", f"{LAYER}.weight"):
+        assert not torch.equal(edited_w[name], original[name])
+        torch.testing.assert_close(reverted[name], original[name], rtol=0, atol=1e-6)
+
+
+def test_a_span_needs_one_stats_file_per_layer(files, tmp_path, capsys):
+    code, _, err = run(
+        capsys, "edit", MODEL, "--checkpoint", files["ckpt"], "--layer", "layer2.0.conv1", "--layer", LAYER,
+        "--original", files["x"][0], "--transformed", files["y"][0], "--stats", files["stats"],
+        "-o", str(tmp_path / "e.safetensors"),
+    )
+    assert code == 2 and "1 --stats file(s) for 2 --layer(s)" in err

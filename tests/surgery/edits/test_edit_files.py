@@ -29,6 +29,7 @@ from surgery import (
     list_edits,
     revert_edit,
 )
+from surgery.edits.file import read_edit_metadata
 from surgery.identity import architecture_id, tensor_sha256
 from tests.strategies import ModelRecipe, editable_layers, edits, model_recipes, state_hashes
 
@@ -161,9 +162,13 @@ def test_save_load_preserves_every_bit_and_field(data) -> None:
         path = Path(d) / "edit.safetensors"
         edit.save(path)
         loaded = Edit.load(path)
+        version = read_edit_metadata(path)["format_version"]
     assert loaded.factored == edit.factored
     if edit.factored:
-        assert _same_tensor(loaded.lam, edit.lam) and _same_tensor(loaded.u, edit.u)
+        assert list(loaded.factors()) == list(edit.factors()) and loaded.layers == edit.layers
+        for (lam, u), (lam2, u2) in zip(loaded.factors().values(), edit.factors().values()):
+            assert _same_tensor(lam, lam2) and _same_tensor(u, u2)
+        assert version == ("3" if edit.span else "2")  # version 3 only where it is needed
     else:
         assert loaded.deltas.keys() == edit.deltas.keys()
         assert all(_same_tensor(loaded.deltas[k], v) for k, v in edit.deltas.items())
@@ -357,7 +362,7 @@ def _hostile() -> dict[str, tuple[bytes, str]]:
             safetensors_bytes({"weight": torch.zeros(3)}, metadata={"format": "pt"}),
             "not a model-surgery edit",
         ),
-        "newer format version": (_file(tensors, {**meta, "format_version": "3"}), "[Uu]pgrade"),
+        "newer format version": (_file(tensors, {**meta, "format_version": "4"}), "[Uu]pgrade"),
         "no checksum": (
             safetensors_bytes(tensors, metadata={k: v for k, v in meta.items() if k != "file_sha256"}),
             "lacks required metadata",
