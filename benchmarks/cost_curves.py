@@ -32,11 +32,11 @@ import torchvision
 from torch import nn
 
 import surgery
-from surgery.rewrite import prepare_problem
+from surgery.models.random_init import randomize_batchnorm
+from surgery.problems import prepare_problem
 from surgery.solvers import solve_fast
 from surgery.stats.collect import collect_key_stats
 
-from .random_weights import randomize_batchnorm
 from .speed import exemplar, timed_side_by_side
 
 logger = logging.getLogger("benchmarks.cost_curves")

@@ -30,14 +30,15 @@ from torch.overrides import TorchFunctionMode
 
 import surgery
 from surgery.editable import EditableLayer
-from surgery.rewrite import prepare_problem, rewrite
+from surgery.models.random_init import randomize_batchnorm
+from surgery.problems import prepare_problem
+from surgery.rewrite import rewrite
 from surgery.solvers import solve_fast, solve_reference
 from surgery.stats.collect import collect_key_stats
 from surgery.stats.keystats import KeyStats
 from surgery.stats.whitening import inverse_sqrt
 from surgery.suffix import network_suffix, suffix_logits
 
-from .random_weights import randomize_batchnorm
 
 logger = logging.getLogger("benchmarks.speed")
 

@@ -1,79 +1,21 @@
 """Random weights that still exercise every block: BatchNorm (affine and statistics, recalibrated on
-the benchmark's images), other norms, layer-scales, and dense weights initialized to zero."""
+the benchmark's images), other norms, layer-scales, and dense weights initialized to zero
+(:mod:`surgery.models.random_init`)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from benchmarks.random_weights import randomize_batchnorm
+from surgery.models.random_init import (
+    randomize_batchnorm,
+    randomize_norms,
+    randomize_scales,
+    randomize_zero_weights,
+    recalibrate_batchnorm,
+)
 
 __all__ = ["randomize_norms", "randomize_scales", "randomize_zero_weights", "recalibrate_batchnorm", "prepare_model"]
-
-_SCALE_NAMES = {"gamma", "gamma_1", "gamma_2", "ls1", "ls2", "layer_scale", "scale", "alpha"}
-
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial affine weights for every non-BatchNorm norm layer (LayerNorm, GroupNorm, RMSNorm).
-
-    Post-norm blocks (Swin V2, timm ``ResPostBlock``) zero-init their branch norms, which would make
-    the branch, and any edit inside it, invisible.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) or "norm" not in type(m).__name__.lower():
-                continue
-            w = getattr(m, "weight", None)
-            if isinstance(w, torch.Tensor) and w.ndim >= 1 and w.is_floating_point():
-                w.copy_(0.5 + torch.rand(w.shape, generator=g))
-            b = getattr(m, "bias", None)
-            if isinstance(b, torch.Tensor) and b.ndim >= 1 and b.is_floating_point():
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return model
-
-
-def randomize_scales(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Layer-scales (``gamma``, ``ls1``, ``layer_scale``, MetaFormer ``scale``, ResMLP ``alpha``) start
-    near 1e-6 or 1; draw them from U(0.5, 1.5) so every branch matters."""
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            last = name.rsplit(".", 1)[-1]
-            if last in _SCALE_NAMES and p.ndim >= 1 and p.numel() == max(p.shape):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-    return model
-
-
-def randomize_zero_weights(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Dense weights initialized to zero (torchvision ViT's head) get a scaled normal draw."""
-    g = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.abs().sum() > 0:
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(fan_in))
-    return model
-
-
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> nn.Module:
-    """Running statistics of every BatchNorm from ``images`` (cumulative average), model left in eval."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    model.eval()
-    if not bns:
-        return model
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
-    model.eval()
-    return model
 
 
 def prepare_model(model: nn.Module, calibration: torch.Tensor, seed: int = 0) -> nn.Module:

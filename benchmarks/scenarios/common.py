@@ -39,8 +39,8 @@ from surgery.inputs.folders import LabelledPhotos
 from surgery.inputs.images import load_images
 from surgery.inputs.masks import load_masks
 from surgery.inputs.preprocess import Preprocess
+from surgery.models.random_init import randomize_batchnorm
 
-from ..random_weights import randomize_batchnorm
 
 __all__ = [
     "METHODS",
