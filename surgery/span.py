@@ -32,6 +32,7 @@ from surgery.edits.edit import Edit
 from surgery.errors import SurgeryError, SurgeryWarning
 from surgery.identity import architecture_id
 from surgery.layers import get_layer
+from surgery.problems import load_exemplars, prepare_problem
 from surgery.solvers import SolverConfig
 from surgery.stats.keystats import KeyStats
 
@@ -74,12 +75,10 @@ def rewrite_span(
     **problem_options: Any,
 ) -> Edit:
     """One edit of ``layers`` (forward order) with the share schedule above; ``problem_options`` are
-    :func:`surgery.rewrite.prepare_problem`'s (loss, use_mask, ntrain, rank, transform, prefix_weight).
+    :func:`surgery.problems.prepare_problem`'s (loss, use_mask, ntrain, rank, transform, prefix_weight).
 
     Use it through :func:`surgery.rewrite` with a list of layers.
     """
-    from surgery.rewrite import _load_exemplars, prepare_problem  # rewrite dispatches here: no cycle at import
-
     if schedule not in SCHEDULES:
         raise SurgeryError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     names = [get_layer(model, name).name for name in layers]
@@ -90,7 +89,7 @@ def rewrite_span(
     edited_layers = [span[0], span[-1]] if schedule == "first_last" else span
     base = {layer.param_name: layer.weight for layer in edited_layers}  # the unedited weights, for each partial edit
     start = time.perf_counter()
-    x, x2, _ = _load_exemplars(model, originals, transformed, None, problem_options.get("transform"))
+    x, x2, _ = load_exemplars(model, originals, transformed, None, problem_options.get("transform"))
     device, last = model_device(model), span[-1]
     dtype = last.weight.dtype
     with torch.no_grad():

@@ -13,7 +13,7 @@ from torch import nn
 import surgery
 from surgery import collect_key_stats
 from surgery.rank_one import rank_one_delta
-from surgery.rewrite import prepare_problem
+from surgery.problems import prepare_problem
 from surgery.solvers import solve_fast
 
 from .concept import Data, make_data

@@ -77,7 +77,7 @@ class FastSolver:
                 "solver's per-channel split does not apply; use solver='reference'"
             )
         if problem.u is None:
-            raise SurgeryError("the problem has no direction u: build it with surgery.rewrite.prepare_problem")
+            raise SurgeryError("the problem has no direction u: build it with surgery.problems.prepare_problem")
         self.problem = problem
         self.responses = TapResponses(problem)
         self.zdim = self.responses.zdim

@@ -87,7 +87,7 @@ class JointSolver:
         explicit_limit: int = 8_000_000,
     ) -> None:
         if problem.u is None:
-            raise SurgeryError("the problem has no direction u: build it with surgery.rewrite.prepare_problem")
+            raise SurgeryError("the problem has no direction u: build it with surgery.problems.prepare_problem")
         self.problem = problem
         self.shape = problem.lam_shape
         self.unknowns = int(torch.Size(self.shape).numel())

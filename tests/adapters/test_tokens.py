@@ -11,7 +11,8 @@ import torch
 from surgery import SurgeryError, get_layer
 from surgery.layout import Layout, token_grid
 from surgery.layout import channels_last_rows
-from surgery.rewrite import prepare_problem, rewrite
+from surgery.problems import prepare_problem
+from surgery.rewrite import rewrite
 from surgery.solvers import value_weights
 from surgery.solvers.direction import key_weights, rank_one_direction
 from tests.tiny_models import randomize_layer_scale

@@ -23,7 +23,7 @@ from torch import nn
 
 from surgery import get_layer
 from surgery.layout import channels_last_rows
-from surgery.rewrite import prepare_problem
+from surgery.problems import prepare_problem
 from surgery.solvers import EditProblem, solve_fast, solve_reference
 from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, randomize_norms, tiny_clip
 

@@ -15,7 +15,7 @@ from torch.func import jvp
 
 from surgery.errors import SurgeryError
 from surgery.layout import channels_last_rows
-from surgery.rewrite import prepare_problem
+from surgery.problems import prepare_problem
 from surgery.solvers import FastSolver, solve_fast, solve_reference
 from surgery.solvers.descent import descend
 from tests.tiny_models import randomize_batchnorm, randomize_layer_scale, tiny_clip, tiny_vit
