@@ -1,4 +1,4 @@
-"""The efficacy report: means and bootstrap intervals over units, the README's headline table, the
+"""The efficacy report: means and bootstrap intervals over units, the compact headline table (the README quotes its lead), the
 markdown report and the Figure-5-style figure."""
 
 from __future__ import annotations
