@@ -4,7 +4,17 @@ Installed as ``surgery.adapters``. Adapters recognize models by class name and o
 never imports timm or open_clip.
 """
 
-from ._base import Adapter, NotEditable, Rule, branch_of, chain, class_from, is_editable_module, plain_layer
+from ._base import (
+    Adapter,
+    NotEditable,
+    Rule,
+    branch_of,
+    chain,
+    class_from,
+    is_editable_module,
+    plain_layer,
+    site_branch,
+)
 from ._registry import get_adapter, list_adapters, register_adapter
 from .clip import CLIPAdapter, ZeroShotClassifier
 from .convnext import ConvNeXtAdapter
@@ -24,6 +34,7 @@ __all__ = [
     "NotEditable",
     "Rule",
     "branch_of",
+    "site_branch",
     "register_adapter",
     "get_adapter",
     "list_adapters",

@@ -8,8 +8,9 @@ modules that must not be listed (their weight is used functionally, e.g. through
 hooks on them never fire). Every other dense Conv2d or Linear is still editable, with its own output
 as the value.
 
-Adapters also say where to edit: :meth:`Adapter.candidates` lists the block-valued layers in the
-order the breadth benchmark (``benchmarks/breadth/``) measured to work best for the family.
+Adapters also say where to edit: :meth:`Adapter.candidates` lists the layers valued after a residual
+add and the skip-free sites, in the order the breadth benchmark (``benchmarks/breadth/``) measured to
+work best for the family.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = [
     "Adapter",
     "NotEditable",
     "branch_of",
+    "site_branch",
+    "skip_free_sites",
     "Rule",
     "class_from",
     "is_editable_module",
@@ -196,10 +199,25 @@ class Adapter:
             yield full, module, inside
 
     def layers(self, model: nn.Module) -> list[EditableLayer]:
-        """Every editable layer of ``model``, in module order."""
+        """Every editable layer of ``model``, in module order.
+
+        Each says whether a skip connection bypasses it (:attr:`EditableLayer.skip`): layers valued after
+        a residual add do, and so does every other layer inside a block whose rule valued a layer after
+        its add (the first conv of a ResNet block, ``mlp.fc1``, a shortcut's projection); the rest are
+        skip-free. A block no rule recognizes counts as no residual block.
+        """
+        return [layer for layer, _ in self._scan(model)]
+
+    def _scan(self, model: nn.Module) -> list[tuple[EditableLayer, bool]]:
+        """Every editable layer with whether it is a *site*: a layer a rule built, or a plain layer in no
+        block a rule recognized. Plain layers inside a recognized block (the expansion and
+        squeeze-excite convs of an MBConv block) are not: their output is neither the block's value
+        nor the representation."""
         modules = list(self._modules(model))
         special: dict[str, EditableLayer] = {}
         hidden: set[str] = set()
+        blocks: set[str] = set()  # modules a rule found layers in
+        residual: set[str] = set()  # those among them with a layer valued after a residual add
         for name, module, skipped in modules:
             if skipped:
                 continue
@@ -207,45 +225,62 @@ class Adapter:
                 for found_layer in rule(name, module):
                     if isinstance(found_layer, NotEditable):
                         hidden.add(found_layer.name)
-                    else:
-                        special.setdefault(found_layer.name, found_layer)
+                        continue
+                    special.setdefault(found_layer.name, found_layer)
+                    blocks.add(name)
+                    if found_layer.valued_after_add:
+                        residual.add(name)
         prefix = self.prefix_tokens(model)
         found = []
         for name, module, skipped in modules:
             if name in special:
-                found.append(_with_prefix(special.pop(name), prefix))
+                layer, site = special.pop(name), True
             elif not skipped and name not in hidden and is_editable_module(module):
-                found.append(_with_prefix(plain_layer(name, module, family=self.family), prefix))
+                layer, site = plain_layer(name, module, family=self.family), not _inside(name, blocks)
+            else:
+                continue
+            if _inside(name, residual):
+                layer.skip = True
+            found.append((_with_prefix(layer, prefix), site))
         return found
 
     preference: ClassVar[Sequence[tuple[str, float]]] = (("any", 1.0),)
     """Where the family's edits worked best, best first: ``(branch, relative depth)`` pairs, where
     branch is ``"attn"`` (attention / token-mixer output), ``"mlp"`` (MLP output), ``"conv"`` (the
-    last conv of a CNN block) or ``"any"``, and depth runs from 0 (first block) to 1 (last block)."""
+    last conv of a CNN block), ``"skip-free"`` (a skip-free site: a stage transition, the projection
+    of a block without a residual add, a VGG conv) or ``"any"``, and depth runs from 0 (the first
+    layer of that branch) to 1 (the last)."""
 
     def candidates(self, model: nn.Module) -> list[EditableLayer]:
-        """Where to edit: the layers valued after a residual add (or at a block end), best first.
+        """Where to edit, best first: the layers valued after a residual add and the skip-free sites.
 
-        One layer per ``preference`` entry (the closest in depth of that branch), then every other
-        block-valued layer by its depth distance to the first preference. The default (the deepest
-        blocks first) is what the paper found for CNNs; family adapters set the order the breadth
-        benchmark measured for them.
+        Skip-free sites (:func:`skip_free_sites`) are stage transitions (ConvNeXt ``downsample``, Swin
+        patch merging), the projections of MBConv blocks without a skip, VGG convs. One layer per
+        ``preference`` entry (the closest in depth of that branch; ``"any"`` is any layer valued after
+        an add, or any skip-free site in a model without residual adds), then every other candidate by
+        its depth distance to the first preference. The default (the deepest first) is what the paper
+        found for CNNs; family adapters set the order the breadth benchmark measured for them.
         """
-        blocks = [l for l in self.layers(model) if l.post is not None]
-        with_skip = [l for l in blocks if "skip" in l.context_sites or "identity" in l.context_sites]
-        pool = with_skip or blocks
+        found = self._scan(model)
+        residual = [l for l, _ in found if l.valued_after_add and l.post is not None]
+        free = skip_free_sites(found)
+        keep = set(residual) | set(free)
+        pool = [l for l, _ in found if l in keep]
         if not pool:
             return []
+        anything = residual or free
         by_branch: dict[str, list[EditableLayer]] = {}
         for l in pool:
-            by_branch.setdefault(branch_of(l), []).append(l)
+            by_branch.setdefault(site_branch(l), []).append(l)
         depth = {}
         for ls in by_branch.values():
             for i, l in enumerate(ls):
                 depth[l.name] = i / max(len(ls) - 1, 1)
         chosen: list[EditableLayer] = []
         for branch, target in self.preference:
-            options = [l for l in pool if (branch == "any" or branch_of(l) == branch) and l not in chosen]
+            options = [l for l in (anything if branch == "any" else pool) if l not in chosen]
+            if branch != "any":
+                options = [l for l in options if site_branch(l) == branch]
             if options:
                 chosen.append(min(options, key=lambda l: (abs(depth[l.name] - target), -depth[l.name])))
         first = self.preference[0][1] if self.preference else 1.0
@@ -254,6 +289,40 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r})"
+
+
+def site_branch(layer: EditableLayer) -> str:
+    """``"skip-free"`` for a skip-free layer, else :func:`branch_of`: how ``Adapter.preference`` groups
+    candidates."""
+    return "skip-free" if not layer.skip else branch_of(layer)
+
+
+def skip_free_sites(found: Sequence[tuple[EditableLayer, bool]]) -> list[EditableLayer]:
+    """The skip-free layers of an adapter's scan (``(layer, is_site)`` pairs, in module order) that are
+    places to edit: sites (built by a rule, or in no recognized block) with spatial keys (convs,
+    channels-last or token linears). Left out: stems, whose keys are pixels (at most 3 channels: the
+    direction ``u`` would be a color), and the model's last layer when it is a plain layer (the
+    classifier; heads whose keys are pooled vectors are left out by their layout already)."""
+    last = found[-1][0] if found else None
+    return [
+        l
+        for l, site in found
+        if not l.skip
+        and site
+        and _spatial_keys(l)
+        and l.weight.shape[1] > 3
+        and not (l is last and l.post is None)
+    ]
+
+
+def _inside(name: str, blocks: set[str]) -> bool:
+    """Whether the module ``name`` lies strictly inside one of the modules ``blocks``."""
+    return any(name.startswith(b + ".") for b in blocks if b)
+
+
+def _spatial_keys(layer: EditableLayer) -> bool:
+    """Keys laid out as maps or tokens: a conv, or a linear whose rule gave it a spatial layout."""
+    return layer.key_layout is not None and layer.key_layout.kind in ("nchw", "nhwc", "tokens")
 
 
 def branch_of(layer: EditableLayer) -> str:

@@ -73,9 +73,10 @@ class ConvNeXtAdapter(Adapter):
 
     family = _FAMILY
     priority = 20
-    # breadth sweep: early and late stages (convnext_atto held-out 0.94 / 0.93, torchvision tiny 0.90
-    # at a quarter depth); every ConvNeXt edit is weak on random weights (see the breadth results)
-    preference = (("mlp", 0.25), ("mlp", 0.75), ("mlp", 1.0))
+    # breadth protocol on skip-free sites (issue 26): the stage transitions (`downsample` convs) beat every
+    # block's fc2 (held-out, middle / first / last transition: convnext_atto 0.79 / 0.88 / 0.85,
+    # convnextv2_atto 0.85 / 0.87 / 0.93, torchvision tiny 0.84 / 0.88 / 0.93; fc2 at any depth 0.90-1.0)
+    preference = (("skip-free", 0.5), ("skip-free", 0.0), ("skip-free", 1.0))
     rules = (convnext_block_rule,)
 
     @classmethod

@@ -11,7 +11,8 @@ V1 blocks are pre-norm (``x + drop_path(attn(norm1(x)))``); V2 blocks are res-po
 (``x + drop_path(norm1(attn(x)))``): the LayerNorm on the branch mixes channels, so their layers are
 not channelwise. The ``qkv`` projections are listed only where they run as modules (timm V1), with a
 flat layout (their tokens are in window order); V2's continuous position-bias MLPs (``cpb_mlp``) read
-constant coordinates, not the image, and are not listed.
+constant coordinates, not the image, and are not listed. Patch merging's ``reduction`` is a skip-free
+site between stages, with channels-last maps as keys and values.
 """
 
 from __future__ import annotations
@@ -130,9 +131,22 @@ def _torchvision_block(name: str, block: nn.Module, v2: bool) -> _Found:
     )
 
 
+_PATCH_MERGING = (
+    ("timm.models.swin_transformer", "PatchMerging"),
+    ("timm.models.swin_transformer_v2", "PatchMerging"),
+    ("torchvision.models.swin_transformer", "PatchMerging"),
+    ("torchvision.models.swin_transformer", "PatchMergingV2"),
+)
+
+
 def swin_block_rule(name: str, block: nn.Module) -> _Found:
-    """``attn.proj`` and the MLP output of timm / torchvision Swin blocks (v1 and v2)."""
-    if class_from(block, "timm.models.swin_transformer", "SwinTransformerBlock"):
+    """``attn.proj`` and the MLP output of timm / torchvision Swin blocks (v1 and v2), and the
+    ``reduction`` of patch merging, a skip-free stage transition on ``(N, H/2, W/2, 4C)`` maps valued
+    at its own output (V2 normalizes after it, across channels)."""
+    if any(class_from(block, o, c) for o, c in _PATCH_MERGING):
+        if isinstance(getattr(block, "reduction", None), nn.Linear):
+            yield plain_layer(join(name, "reduction"), block.reduction, family=_FAMILY, layout=_NHWC)
+    elif class_from(block, "timm.models.swin_transformer", "SwinTransformerBlock"):
         yield from _timm_block(name, block, v2=False)
     elif class_from(block, "timm.models.swin_transformer_v2", "SwinTransformerV2Block"):
         yield from _timm_block(name, block, v2=True)
@@ -149,8 +163,9 @@ class SwinAdapter(Adapter):
     family = _FAMILY
     priority = 20
     # breadth sweep: MLP outputs beat attention outputs, earlier stages best (timm Swin-T held-out
-    # 0.76 at a quarter depth vs 0.83 last; torchvision Swin-T 0.80 vs 0.88; Swin-V2 0.88 vs 0.95)
-    preference = (("mlp", 0.25), ("mlp", 0.5), ("mlp", 1.0))
+    # 0.76 at a quarter depth vs 0.83 last; torchvision Swin-T 0.80 vs 0.88; Swin-V2 0.88 vs 0.95); the
+    # first patch merging is as good or better (issue 26: 0.79, 0.80, 0.82), the second close (0.77-0.87)
+    preference = (("skip-free", 0.0), ("mlp", 0.25), ("skip-free", 0.5))
     rules = (swin_block_rule,)
 
     @classmethod

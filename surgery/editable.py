@@ -154,6 +154,12 @@ class EditableLayer:
         channelwise: True when ``post`` acts on each output channel separately (BN, ReLU, pooling,
             residual add, layer-scale); the fast solver relies on it. Squeeze-excite after the edited
             conv and post-norm transformer blocks (LayerNorm on the branch) break it.
+        skip: True when a skip connection carries the input around the layer: the layer is the end of a
+            residual branch valued after the add (the skip is part of the value), or a layer inside a
+            residual block (the skip bypasses its value). False for a *skip-free* site, whose output is
+            the whole representation (VGG convs, stems, stage transitions, heads, the projection of a
+            block without a residual add). By default True exactly when the block adds a ``"skip"`` or
+            ``"identity"`` context tensor; the adapters also mark the layers inside residual blocks.
     """
 
     name: str
@@ -171,6 +177,7 @@ class EditableLayer:
     channelwise: bool = True
     key_layout: Layout | None = None
     value_layout: Layout | None = None
+    skip: bool | None = None
 
     def __post_init__(self) -> None:
         def from_dim(dim: int | None) -> Layout | None:
@@ -186,6 +193,14 @@ class EditableLayer:
             self.value_layout = from_dim(self.value_channel_dim) or self.key_layout
         self.key_channel_dim = self.key_layout.channel_axis
         self.value_channel_dim = self.value_layout.channel_axis
+        if self.skip is None:
+            self.skip = self.valued_after_add
+
+    @property
+    def valued_after_add(self) -> bool:
+        """Whether the value is read after a residual add: the block adds a ``"skip"`` or ``"identity"``
+        context tensor (the conventions of ``surgery.adapters``)."""
+        return any(k in self.context_sites for k in ("skip", "identity"))
 
     @property
     def weight(self) -> nn.Parameter:
