@@ -20,6 +20,7 @@ __all__ = [
     "LayerInfo",
     "describe_layers",
     "format_layer_table",
+    "site_kind",
 ]
 
 
@@ -92,13 +93,20 @@ def _shape(shape: tuple[int, ...] | None) -> str:
     return "-" if shape is None else "x".join(str(d) for d in shape)
 
 
+def site_kind(layer: EditableLayer) -> str:
+    """``"residual"`` when a skip connection bypasses the layer (:attr:`EditableLayer.skip`), else
+    ``"skip-free"``."""
+    return "residual" if layer.skip else "skip-free"
+
+
 def format_layer_table(infos: Sequence[LayerInfo]) -> str:
-    """A plain-text table of :class:`LayerInfo` rows."""
-    header = ("layer", "kind", "weight", "key", "value", "block")
+    """A plain-text table of :class:`LayerInfo` rows; the ``site`` column is :func:`site_kind`."""
+    header = ("layer", "kind", "site", "weight", "key", "value", "block")
     rows = [
         (
             i.layer.name,
             i.layer.kind,
+            site_kind(i.layer),
             _shape(tuple(i.layer.weight.shape)),
             _shape(i.key_shape),
             _shape(i.value_shape),

@@ -1,4 +1,5 @@
-"""``surgery layers MODEL``: the editable layers of a model, with their key and value shapes."""
+"""``surgery layers MODEL``: the editable layers of a model, with their key and value shapes and whether
+a skip connection bypasses each (``site``: ``residual`` or ``skip-free``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     infos = describe_layers(model, size)
     if args.blocks_only:
         infos = [i for i in infos if i.layer.post is not None]
-    print(f"{args.model}: {len(infos)} editable layers (input {format_shape(tuple(size))})")
+    free = sum(1 for i in infos if not i.layer.skip)
+    print(f"{args.model}: {len(infos)} editable layers, {free} skip-free (input {format_shape(tuple(size))})")
     print(format_layer_table(infos))
     return 0
 

@@ -27,6 +27,18 @@ def test_layers_torchvision_vgg16_bn(capsys):
     assert "maxpool2d" in row and "512x512x3x3" in row
 
 
+def test_layers_site_column_timm_convnext_atto(capsys):
+    code, out, _ = run(capsys, "layers", "timm:convnext_atto", "--input-size", "64")
+    assert code == 0
+    lines = out.splitlines()
+    assert "29 editable layers, 5 skip-free" in lines[0] and lines[1].split()[:3] == ["layer", "kind", "site"]
+    site = {l.split()[0]: l.split()[2] for l in lines[3:]}
+    assert site["stages.2.downsample.1"] == "skip-free" and site["stem.0"] == "skip-free"
+    assert site["stages.2.blocks.0.mlp.fc2"] == "residual" and site["stages.2.blocks.0.mlp.fc1"] == "residual"
+    code, out, _ = run(capsys, "layers", "timm:convnext_atto", "--input-size", "64", "--blocks-only")
+    assert code == 0 and "12 editable layers, 0 skip-free" in out.splitlines()[0]
+
+
 def test_layers_open_clip_rn50_blocks_only(capsys):
     code, out, _ = run(capsys, "layers", "open_clip:RN50", "--blocks-only")
     assert code == 0
