@@ -3,6 +3,7 @@ editing each one on the user's own exemplars."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,11 @@ from surgery.rewrite import rewrite
 
 __all__ = ["recommended_layers", "rank_layers"]
 
+logger = logging.getLogger(__name__)
+
+_BARELY = 0.95
+"""A logit-distance ratio above this is an edit that barely moves the logits."""
+
 
 def recommended_layers(
     model: nn.Module,
@@ -30,13 +36,17 @@ def recommended_layers(
 ) -> list[EditableLayer]:
     """Where to edit ``model``: its ``k`` best candidate layers, best first.
 
-    Candidates are layers valued after a residual add (or at a block end), ordered by the adapter
-    (``Adapter.candidates``) as the breadth benchmark (``python -m benchmarks.breadth --sweep``) measured for
-    the family, or, for ResNets and VGGs, as the paper found on trained models (the deepest first).
+    Candidates are the layers valued after a residual add and the skip-free sites (stage transitions,
+    projections of blocks without a residual add, VGG convs; ``EditableLayer.skip`` is False), ordered
+    by the adapter (``Adapter.candidates``) by site kind, branch and depth as the breadth protocol
+    (``python -m benchmarks.breadth --sweep``) measured for the family: ConvNeXt, EfficientNet/MobileNet,
+    Swin and MetaFormer put a skip-free site first, where one edit is not diluted by a skip; ResNets
+    and VGGs the deepest block first, as the paper found on trained models.
 
     With exemplars (``originals`` and ``transformed`` image tensors, optionally ``masks``), the first
     ``pool`` candidates are measured instead on this model: :func:`rank_layers` edits each one and
-    keeps those that move a left-out exemplar's logits furthest toward its original's.
+    keeps those that move a left-out exemplar's logits furthest toward its original's (a warning says
+    when even the best barely moves them).
     """
     if k < 1:
         raise LayerNotFoundError(f"k must be at least 1, got {k}")
@@ -46,6 +56,13 @@ def recommended_layers(
     if originals is None or transformed is None:
         raise LayerNotFoundError("measured recommendations need both originals and transformed exemplars")
     ranked = rank_layers(model, originals, transformed, masks, layers=candidates[:pool])
+    if ranked and ranked[0][1] > _BARELY:
+        logger.warning(
+            "no candidate layer of the %d measured moves the left-out exemplar's logits by more than %.0f%% "
+            "toward its original's (best: %s, %.3f of the distance left); more exemplars, or a larger pool, "
+            "may find one",
+            len(ranked), 100 * (1 - _BARELY), ranked[0][0].name, ranked[0][1],
+        )
     return [layer for layer, _ in ranked[:k]]
 
 

@@ -442,3 +442,17 @@ def test_recommended_layer_moves_convnext_logits():
     assert moved < ratio(get_layer(model, "stages.1.blocks.1.mlp.fc2")) - 0.08  # measured 0.96
     measured = recommended_layers(model, k=1, originals=x, transformed=x2, masks=masks, pool=6)[0]
     assert measured.name == first.name
+
+
+def test_measured_recommendation_warns_when_no_layer_moves(caplog):
+    """Fresh noise over half of each image is no concept: no edit moves a left-out exemplar (measured: the
+    best of 2 candidates leaves 1.01 of the logit distance), and the user is told so."""
+    torch.manual_seed(0)
+    model = randomize_layer_scale(timm.create_model("convnext_atto")).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 64, 64, generator=g)
+    x2 = x.clone()
+    x2[:, :, 32:] = torch.randn(3, 3, 32, 64, generator=g)
+    with caplog.at_level("WARNING", logger="surgery.evaluation.layer_ranking"):
+        recommended_layers(model, k=1, originals=x, transformed=x2, pool=2)
+    assert "no candidate layer of the 2 measured" in caplog.text
