@@ -238,12 +238,22 @@ class CachedImages:
             return self._full(self.images)
 
     def values(self, candidate: Candidate) -> torch.Tensor:
-        """The edited layer's block output under ``candidate`` (needs a single-layer edit)."""
-        if not _single_layer(candidate.edit):
+        """The edited layer's block output under ``candidate`` (a single-layer edit), or a span edit's at its
+        last layer, through the model carrying the whole span."""
+        edit = candidate.edit
+        if edit.span:
+            layer = get_layer(self.model, edit.layers[-1])
+            with edited(self.model, edit, alpha=candidate.alpha), torch.no_grad():
+                keys, context = layer.capture_keys(
+                    self.model, self.images, batch_size=self.batch_size, device=self.device, store="cpu"
+                )
+                entry = _LayerCache(layer, None, keys, context, frozenset())
+                return torch.cat([layer.block_forward(k, layer.weight, c).float().cpu() for _, k, c in self._batches(entry)])
+        if not _single_layer(edit):
             raise SurgeryError(f"{candidate.name} changes more than one parameter; it has no single edited layer")
-        layer = get_layer(self.model, candidate.edit.layer)
-        w = candidate.edit.new_weight(layer.weight, candidate.alpha)
-        entry = self.layer_cache(candidate.edit.layer)
+        layer = get_layer(self.model, edit.layer)
+        w = edit.new_weight(layer.weight, candidate.alpha)
+        entry = self.layer_cache(edit.layer)
         with torch.no_grad():
             if entry is None:  # the network cannot be split there: keys and context for this call only
                 keys, context = layer.capture_keys(

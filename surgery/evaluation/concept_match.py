@@ -88,14 +88,15 @@ def select_by_concept_match(
     targets: dict[str, tuple[torch.Tensor, Layout]] = {}  # per layer: the concept's mean, the value layout
     table = []
     for i, c in enumerate(cands):
-        if c.edit.layer not in targets:
-            layer = get_layer(model, c.edit.layer)
+        site = c.edit.layers[-1]  # a span edit's value is read at its last layer
+        if site not in targets:
+            layer = get_layer(model, site)
             vals = []
             with torch.no_grad():
                 for j in range(0, concept_images.shape[0], batch_size):
                     vals.append(layer.capture(model, concept_images[j : j + batch_size].to(x.device)).values.float().cpu())
-            targets[c.edit.layer] = (_masked_mean(torch.cat(vals), concept_masks, layer.value_layout), layer.value_layout)
-        t, layout = targets[c.edit.layer]
+            targets[site] = (_masked_mean(torch.cat(vals), concept_masks, layer.value_layout), layer.value_layout)
+        t, layout = targets[site]
         d = float((_masked_mean(x.values(c), masks, layout) - t).norm() / t.norm().clamp_min(1e-12))
         table.append(
             CandidateResult(

@@ -96,3 +96,16 @@ def test_span_errors_name_the_fix(atto, kwargs, match):
     with pytest.raises(SurgeryError, match=match):
         rewrite(model, kwargs.pop("layer"), x, x2, **kwargs)
     assert state_hashes(model) == before
+
+
+def test_cached_values_of_a_span_are_its_last_layers_through_the_whole_span(atto):
+    """Label-free selection matches a concept's activations where the edit acts: a span's last layer."""
+    from surgery import get_layer
+    from surgery.evaluation import CachedImages, Candidate
+
+    model, x, x2, stats = atto
+    span = rewrite(model, [A, B], x, x2, stats=stats)
+    got = CachedImages(model, x2).values(Candidate(span, 0.5))
+    with edited(model, span, alpha=0.5), torch.no_grad():
+        expected = get_layer(model, B).capture(model, x2).values
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
