@@ -255,7 +255,8 @@ class Adapter:
         """Where to edit, best first: the layers valued after a residual add and the skip-free sites.
 
         Skip-free sites (:func:`skip_free_sites`) are stage transitions (ConvNeXt ``downsample``, Swin
-        patch merging), the projections of MBConv blocks without a skip, VGG convs. One layer per
+        patch merging), the projections of MBConv blocks without a skip, VGG convs (in a model without
+        residual adds, only its block-valued layers when it has some: not VGG's classifier). One layer per
         ``preference`` entry (the closest in depth of that branch; ``"any"`` is any layer valued after
         an add, or any skip-free site in a model without residual adds), then every other candidate by
         its depth distance to the first preference. The default (the deepest first) is what the paper
@@ -264,6 +265,8 @@ class Adapter:
         found = self._scan(model)
         residual = [l for l, _ in found if l.valued_after_add and l.post is not None]
         free = skip_free_sites(found)
+        if not residual:  # no residual add anywhere (VGG, a plain CNN): its block-valued layers, if any
+            free = [l for l in free if l.post is not None] or free
         keep = set(residual) | set(free)
         pool = [l for l, _ in found if l in keep]
         if not pool:

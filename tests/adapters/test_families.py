@@ -392,6 +392,12 @@ def test_skip_marks_layers_inside_residual_blocks():
     assert skip["layer1.0.conv2"] and skip["layer1.0.conv1"] and skip["layer2.0.downsample.0"]
     vgg = randomize_batchnorm(tv.vgg11_bn()).eval()
     assert not any(l.skip for l in editable_layers(vgg))
+    # without residual adds the candidates are the block-valued convs, the deepest first (as the paper's
+    # VGG), not the classifier's convs (timm's pre_logits) nor the stem (its keys are pixels)
+    timm_vgg = timm.create_model("vgg11_bn", pretrained=False).eval()
+    names = [l.name for l in get_adapter(timm_vgg).candidates(timm_vgg)]
+    assert names[:2] == ["features.25", "features.22"] and not any("pre_logits" in n for n in names)
+    assert "features.0" not in names
     # an MBConv block without a skip: its projection, expansion and squeeze-excite convs are skip-free, but
     # only the projection is a candidate; with a skip, every layer of the block is residual
     mnv3 = _build("timm_mobilenetv3")[0]
