@@ -24,7 +24,7 @@ from surgery.stats.distributed import process_group
 from surgery.testbed import Testbed, TestbedConfig
 from surgery.testbed.models import ARCHS
 from surgery.testbed.train import weights_path
-from surgery.testbed.protocol import select_pairs
+from surgery.testbed.protocol import select_pairs, span_parts
 
 from .models import load_model, preprocessor, tiny_classifier
 from .report import summarize, write_report
@@ -69,7 +69,7 @@ def run_arch(arch: str, s: Settings, cache: Path) -> dict:
     train_x = prep(train.images)
     stats = {
         layer: collect_key_stats(model, layer, train_x, progress=False, cache_dir=None if arch == "tiny" else cache / "stats")
-        for layer in dict.fromkeys(layers["deep"] + layers["high_res"])
+        for layer in dict.fromkeys(part for group in layers.values() for entry in group for part in span_parts(entry))
     }
     logger.info("%s: data and key statistics in %.1fs", arch, time.perf_counter() - t0)
     pairs, all_pairs = select_pairs(

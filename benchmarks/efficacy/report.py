@@ -13,7 +13,10 @@ from surgery._files import save_figure, write_text
 
 from .settings import GROUPS, Settings
 
-__all__ = ["bootstrap_ci", "summarize", "edit_lead", "headline", "markdown", "figure", "write_report", "HEADLINE_METHODS"]
+__all__ = [
+    "bootstrap_ci", "summarize", "edit_lead", "chosen_layers", "headline", "markdown", "figure", "write_report",
+    "HEADLINE_METHODS",
+]
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -72,6 +75,20 @@ def edit_lead(units: list[dict], ns, reps: int, seed: int, group: str = "other/s
 
 
 HEADLINE_METHODS = ("edit", "edit +mask", "finetune local", "finetune global")
+
+
+def chosen_layers(units: list[dict], method: str) -> dict[int, dict[str, int]]:
+    """Per N: how many units' selection took each candidate layer (or span, ``"A+B"``; ``"no edit"`` where
+    none was within the budget), most often first."""
+    counts: dict[int, dict[str, int]] = {}
+    for u in units:
+        res = u["methods"].get(method)
+        if res is None:
+            continue
+        per_n = counts.setdefault(u["n"], {})
+        layer = res.get("layer") or "no edit"
+        per_n[layer] = per_n.get(layer, 0) + 1
+    return {n: dict(sorted(c.items(), key=lambda kv: -kv[1])) for n, c in sorted(counts.items())}
 
 
 def headline(result: dict) -> str:
@@ -138,6 +155,12 @@ def markdown(result: dict) -> str:
                 f"| {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | " + " | ".join(cells)
                 + f" | {row['clean_acc_change_pp']['mean']:+.2f} | {shift('other-nonprefer')} | {shift('clean-no-concept')} |"
             )
+        for method in ("edit", "edit span"):
+            counts = chosen_layers(a["units"], method)
+            if counts:
+                lines += ["", f"Candidates the selection took for `{method}` (units per layer, by N): " + "; ".join(
+                    f"N={n}: " + ", ".join(f"{layer} {k}" for layer, k in per_n.items()) for n, per_n in counts.items()
+                ) + "."]
         lead = edit_lead(a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"])
         if lead:
             lines += ["", "Edit's lead over the better fine-tuning, other classes / same style, paired per unit: " + "; ".join(

@@ -19,7 +19,7 @@ GROUPS = (
 )
 
 
-VARIANTS = ("edit multi-class", "edit high-res", "edit label-free")
+VARIANTS = ("edit multi-class", "edit high-res", "edit label-free", "edit span")
 # Variants that matter for tokens (the ViT): the class token weighed like one grid token instead of
 # "auto", and the deep candidates restricted to the MLP outputs or to the attention outputs.
 TOKEN_VARIANTS = ("edit prefix=1", "edit mlp only", "edit attn only")
@@ -50,7 +50,7 @@ class Settings:
     reference_pairs: int = 2
     methods: tuple[str, ...] = (
         "edit", "edit +mask", "reference", "finetune local", "finetune global",
-        "edit multi-class", "edit high-res", "edit label-free",
+        "edit multi-class", "edit high-res", "edit label-free", "edit span",
     )
     variant_ns: tuple[int, ...] = (3,)  # the variants run on these N ...
     variant_draws: int = 1  # ... and this many draws (they cost as much as the main methods)

@@ -15,7 +15,7 @@ import torch
 from surgery import errors_corrected, finetune, rewrite
 from surgery.evaluation import CachedImages, Candidate, NoCandidateError, select_by_concept_match, select_strength
 from surgery.testbed import CLASS_NAMES, STYLES
-from surgery.testbed.protocol import choose_target, edit_candidates
+from surgery.testbed.protocol import SPAN, choose_target, edit_candidates
 
 from .settings import TOKEN_VARIANTS, VARIANTS, Settings
 
@@ -25,18 +25,24 @@ logger = logging.getLogger("benchmarks.efficacy")
 
 
 # --------------------------------------------------------------------------- candidates
+def single_layers(layers: list[str]) -> list[str]:
+    """The candidates that are one layer (spans "A+B" are an edit's candidates only)."""
+    return [layer for layer in layers if SPAN not in layer]
+
+
 def reference_candidates(model, layers, stats, ex, s: Settings) -> list[Candidate]:
     return [
         Candidate(rewrite(model, layer, ex["x"], ex["x2"], ex["m"], stats=stats[layer], solver="reference", steps=steps))
-        for layer in layers[-1:]
+        for layer in single_layers(layers)[-1:]
         for steps in s.reference_steps
     ]
 
 
 def finetune_candidates(model, layers, ex, s: Settings, scope: str) -> list[Candidate]:
+    singles = single_layers(layers)
     return [
         Candidate(finetune(model, layer, ex["x2"], ex["y"], scope=scope, lr=lr, steps=steps))
-        for layer in (layers[-1:] if s.ft_last_layer_only else layers)
+        for layer in (singles[-1:] if s.ft_last_layer_only else singles)
         for lr, steps in s.ft_grid
     ]
 
@@ -132,12 +138,14 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
         if method in (*VARIANTS, *TOKEN_VARIANTS) and not (n in s.variant_ns and d < s.variant_draws):
             continue
         mex = exemplars(multi_ex) if method == "edit multi-class" else ex
-        lays = layers["high_res"] if method == "edit high-res" else layers["deep"]
+        lays = {"edit high-res": layers["high_res"], "edit span": layers.get("span", [])}.get(method, layers["deep"])
+        if not lays:  # no span candidates for this model
+            continue
         if method in ("edit mlp only", "edit attn only"):
             lays = [l for l in lays if (".mlp." in l) == (method == "edit mlp only")]
         if method == "edit label-free" and "edit" in cache_cands:
             cands = cache_cands["edit"]  # the same candidates; only the selection differs
-        elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only"):
+        elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only", "edit span"):
             cands = edit_candidates(model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps)
         elif method == "edit prefix=1":
             cands = edit_candidates(
@@ -172,7 +180,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
         targets = {pd.target} if method != "edit multi-class" else {int(c) for c in pd.y[torch.as_tensor(multi_ex)]}
         res = evaluate_on_test(chosen_c, pd, test_idx, test_sets, targets, clean_test_c, clean_test)
         res["chosen"] = None if chosen_c is None else chosen_c.name
-        res["layer"] = None if chosen_c is None else chosen_c.edit.layer
+        res["layer"] = None if chosen_c is None else SPAN.join(chosen_c.edit.layers)
         res["alpha"] = None if chosen_c is None else chosen_c.alpha
         res["n_candidates"] = len(cands)
         res["selection_table"] = table

@@ -171,30 +171,39 @@ def build_model(
 
 
 def candidate_layers(arch: str) -> dict[str, list[str]]:
-    """Natural edit candidates: ``{"deep": [...5x5 layers], "high_res": [...10x10 layers]}``.
+    """Natural edit candidates: ``{"deep": [...5x5 layers], "high_res": [...10x10 layers], "span": [...]}``.
 
     For the ViT (one 10x10 grid throughout), "deep" is the last two blocks and "high_res" an early
-    one. The ViT and ConvNeXt names are tentative; the efficacy benchmark measures which work.
+    one. The ConvNeXt's residual stream carries most of a concept's change past any one block of its last
+    stage (benchmarks/results/efficacy_anatomy.md), so its "deep" candidates are the last two stages'
+    transitions (``downsample.1``: skip-free, the whole representation passes through it) and last two
+    ``fc2``: the selection on validation chooses among them. "span" lists span edits (``"A+B"``, see
+    :func:`surgery.testbed.protocol.span_parts`) of a stage's last two blocks. The last entry of "deep"
+    is the one layer the fine-tuning baselines train. The efficacy benchmark measures which candidate works.
     """
     if arch == "vgg":
         return {
             "deep": ["features.22", "features.25"],
             "high_res": ["features.15", "features.18"],
+            "span": [],
         }
     if arch == "resnet":
-        return {"deep": ["layer4.0.conv2"], "high_res": ["layer3.0.conv2"]}
+        return {"deep": ["layer4.0.conv2"], "high_res": ["layer3.0.conv2"], "span": []}
     if arch == "vit":
         last, early = (VIT_DEPTH - 2, VIT_DEPTH - 1), VIT_DEPTH // 2 - 1
         return {
             "deep": [f"blocks.{k}.{m}" for k in last for m in ("mlp.fc2", "attn.proj")],
             "high_res": [f"blocks.{early}.mlp.fc2", f"blocks.{early}.attn.proj"],
+            "span": ["+".join(f"blocks.{k}.mlp.fc2" for k in last)],
         }
     if arch == "convnext":
-        n3, n2 = CONVNEXT_DEPTHS[3], CONVNEXT_DEPTHS[2]
-        return {
-            "deep": [f"stages.3.blocks.{k}.mlp.fc2" for k in range(max(n3 - 2, 0), n3)],
-            "high_res": [f"stages.2.blocks.{k}.mlp.fc2" for k in range(max(n2 - 2, 0), n2)],
-        }
+        sites, spans = {}, []
+        for stage in (2, 3):
+            n = CONVNEXT_DEPTHS[stage]
+            fc2 = [f"stages.{stage}.blocks.{k}.mlp.fc2" for k in range(max(n - 2, 0), n)]
+            sites[stage] = [f"stages.{stage}.downsample.1", *fc2]
+            spans.append("+".join(fc2))
+        return {"deep": sites[2] + sites[3], "high_res": sites[2], "span": spans}
     raise ValueError(
         f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
     )

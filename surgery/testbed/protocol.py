@@ -31,7 +31,7 @@ from .scenes import Testbed, TestbedData
 from .procedural_styles import STYLES
 from .textures import CONCEPTS
 
-__all__ = ["MIN_DROP", "MIN_HURT", "ALPHAS", "select_pairs", "choose_target", "edit_candidates"]
+__all__ = ["MIN_DROP", "MIN_HURT", "ALPHAS", "SPAN", "span_parts", "select_pairs", "choose_target", "edit_candidates"]
 
 MIN_DROP = 15.0
 MIN_HURT = 3
@@ -103,6 +103,14 @@ def choose_target(pair: dict[str, Any], labels: torch.Tensor, need: int, rng: np
     return int(rng.choice(hurt or enough))
 
 
+SPAN = "+"  # a candidate "A+B" is one span edit of A and B (surgery.span)
+
+
+def span_parts(candidate: str) -> list[str]:
+    """The layers of a candidate: ``"A+B"`` -> ``["A", "B"]``, ``"A"`` -> ``["A"]``."""
+    return candidate.split(SPAN)
+
+
 def edit_candidates(
     model: nn.Module,
     layers: Sequence[str],
@@ -117,12 +125,15 @@ def edit_candidates(
     prefix_weight: float | str = "auto",
 ) -> list[Candidate]:
     """One fast-solver rewrite per layer (L1, the paper's ``-mask`` unless ``use_mask``), each at every
-    strength of ``alphas``. ``prefix_weight``: the class token's weight on token layers (``rewrite``)."""
+    strength of ``alphas``; a layer ``"A+B"`` is one span edit of A and B (:func:`span_parts`).
+    ``prefix_weight``: the class token's weight on token layers (``rewrite``)."""
     out: list[Candidate] = []
     for layer in layers:
+        parts = span_parts(layer)
         edit = rewrite(
-            model, layer, x, x2, masks, stats=stats[layer], solver="fast", use_mask=use_mask, steps=steps,
-            prefix_weight=prefix_weight,
+            model, parts if len(parts) > 1 else layer, x, x2, masks,
+            stats={p: stats[p] for p in parts} if len(parts) > 1 else stats[layer], solver="fast",
+            use_mask=use_mask, steps=steps, prefix_weight=prefix_weight,
         )
         out += strength_grid(edit, alphas)
     return out

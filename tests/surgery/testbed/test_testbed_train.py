@@ -14,6 +14,7 @@ import surgery.testbed.train as train_module
 from surgery.suffix import network_suffix
 from surgery.testbed import make_dataset
 from surgery.testbed.models import ARCHS, build_model, candidate_layers
+from surgery.testbed.protocol import span_parts
 from surgery.testbed.train import (
     WEIGHTS_DIR,
     TrainConfig,
@@ -67,10 +68,14 @@ def test_adapter_finds_candidate_blocks(arch):
     assert adapter.family == arch  # each testbed model goes to its family's adapter
     layers = {l.name: l for l in surgery.editable_layers(model)}
     cands = candidate_layers(arch)
-    names = cands["deep"] + cands["high_res"]
+    names = list(dict.fromkeys(part for group in cands.values() for entry in group for part in span_parts(entry)))
+    assert "+" not in cands["deep"][-1]  # the fine-tuning baselines train the last deep entry: one layer
+    assert all(len(span_parts(entry)) >= 2 for entry in cands["span"])
     for name in names:
         layer = layers[name]
-        if arch == "vgg":
+        if name.endswith("downsample.1"):  # a ConvNeXt stage transition: skip-free, valued at its own output
+            assert arch == "convnext" and layer.kind == "conv" and layer.block == "conv"
+        elif arch == "vgg":
             assert layer.kind == "conv"
             assert layer.block.startswith("conv -> batchnorm2d -> relu")
         elif arch == "resnet":
@@ -90,10 +95,16 @@ def test_adapter_finds_candidate_blocks(arch):
         return
     # ConvNeXt keys are channels-last tokens (N, H, W, C), its values NCHW
     spatial = (lambda s: s[1:3]) if arch == "convnext" else (lambda s: s[-2:])
-    for name in cands["deep"]:
-        assert spatial(shapes[name][0]) == (5, 5) and shapes[name][1][-2:] == (5, 5)
-    for name in cands["high_res"]:  # (the VGG's features.18 value ends with its max-pool, 5x5)
-        assert spatial(shapes[name][0]) == (10, 10)
+    for group, size in (("deep", 5), ("high_res", 10)):
+        for name in (part for entry in cands[group] for part in span_parts(entry)):
+            # the ConvNeXt's deep candidates span its last two stages (10x10, then 5x5)
+            at = 10 if arch == "convnext" and name.startswith("stages.2.") else size
+            if name.endswith("downsample.1"):  # a stride-2 stage transition: keys at twice the values' size
+                assert shapes[name][0][-2:] == (2 * at, 2 * at) and shapes[name][1][-2:] == (at, at)
+            elif group == "deep":
+                assert spatial(shapes[name][0]) == (at, at) and shapes[name][1][-2:] == (at, at)
+            else:  # (the VGG's features.18 value ends with its max-pool, 5x5)
+                assert spatial(shapes[name][0]) == (10, 10)
 
 
 def test_vit_and_convnext_are_the_documented_timm_models():
@@ -193,7 +204,7 @@ def test_network_suffix_on_candidates(arch):
     model = build_model(arch).eval()
     x = torch.randn(2, 3, 80, 80)
     cands = candidate_layers(arch)
-    for name in cands["deep"] + cands["high_res"]:
+    for name in dict.fromkeys(part for group in cands.values() for entry in group for part in span_parts(entry)):
         layer = surgery.get_layer(model, name)
         suffix = network_suffix(model, layer)
         site = layer.value_site  # the output of a module, or the input of the next one
