@@ -249,7 +249,8 @@ class Adapter:
     branch is ``"attn"`` (attention / token-mixer output), ``"mlp"`` (MLP output), ``"conv"`` (the
     last conv of a CNN block), ``"skip-free"`` (a skip-free site: a stage transition, the projection
     of a block without a residual add, a VGG conv) or ``"any"``, and depth runs from 0 (the first
-    layer of that branch) to 1 (the last)."""
+    layer of that branch) to 1 (the last); in a model with residual blocks, a skip-free site's depth is
+    its position among all the model's editable layers (0.5: half-way through the network)."""
 
     def candidates(self, model: nn.Module) -> list[EditableLayer]:
         """Where to edit, best first: the layers valued after a residual add and the skip-free sites.
@@ -279,6 +280,9 @@ class Adapter:
         for ls in by_branch.values():
             for i, l in enumerate(ls):
                 depth[l.name] = i / max(len(ls) - 1, 1)
+        position = {l.name: i / max(len(found) - 1, 1) for i, (l, _) in enumerate(found)}
+        for l in by_branch.get("skip-free", []) if residual else []:
+            depth[l.name] = position[l.name]  # beside residual blocks, a lone stem conv is not "deep"
         chosen: list[EditableLayer] = []
         for branch, target in self.preference:
             options = [l for l in (anything if branch == "any" else pool) if l not in chosen]

@@ -39,6 +39,7 @@ from tests.tiny_models import (
     randomize_layer_scale,
     randomize_norms,
     randomize_scales,
+    tiny_clip,
 )
 
 REL_TOL = 1e-5
@@ -398,6 +399,12 @@ def test_skip_marks_layers_inside_residual_blocks():
     names = [l.name for l in get_adapter(timm_vgg).candidates(timm_vgg)]
     assert names[:2] == ["features.25", "features.22"] and not any("pre_logits" in n for n in names)
     assert "features.0" not in names
+    # beside residual blocks a stem conv is a candidate at its place in the network (the start), not
+    # as "the deepest" of its lone group: CLIP's ModifiedResNet keeps its deepest blocks first
+    clip = tiny_clip()
+    names = [l.name for l in recommended_layers(clip, k=20)]
+    assert names[:4] == ["visual.layer4.0.conv3", "visual.layer3.0.conv3", "visual.layer2.1.conv3", "visual.layer2.0.conv3"]
+    assert "visual.conv3" in names and "visual.conv1" not in names  # keys of conv1 are pixels
     # an MBConv block without a skip: its projection, expansion and squeeze-excite convs are skip-free, but
     # only the projection is a candidate; with a skip, every layer of the block is residual
     mnv3 = _build("timm_mobilenetv3")[0]
