@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.layout import Layout
+from surgery.layout import Layout, channels_last_rows
 from surgery.stats.whitening import inverse_sqrt
 
 __all__ = ["rank_one_direction", "key_weights"]
@@ -47,7 +47,7 @@ def key_weights(
     if prefix is not None:
         pooled = torch.where(prefix, torch.full_like(pooled, prefix_weight**0.5), pooled)
     # rows in the order of channels_last_rows: every axis but the channel axis, flattened
-    return pooled.movedim(lay.channel_axis, -1).reshape(-1)
+    return channels_last_rows(pooled, lay.channel_axis).reshape(-1)
 
 
 def rank_one_direction(

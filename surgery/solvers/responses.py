@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.layout import channels_first_rows
 from surgery.rank_one import rank_one_delta
 
 from .problem import EditProblem
@@ -33,7 +34,7 @@ class TapResponses:
             per_tap = self._per_tap(problem.keys)  # taps on the channel axis
         self.designs = [per_tap.narrow(self.zdim, t, 1) for t in range(self.taps)]
         # as one (taps, positions) matrix: z = z0 + (mat @ it), channels moved back in place
-        self.matrix = per_tap.movedim(self.zdim, 0).reshape(self.taps, -1)
+        self.matrix = channels_first_rows(per_tap, self.zdim)
         self._moved_shape = self.z0.movedim(self.zdim, 0).shape
 
     def _per_tap(self, keys: torch.Tensor) -> torch.Tensor:
