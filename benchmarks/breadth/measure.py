@@ -11,6 +11,7 @@ from torch import nn
 
 from surgery import collect_key_stats, rewrite
 from surgery.edits.apply import edited
+from surgery.layers import site_kind
 
 from .concept import Data
 
@@ -99,6 +100,7 @@ def measure_layer(
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "layer": layer.name,
+        "site": site_kind(layer),
         "block": layer.block,
         "channelwise": layer.channelwise,
         "module_type": type(layer.module).__name__,

@@ -101,25 +101,26 @@ def markdown(res: dict[str, Any]) -> str:
         "**exemplars** / **held-out** = mean logit distance of transformed images to their originals (1 = no effect, "
         "0 = the originals' logits); **improved** = fraction of held-out images moved closer; **clean** = mean logit "
         "change on clean images divided by the held-out distance before the edit. **bf err** = `block_forward` "
-        "relative error against the hooked value.",
+        "relative error against the hooked value. **site** = `skip-free` (no skip around the layer: its value is the "
+        "whole representation) or `residual` (a skip carries the input past it).",
         "",
-        "| model | source | adapter | layer | block | bf err | value | exemplars (before) | held-out (before) | improved | clean | solver | why it barely moves |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | source | adapter | layer | site | block | bf err | value | exemplars (before) | held-out (before) | improved | clean | solver | why it barely moves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in res["models"]:
         if "error" in m:
-            lines.append(f"| {m['model']} | | | error: {m['error']} | | | | | | | | | |")
+            lines.append(f"| {m['model']} | | | error: {m['error']} | | | | | | | | | | |")
             continue
         auto_one = {r["layer"] for r in ok_rows(m) if r.get("prefix_weight_setting", "auto") == "auto" and r["prefix_weight"] == 1.0}
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {m['model']} | {m['source']} | {m['adapter']} | {r['layer']} | error: {r['error']} | | | | | | | | |")
+                lines.append(f"| {m['model']} | {m['source']} | {m['adapter']} | {r['layer']} | {r.get('site', '')} | error: {r['error']} | | | | | | | |")
                 continue
             if r.get("prefix_weight_setting") == 1.0 and r["layer"] in auto_one:
                 continue  # "auto" resolved to 1 as well: the same edit
             pw = f" (prefix weight {r['prefix_weight']:g})" if r.get("prefix_weight", 1.0) != 1.0 or r.get("prefix_weight_setting") == 1.0 else ""
             lines.append(
-                f"| {m['model']} | {m['source']} | {m['adapter']} | `{r['layer']}`{pw} | {r['block']} | "
+                f"| {m['model']} | {m['source']} | {m['adapter']} | `{r['layer']}`{pw} | {r.get('site', '')} | {r['block']} | "
                 f"{r['block_forward_rel_err']:.1e} | {fmt(r['value_ratio'])} | "
                 f"{fmt(r['exemplar_ratio'])} ({fmt(r['exemplar_before'])}) | {fmt(r['heldout_ratio'])} "
                 f"({fmt(r['heldout_before'])}) | {fmt(r['heldout_improved_frac'], 2)} | {fmt(r['clean_change'])} | "
