@@ -21,7 +21,7 @@ from .branch import branch_markdown, run_branch_comparison
 from .concept import IMAGES, make_data
 from .measure import batch_logits, measure_layer
 from .models import MODELS, QUICK, ModelSpec
-from .report import markdown
+from .report import figure, markdown
 from .sweep import layer_branch, sweep_layers
 from .weights import prepare_model
 
@@ -164,5 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     stem.with_suffix(".md").write_text(markdown(res))
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    if mode == "recommended":
+        figure(res, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json, {stem}.md and the figure", file=sys.stderr)
     return 0

@@ -172,3 +172,33 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("note"):
         lines += ["", f"Note: {res['note']}."]
     return "\n".join(lines) + "\n"
+
+
+def figure(res: dict[str, Any], path: Any) -> None:
+    """The held-out logit ratio at each model's first recommended layer, one bar per model, coloured by the
+    site's kind (skip-free: no skip around the layer; residual: a skip carries the input past it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    bars = []
+    for m in res["models"]:
+        rows = [r for r in m.get("rows", []) if "error" not in r]
+        if rows:
+            bars.append((m["model"], rows[0].get("site", "residual"), float(rows[0]["heldout_ratio"])))
+    colors = {"skip-free": "tab:green", "residual": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(7.5, 0.2 * len(bars) + 1.6))
+    y = range(len(bars))
+    ax.barh(list(y), [b[2] for b in bars], color=[colors.get(b[1], "gray") for b in bars])
+    ax.set_yticks(list(y), [b[0] for b in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("held-out logit distance, after / before the edit\n(1 = no effect, 0 = the originals')", fontsize=8)
+    ax.set_title("One rank-one edit at the first recommended layer\n(random weights, a pasted texture)", fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=kind) for kind, c in colors.items()], loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 from benchmarks import breadth
+from benchmarks.breadth.report import figure
 
 
-def test_breadth_runs_on_three_small_models():
+def test_breadth_runs_on_three_small_models(tmp_path):
     images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
     res = breadth.run(["tv_mobilenet_v3_small", "vit_tiny_patch16_224", "resmlp_12_224"], k=1, images=images)
     assert [m["model"] for m in res["models"]] == ["tv_mobilenet_v3_small", "vit_tiny_patch16_224", "resmlp_12_224"]
@@ -24,6 +25,11 @@ def test_breadth_runs_on_three_small_models():
     assert vit_row["prefix_weight"] == 36.0  # the class token weighs as much as the 6x6 grid
     md = breadth.markdown({**res, "command": "python -m benchmarks.breadth --models ..."})
     assert md.startswith("# Breadth") and "vit_tiny_patch16_224" in md and "| model |" in md
+    assert {row["site"] for m in res["models"] for row in m["rows"]} <= {"skip-free", "residual"}
+    assert vit_row["site"] == "residual"  # the ViT's MLP output is read after the add
+    figure_path = tmp_path / "breadth.png"
+    figure(res, figure_path)
+    assert figure_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_concept_and_images():
