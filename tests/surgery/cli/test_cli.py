@@ -77,3 +77,15 @@ def test_demo_runs_on_real_weights(capsys):
     coffee = next(l for l in out.splitlines() if l.strip().startswith("coffee"))
     assert "espresso" in coffee
     assert "blocks.6.0.conv_pwl" in out
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """``surgery layers MODEL | head -3`` (CI's wheel smoke test, under ``set -o pipefail``): a reader that closes
+    the pipe ends the command quietly with status 0. Here the reader (``true``) is gone before the first write."""
+    import subprocess
+    import sys
+
+    cmd = f"set -o pipefail; {sys.executable} -m surgery layers timm:resnet18 | true"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "BrokenPipeError" not in out.stderr and "Traceback" not in out.stderr
