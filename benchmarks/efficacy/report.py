@@ -11,7 +11,7 @@ import numpy as np
 
 from surgery._files import save_figure, write_text
 
-from .settings import GROUPS, Settings
+from .settings import GROUPS, SCHEDULE_VARIANTS, Settings
 
 __all__ = [
     "bootstrap_ci", "summarize", "edit_lead", "chosen_layers", "headline", "markdown", "figure", "write_report",
@@ -134,7 +134,8 @@ def markdown(result: dict) -> str:
         if a.get("truncated_by_time_budget") or n_units < planned:
             lines += [(f"**Only {n_units} of {planned} planned (pair, N, draw) units ran (time budget, --max-minutes): "
                       "intervals over so few units mean nothing.**"), ""]
-        lines += [f"Clean test accuracy of the unedited model: {a['clean_test_acc']:.1f}%.", ""]
+        took = f" This model's run took {a['seconds'] / 60:.0f} min on {result.get('processes', 1)} process(es)." if "seconds" in a else ""
+        lines += [f"Clean test accuracy of the unedited model: {a['clean_test_acc']:.1f}%.{took}", ""]
         lines += ["Pairs: " + ", ".join(
             f"{p['concept']}->{p['style']} ({p['n_hurt']} classes hurt{'' if p['qualifies'] else ', DOES NOT QUALIFY'})"
             for p in a["pairs"]), ""]
@@ -155,7 +156,7 @@ def markdown(result: dict) -> str:
                 f"| {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | " + " | ".join(cells)
                 + f" | {row['clean_acc_change_pp']['mean']:+.2f} | {shift('other-nonprefer')} | {shift('clean-no-concept')} |"
             )
-        for method in ("edit", "edit span"):
+        for method in ("edit", "edit span", *SCHEDULE_VARIANTS):
             counts = chosen_layers(a["units"], method)
             if counts:
                 lines += ["", f"Candidates the selection took for `{method}` (units per layer, by N): " + "; ".join(
