@@ -62,7 +62,8 @@ def rewrite(
         model: the classifier, in eval mode.
         layer: the editable layer's module name (see ``surgery.editable_layers``), or a list of layers of
             consecutive residual blocks in forward order: one span edit, an update per layer made with
-            ``schedule`` (:mod:`surgery.span`); ``stats`` is then ``{layer: KeyStats}``.
+            ``schedule`` (:mod:`surgery.span`); ``stats`` is then ``{layer: KeyStats}``, e.g.
+            ``surgery.collect_key_stats(model, layers, data)`` (one pass over ``data`` for them all).
         originals: images ``(N, 3, H, W)``, or paths / PIL images (preprocessed with ``transform``,
             by default the model's own preprocessing).
         transformed: the same images with the concept transformed.

@@ -51,7 +51,7 @@ def _span_stats(stats: Any, layers: Sequence[str]) -> dict[str, KeyStats | torch
         if missing:
             raise SurgeryError(
                 f"no key statistics for {missing}: a span edit needs them for every layer, e.g. "
-                "stats={layer: surgery.collect_key_stats(model, layer, data) for layer in layers}"
+                "stats=surgery.collect_key_stats(model, layers, data) (one pass, a KeyStats per layer)"
             )
         return {name: stats[name] for name in layers}
     if isinstance(stats, Sequence) and not isinstance(stats, (str, bytes)) and len(stats) == len(layers):

@@ -101,8 +101,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     transform = model_transform(model, args.size)
     layers = [get_layer(model, name) for name in args.layer]  # fail on a bad layer name before any long computation
     stats: dict[str, KeyStats] = {}
-    for i, layer in enumerate(layers):
-        if args.stats is not None:
+    if args.stats is not None:
+        for i, layer in enumerate(layers):
             stats[layer.name] = KeyStats.load(args.stats[i])
             if stats[layer.name].layer != layer.name:
                 raise SurgeryError(
@@ -110,9 +110,11 @@ def _cmd_edit(args: argparse.Namespace) -> int:
                     f"{layer.name!r}; compute them with: surgery stats {args.model} --layer {layer.name} --data DIR -o FILE"
                 )
             _check_stats_weights(model, layer, stats[layer.name], args.stats[i], transform, transformed[0])
-        else:
-            stats[layer.name], images = collect_from_folder(model, layer, args, transform)
-            print(f"{layer.name}: key statistics from {images} images, {stats[layer.name].count} key vectors, n={stats[layer.name].n}")
+    else:  # every layer's statistics from one pass over the folder
+        collected, images = collect_from_folder(model, layers if len(layers) > 1 else layers[0], args, transform)
+        stats = collected if isinstance(collected, dict) else {layers[0].name: collected}
+        for name, one in stats.items():
+            print(f"{name}: key statistics from {images} images, {one.count} key vectors, n={one.n}")
 
     mask_tensor = None if masks is None else masks_for_inputs(masks, originals, Preprocess.from_model(model), args.size)
     edit = rewrite(

@@ -23,8 +23,11 @@ from surgery.stats import KeyStats, collect_key_stats
 __all__ = ["add_command", "collect_from_folder"]
 
 
-def collect_from_folder(model: Any, layer: str | EditableLayer, args: argparse.Namespace, transform: Any) -> tuple[KeyStats, int | None]:
-    """Key statistics of ``layer`` over the image folder ``args.data``; returns (stats, images read)."""
+def collect_from_folder(
+    model: Any, layer: str | EditableLayer | list[EditableLayer], args: argparse.Namespace, transform: Any
+) -> tuple[KeyStats | dict[str, KeyStats], int | None]:
+    """Key statistics of ``layer`` (or of a list of layers, in one pass) over the image folder ``args.data``;
+    returns (stats, images read)."""
     folder = ImageFolder(args.data, transform)
     stats = collect_key_stats(
         model,

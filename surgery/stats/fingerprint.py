@@ -8,7 +8,7 @@ it; editing the layer itself or anything after it does not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from surgery._guards import model_device, require_eval
 from surgery.editable import EditableLayer, Site
 from surgery.errors import SurgeryError
-from surgery.hooks import Trace
+from surgery.hooks import TraceDict
 from surgery.identity import blank_addresses, dtype_name, hash_tensor, hasher
 from surgery.layers import get_layer
 
@@ -27,6 +27,7 @@ __all__ = [
     "UpstreamRecorder",
     "recording_first",
     "read_site",
+    "read_sites",
     "prepare_batch",
     "model_float_dtype",
 ]
@@ -46,27 +47,38 @@ def prepare_batch(batch: torch.Tensor, device: torch.device, dtype: torch.dtype 
     return batch
 
 
+def read_sites(model: nn.Module, sites: Sequence[Site], batch: torch.Tensor, what: str) -> list[torch.Tensor]:
+    """One forward of ``batch`` that ends once every site of ``sites`` is reached; the tensor at each."""
+    modules = list(dict.fromkeys(site.module for site in sites))
+    with TraceDict(
+        model,
+        modules,
+        retain_input=any(site.needs_input for site in sites),
+        retain_output=not all(site.needs_input for site in sites),
+        # one module: nothing runs after its hook (the forward stops there); several: a later in-place
+        # operation could change what an earlier one captured
+        clone=len(modules) > 1,
+        stop=True,
+    ) as traces:
+        model(batch)
+    out = []
+    for site in sites:
+        trace = traces[site.module]
+        if not trace.fired:
+            raise SurgeryError(
+                f"the key site {site} was never reached in the forward pass ({what}); is the layer "
+                "part of this model's forward path?"
+            )
+        keys = site.read(trace)  # a "call" site computes its keys from the module's call, here
+        if not isinstance(keys, torch.Tensor):
+            raise SurgeryError(f"the key site {site} carries a {type(keys).__name__}, not a tensor")
+        out.append(keys)
+    return out
+
+
 def read_site(model: nn.Module, site: Site, batch: torch.Tensor, what: str) -> torch.Tensor:
     """One forward of ``batch`` that ends at ``site`` and returns the tensor found there."""
-    want_input = site.needs_input
-    with Trace(
-        model,
-        site.module,
-        retain_input=want_input,
-        retain_output=not want_input,
-        clone=False,  # nothing runs after the hook: the forward stops there
-        stop=True,
-    ) as t:
-        model(batch)
-    if not t.fired:
-        raise SurgeryError(
-            f"the key site {site} was never reached in the forward pass ({what}); is the layer "
-            "part of this model's forward path?"
-        )
-    keys = site.read(t)  # a "call" site computes its keys from the module's call, here
-    if not isinstance(keys, torch.Tensor):
-        raise SurgeryError(f"the key site {site} carries a {type(keys).__name__}, not a tensor")
-    return keys
+    return read_sites(model, [site], batch, what)[0]
 
 
 class UpstreamRecorder:
@@ -83,8 +95,9 @@ class UpstreamRecorder:
     def attach(self) -> None:
         def make_hook(name: str) -> Callable[[nn.Module, Any], None]:
             def hook(module: nn.Module, args: Any) -> None:
-                # a "call" site's keys are computed by its module (rerun in Site.read): it counts
-                if (module is not self.key_module or self.site.port == "call") and name not in self.started:
+                # a "call" site's keys are computed by its module (rerun in Site.read): it counts; once
+                # the keys are there (a forward that goes on to a later site), nothing more does
+                if self.key_dtype is None and (module is not self.key_module or self.site.port == "call") and name not in self.started:
                     self.started[name] = module
 
             return hook
@@ -140,17 +153,22 @@ def fingerprint_and_dtype(
     return rec.result()
 
 
-def recording_first(batches: Iterable[torch.Tensor], rec: UpstreamRecorder) -> Iterator[torch.Tensor]:
-    """``batches``, with ``rec`` attached while the first one is processed."""
+def recording_first(
+    batches: Iterable[torch.Tensor], recorders: UpstreamRecorder | Sequence[UpstreamRecorder]
+) -> Iterator[torch.Tensor]:
+    """``batches``, with the recorder(s) attached while the first one is processed."""
+    recorders = [recorders] if isinstance(recorders, UpstreamRecorder) else list(recorders)
     it = iter(batches)
-    rec.attach()
+    for rec in recorders:
+        rec.attach()
     try:
         first = next(it, None)
         if first is None:
             return
         yield first
     finally:
-        rec.detach()
+        for rec in recorders:
+            rec.detach()
     yield from it
 
 

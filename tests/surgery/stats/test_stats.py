@@ -294,12 +294,12 @@ def test_cache_hits_and_misses(
     assert "miss" in _cache_logs(caplog)
 
     # Unchanged model, or changes at the layer or after it: a hit, computed by nobody.
-    real_accumulate = stats_mod.accumulate_key_sums
+    real_accumulate = stats_mod._accumulate
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed on a cache hit")
 
-    monkeypatch.setattr(stats_mod, "accumulate_key_sums", fail)
+    monkeypatch.setattr(stats_mod, "_accumulate", fail)
     caplog.clear()
     hit = collect_key_stats(model, LAYER, images, cache_dir=cache, progress=False)
     assert "cache hit" in _cache_logs(caplog)
@@ -311,7 +311,7 @@ def test_cache_hits_and_misses(
     assert torch.equal(after_edit.sum, first.sum)
 
     # An upstream change misses and recomputes.
-    monkeypatch.setattr(stats_mod, "accumulate_key_sums", real_accumulate)
+    monkeypatch.setattr(stats_mod, "_accumulate", real_accumulate)
     with torch.no_grad():
         model.layer2[0].conv1.weight.mul_(1.5)
     caplog.clear()
@@ -400,3 +400,56 @@ def test_without_a_cache_the_fingerprint_costs_no_extra_forward(tmp_path: Path, 
     assert plain.fingerprint == cached.fingerprint == weights_fingerprint(model, LAYER, images[:1])
     assert plain.dtype == cached.dtype == "float32"
     assert torch.equal(plain.sum, cached.sum)
+
+
+# ------------------------------------------------------------------------------- several layers at once
+
+SPAN = ["layer2.0.conv2", LAYER]  # two key sites, one in each of two stages
+
+
+def test_a_list_of_layers_is_collected_in_one_pass(images: torch.Tensor) -> None:
+    """The statistics of a span's layers come from one forward per batch, and equal (to the bit, in
+    float64) what each layer's own collection gives."""
+    model = _resnet(torch.float64)
+    stem = model.get_submodule("conv1")
+    calls = [0]
+    h = stem.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    hooks_before = _hook_count(model)
+    try:
+        both = collect_key_stats(model, SPAN, images, batch_size=4, progress=False)
+        assert calls[0] == 3  # 10 images in batches of 4, both layers read in the same forwards
+        assert _hook_count(model) == hooks_before
+    finally:
+        h.remove()
+    assert list(both) == SPAN
+    for name in SPAN:
+        alone = collect_key_stats(model, name, images, batch_size=4, progress=False)
+        assert torch.equal(both[name].sum, alone.sum) and both[name].count == alone.count
+        assert both[name].fingerprint == alone.fingerprint and both[name].layer == name
+
+
+def test_a_list_of_layers_uses_the_cache_layer_by_layer(tmp_path: Path, images: torch.Tensor, monkeypatch) -> None:
+    model = _resnet()
+    cache = tmp_path / "cache"
+    alone = collect_key_stats(model, LAYER, images, cache_dir=cache, progress=False)
+    computed: list[list[str]] = []
+    real_accumulate = stats_mod._accumulate
+
+    def spy(model, layers, *args, **kwargs):
+        computed.append([layer.name for layer in layers])
+        return real_accumulate(model, layers, *args, **kwargs)
+
+    monkeypatch.setattr(stats_mod, "_accumulate", spy)
+    both = collect_key_stats(model, SPAN, images, cache_dir=cache, progress=False)
+    assert computed == [["layer2.0.conv2"]]  # the cached layer is read from its file, not recomputed
+    assert torch.equal(both[LAYER].sum, alone.sum)
+    again = collect_key_stats(model, SPAN, images, cache_dir=cache, progress=False)
+    assert computed == [["layer2.0.conv2"]] and len(list(cache.iterdir())) == 2
+    assert all(torch.equal(again[n].sum, both[n].sum) for n in SPAN)
+
+
+def test_a_list_of_layers_must_name_distinct_layers(images: torch.Tensor) -> None:
+    model = _resnet()
+    for bad in ([], [LAYER, LAYER]):
+        with pytest.raises(SurgeryError, match="list of distinct layers"):
+            collect_key_stats(model, bad, images, progress=False)
