@@ -13,6 +13,8 @@
     Key statistics come from the bundled photos, their mirror images and a few random crops. The
     report says, photo by photo, what the edit changed (textured photos whose prediction came back)
     and what it left alone (the clean photos' predictions and probabilities).
+(c) **Several exemplars, a photo never seen** (:mod:`benchmarks.walkthrough.held_out`): for each photo
+    the texture changes, an edit from the other photos, at the recommended layers and the layer of (b).
 
 Everything is in the same 224x224 geometry as the model's preprocessing (resize 256, center crop):
 the texture is pasted at the photo's own resolution, then photo, textured photo and mask go through
@@ -39,6 +41,8 @@ from surgery.inputs.photos import sample_photos, sample_textures
 from surgery.inputs.preprocess import Preprocess, default_input_size
 from surgery.models.loading import load_model
 
+from . import held_out
+from .held_out import held_out_edits, predict, shrunk_moment
 from .make_masks import MASKS, mask_path
 
 __all__ = ["DEFAULTS", "RESULTS_DIR", "main", "run_walkthrough"]
@@ -69,11 +73,6 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
 def _top(probs: torch.Tensor, classes: Sequence[str], k: int = 3) -> list[list[Any]]:
     top = probs.topk(k)
     return [[classes[i], round(float(p), 4)] for p, i in zip(top.values.tolist(), top.indices.tolist())]
-
-
-def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).softmax(-1)
 
 
 def _stats_images(photos: dict[str, Image.Image], transform: Any, crops: int, seed: int) -> torch.Tensor:
@@ -107,6 +106,7 @@ def run_walkthrough(
     figure: bool = True,
     model: torch.nn.Module | None = None,
     threads: int | None = 1,
+    held_out_layers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the walkthrough and return its results (also written to ``out_dir/name.{json,md,png}``).
 
@@ -121,6 +121,8 @@ def run_walkthrough(
         out_dir: where to write the reports (``None``: write nothing).
         figure: draw ``name.png``.
         model: the model (default: the pretrained EfficientNet-Lite0).
+        held_out_layers: the layers of part (c) (default: the model's three recommended layers and
+            ``layer``; empty: no part (c)).
         threads: torch threads for the run (restored afterwards; ``None``: leave as is). One thread
             is the default: on a loaded 2-core machine, two threads spin-wait for each other (the
             whole run took 4x longer, and ``torch.linalg.eigvalsh`` of the 1152 x 1152 key moment
@@ -131,7 +133,7 @@ def run_walkthrough(
         torch.set_num_threads(threads)
     try:
         return _run(photos, texture, scale, exemplar, layer, crops_per_photo, shrink, alpha, seed, out_dir,
-                    name, figure, model)
+                    name, figure, model, held_out_layers)
     finally:
         torch.set_num_threads(saved)
 
@@ -150,6 +152,7 @@ def _run(
     name: str,
     figure: bool,
     model: torch.nn.Module | None,
+    held_out_layers: Sequence[str] | None,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     times: dict[str, float] = {}
@@ -180,25 +183,28 @@ def _run(
         masks.append(mask_geometry(Image.fromarray(mask.numpy().astype(np.uint8) * 255))[:1])
         concepts[n] = MASKS[n][0]
     x, x2, masks = torch.stack(x), torch.stack(x2), torch.stack(masks)
-    p_clean, p_tex = _predict(model, x), _predict(model, x2)
+    p_clean, p_tex = predict(model, x), predict(model, x2)
     times["transform_and_predict"] = time.perf_counter() - t
 
     # (b) one edit from the single exemplar
     t = time.perf_counter()
     stats_images = _stats_images(images, transform, crops_per_photo, seed)
-    stats = surgery.collect_key_stats(model, layer, stats_images, progress=False)
-    moment = stats.sum / stats.count
-    n_keys = moment.shape[0]
-    moment = moment + shrink * float(torch.trace(moment)) / n_keys * torch.eye(n_keys, dtype=moment.dtype)
+    if held_out_layers is None:
+        held_out_layers = [one.name for one in surgery.recommended_layers(model, k=3)] + [layer]
+    edited_layers = list(dict.fromkeys([layer, *held_out_layers]))
+    all_stats = surgery.collect_key_stats(model, edited_layers, stats_images, progress=False)  # one pass
+    stats = all_stats[layer]
+    moments = {name: shrunk_moment(one, shrink) for name, one in all_stats.items()}
+    moment, n_keys = moments[layer], stats.n
     times["key_stats"] = time.perf_counter() - t
     t = time.perf_counter()
     i = names.index(exemplar)
-    edit = surgery.rewrite(model, layer, x[i : i + 1], x2[i : i + 1], masks[i : i + 1], stats=moment.float())
+    edit = surgery.rewrite(model, layer, x[i : i + 1], x2[i : i + 1], masks[i : i + 1], stats=moment)
     edit.description = f"{texture} on the {concepts[exemplar]} is seen as the {concepts[exemplar]} ({exemplar}, one exemplar)"
     times["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()
     with surgery.edited(model, edit, alpha=alpha):
-        q_clean, q_tex = _predict(model, x), _predict(model, x2)
+        q_clean, q_tex = predict(model, x), predict(model, x2)
     times["predict_edited"] = time.perf_counter() - t
 
     rows = []
@@ -235,6 +241,9 @@ def _run(
         "clean_top1_unchanged": sum(r["clean_top1_unchanged"] for r in rows),
         "clean_max_abs_prob_change": max(r["clean_max_abs_prob_change"] for r in rows),
     }
+    t = time.perf_counter()
+    held = held_out_edits(model, names, x, x2, masks, {name: moments[name] for name in held_out_layers})
+    times["held_out_edits"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
     result: dict[str, Any] = {
         "model": "surgery:efficientnet_lite0 (pretrained, offline)",
@@ -250,6 +259,7 @@ def _run(
         },
         "summary": summary,
         "rows": rows,
+        "held_out": held,
         "seconds": times,
     }
     if out_dir is not None:
@@ -350,6 +360,7 @@ def _markdown(res: dict[str, Any], png: str | None) -> str:
             "choice restored more than one photo besides the exemplar, and none changed a clean top-1.",
             "",
         ]
+    lines += held_out.markdown(res.get("held_out", []), sm["photos"])
     t = res["seconds"]
     lines += [
         "Timing (this run): " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + ".",

@@ -26,7 +26,10 @@ def test_shipped_masks_match_their_definitions():
 
 
 def test_walkthrough_on_two_photos(tmp_path):
-    res = run_walkthrough(["rocket", "coffee"], exemplar="rocket", crops_per_photo=0, out_dir=tmp_path, name="w")
+    res = run_walkthrough(
+        ["rocket", "coffee"], exemplar="rocket", crops_per_photo=0, out_dir=tmp_path, name="w",
+        held_out_layers=["conv_head", "blocks.6.0.conv_pwl"],
+    )
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"w.{ext}").stat().st_size > 0
     assert json.loads((tmp_path / "w.json").read_text())["summary"] == res["summary"]
@@ -38,6 +41,14 @@ def test_walkthrough_on_two_photos(tmp_path):
         assert r["clean_top1_unchanged"]
         assert r["clean_max_abs_prob_change"] < 0.02
     assert "## (b) One edit" in (tmp_path / "w.md").read_text()
+    # (c): the photo the texture flips, edited from the other photo alone, at each layer and strength
+    held = res["held_out"]
+    assert [(r["layer"], r["alpha"]) for r in held] == [
+        ("conv_head", 1.0), ("conv_head", 2.0), ("blocks.6.0.conv_pwl", 1.0), ("blocks.6.0.conv_pwl", 2.0)
+    ]
+    assert all(r["held_out"] == ["rocket"] and r["exemplars"] == 1 and r["site"] == "skip-free" for r in held)
+    assert all(set(r["restored"]) <= {"rocket"} for r in held)
+    assert "## (c) Several exemplars" in (tmp_path / "w.md").read_text()
 
 
 def test_walkthrough_rejects_bad_photos(tmp_path):
