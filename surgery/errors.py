@@ -14,6 +14,7 @@ __all__ = [
     "EditFormatError",
     "IncompatibleEditError",
     "SurgeryWarning",
+    "InterferenceWarning",
 ]
 
 
@@ -46,3 +47,8 @@ class IncompatibleEditError(SurgeryError):
 
 class SurgeryWarning(UserWarning):
     """Something works but may not do what you expect (e.g. an edit applied to other weights)."""
+
+
+class InterferenceWarning(SurgeryWarning):
+    """An edit is applied on a weight that already carries an edit whose key direction overlaps its own,
+    so the earlier rule may no longer hold (:func:`surgery.edits.interference.key_overlap`)."""

@@ -6,7 +6,9 @@ every parameter it changes, so reverting through the returned handle restores th
 edits stack and can be reverted in any order (the remaining ones are re-applied on the original bytes).
 Reverting an edit from a file, in a fresh process without a handle, first checks that the edit is on
 the weights (the file records the original weights along the edit), then subtracts its update and
-reports whether the result matches the base fingerprint recorded in the file.
+reports whether the result matches the base fingerprint recorded in the file. An edit applied on a weight
+that already carries an edit with an overlapping key direction gives an
+:class:`~surgery.errors.InterferenceWarning` (:mod:`surgery.edits.interference`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from surgery.edits.edit import Edit
+from surgery.edits.interference import warn_interference
 from surgery.edits.preflight import RevertReport, check_base, check_presence, not_a_parameter, plan_update
 from surgery.errors import IncompatibleEditError, SurgeryError, SurgeryWarning
 from surgery.identity import architecture_id, content_id, tensor_sha256
@@ -128,6 +131,12 @@ def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict
         strict: raise instead of warning when the model's weights differ from those the edit was made
             on, or when the update is more than 10 times larger than the weight it changes.
 
+    Warns (:class:`~surgery.errors.InterferenceWarning`, never an error) when a weight the edit changes
+    already carries an active edit whose key direction overlaps this one's by more than
+    :data:`~surgery.edits.interference.OVERLAP_THRESHOLD` (:func:`~surgery.edits.interference.key_overlap`):
+    the earlier rule may no longer hold. Silence it with ``warnings.filterwarnings("ignore",
+    category=InterferenceWarning)``.
+
     Returns:
         An :class:`EditHandle` for :func:`revert_edit`.
 
@@ -147,6 +156,7 @@ def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict
             SurgeryWarning,
             stacklevel=2,
         )
+    warn_interference([h.edit for h in state.handles if h.edit_id != edit_id], edit, stacklevel=2)
     with torch.no_grad():
         for name, new in planned.items():
             p = _parameter(model, name)
@@ -238,7 +248,8 @@ def revert_edit(
 
 
 def list_edits(model: nn.Module) -> list[EditHandle]:
-    """Handles of the edits active on ``model``, oldest first."""
+    """Handles of the edits active on ``model``, oldest first (the order they were applied in, which is
+    the order their updates are summed in; a reverted edit leaves the list and the others keep their order)."""
     return list(_state(model).handles)
 
 
