@@ -14,8 +14,11 @@ import argparse
 from typing import Any
 
 from surgery.cli.args import finite_float, warnings_on_stderr
+from surgery.edits.apply import as_edit
+from surgery.edits.interference import describe_edit, warn_interference
 from surgery.edits.on_checkpoints import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
 from surgery.errors import SurgeryError
+from surgery.identity import content_id
 
 __all__ = ["add_command"]
 
@@ -32,8 +35,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         changed = apply_to_checkpoint(
             args.checkpoint, args.edits, args.output, alpha=args.alpha, strict=args.strict, overwrite=args.overwrite
         )
+        # A checkpoint records no edits applied to it before; the stack checked is this command's edits.
+        stack = [as_edit(path) for path in args.edits]
+        ids = [content_id(e.layer, e.method, e.parameter_deltas()) for e in stack]
+        for i, edit in enumerate(stack):  # an edit given twice has its own warning
+            warn_interference([e for e, id_ in zip(stack[:i], ids) if id_ != ids[i]], edit)
     what = f"{', '.join(changed)} changed" if changed else "no tensor changed (the updates round away)"
     print(f"applied {len(args.edits)} edit(s) (alpha={args.alpha:g}) to {args.checkpoint}: {what} -> {args.output}")
+    if len(stack) > 1:
+        for i, (path, edit) in enumerate(zip(args.edits, stack), 1):
+            print(f"  {i}. {describe_edit(edit)} from {path}")
     return 0
 
 
@@ -64,7 +75,10 @@ def add_command(subparsers: Any) -> None:
         help="apply edit files to a checkpoint and write the edited checkpoint",
         description="Apply one or more edit files, in order, to a checkpoint (.safetensors, or a state "
         "dict saved with torch.save, read with weights_only=True) and write the result, in the same "
-        "format, atomically. Every edit is checked before anything is written.",
+        "format, atomically. Every edit is checked before anything is written. Several edits are listed "
+        "in the order they were applied, with a warning where a later one's key direction overlaps an "
+        "earlier one's on the same weight (the earlier rule may no longer hold); a checkpoint does not "
+        "record edits applied to it before, so only the edits of one command are compared.",
     )
     p.add_argument("checkpoint", help="the checkpoint to edit (.safetensors or .pth)")
     p.add_argument("edits", nargs="+", metavar="EDIT", help="edit files, applied in order")
