@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from surgery.testbed.protocol import select_pairs, span_parts
 
 from .models import load_model, preprocessor, tiny_classifier
 from .report import summarize, write_report
-from .settings import PAPER_FT_GRID, Settings, settings_for
+from .settings import METHODS, PAPER_FT_GRID, Settings, settings_for
 from .units import prepare_pair, run_unit
 
 __all__ = ["main", "run_arch", "RESULTS"]
@@ -67,10 +68,10 @@ def run_arch(arch: str, s: Settings, cache: Path) -> dict:
     clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache if arch != "tiny" else None)
     clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache if arch != "tiny" else None)
     train_x = prep(train.images)
-    stats = {
-        layer: collect_key_stats(model, layer, train_x, progress=False, cache_dir=None if arch == "tiny" else cache / "stats")
-        for layer in dict.fromkeys(part for group in layers.values() for entry in group for part in span_parts(entry))
-    }
+    stats = collect_key_stats(  # every candidate's statistics, in one pass over the images
+        model, list(dict.fromkeys(part for group in layers.values() for entry in group for part in span_parts(entry))),
+        train_x, progress=False, cache_dir=None if arch == "tiny" else cache / "stats",
+    )
     logger.info("%s: data and key statistics in %.1fs", arch, time.perf_counter() - t0)
     pairs, all_pairs = select_pairs(
         model, tb, prep, clean_val, k=s.pairs, rng=rng, min_drop=s.min_drop, min_hurt=s.min_hurt,
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ns", type=int, nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-clean-drop", type=float)
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, metavar="METHOD",
+        help="measure only these methods (default: the main methods and variants; choices: " + ", ".join(METHODS) + ")",
+    )
     p.add_argument("--paper-ft-grid", action="store_true", help="the paper's whole fine-tuning grid at every layer (slow)")
     p.add_argument("--max-minutes", type=float, help="start no new (pair, N, draw) unit after this long")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         archs = list(dict.fromkeys(args.arch))
     s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
-                     ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
+                     ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
+                     methods=tuple(args.methods) if args.methods else None)
     if args.paper_ft_grid:
         s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
     deadline = None
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     result = {
         "mode": mode_name,
-        "command": f"{launcher} -m benchmarks.efficacy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"{launcher} -m benchmarks.efficacy " + shlex.join(sys.argv[1:] if argv is None else argv),
         "processes": world,
         "settings": _stored_settings(s),
         "surgery_version": surgery.__version__,
@@ -201,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["archs"] = {a: r for a, r in earlier["archs"].items() if a not in archs}
     for arch in archs:
         s = settings_for(mode_name, arch, pairs=args.pairs, draws=args.draws,
-                         ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop)
+                         ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
+                         methods=tuple(args.methods) if args.methods else None)
         if args.paper_ft_grid:
             s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
         s.deadline = deadline  # one time budget for the whole run

@@ -8,7 +8,7 @@ from typing import Any
 
 from surgery.testbed.protocol import ALPHAS, MIN_DROP, MIN_HURT
 
-__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
+__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "SCHEDULE_VARIANTS", "METHODS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
 
 
 GROUPS = (
@@ -23,6 +23,13 @@ VARIANTS = ("edit multi-class", "edit high-res", "edit label-free", "edit span")
 # Variants that matter for tokens (the ViT): the class token weighed like one grid token instead of
 # "auto", and the deep candidates restricted to the MLP outputs or to the attention outputs.
 TOKEN_VARIANTS = ("edit prefix=1", "edit mlp only", "edit attn only")
+# A span of four blocks under each share schedule (surgery.span): not in the default run; chosen with
+# --methods (benchmarks/results/span_schedules.md).
+SCHEDULE_VARIANTS = ("edit long span", "edit long span first-last")
+METHODS = (
+    "edit", "edit +mask", "reference", "finetune local", "finetune global", *VARIANTS, *TOKEN_VARIANTS,
+    *SCHEDULE_VARIANTS,
+)
 
 
 PAPER_FT_GRID = ((1e-2, 500), (1e-3, 500), (1e-4, 500), (1e-5, 800), (1e-6, 800))

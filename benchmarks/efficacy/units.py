@@ -17,7 +17,7 @@ from surgery.evaluation import CachedImages, Candidate, NoCandidateError, select
 from surgery.testbed import CLASS_NAMES, STYLES
 from surgery.testbed.protocol import SPAN, choose_target, edit_candidates
 
-from .settings import TOKEN_VARIANTS, VARIANTS, Settings
+from .settings import SCHEDULE_VARIANTS, TOKEN_VARIANTS, VARIANTS, Settings
 
 __all__ = ["PairData", "prepare_pair", "draw_unit", "run_unit", "evaluate_on_test"]
 
@@ -135,10 +135,13 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
             continue
         if method == "edit multi-class" and multi_ex is None:
             continue
-        if method in (*VARIANTS, *TOKEN_VARIANTS) and not (n in s.variant_ns and d < s.variant_draws):
+        if method in (*VARIANTS, *TOKEN_VARIANTS, *SCHEDULE_VARIANTS) and not (n in s.variant_ns and d < s.variant_draws):
             continue
         mex = exemplars(multi_ex) if method == "edit multi-class" else ex
-        lays = {"edit high-res": layers["high_res"], "edit span": layers.get("span", [])}.get(method, layers["deep"])
+        lays = {
+            "edit high-res": layers["high_res"], "edit span": layers.get("span", []),
+            **{v: layers.get("long_span", []) for v in SCHEDULE_VARIANTS},
+        }.get(method, layers["deep"])
         if not lays:  # no span candidates for this model
             continue
         if method in ("edit mlp only", "edit attn only"):
@@ -147,6 +150,11 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
             cands = cache_cands["edit"]  # the same candidates; only the selection differs
         elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only", "edit span"):
             cands = edit_candidates(model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps)
+        elif method in SCHEDULE_VARIANTS:
+            cands = edit_candidates(
+                model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps,
+                schedule="first_last" if method.endswith("first-last") else "memit",
+            )
         elif method == "edit prefix=1":
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, prefix_weight=1.0

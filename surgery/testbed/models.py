@@ -178,7 +178,8 @@ def candidate_layers(arch: str) -> dict[str, list[str]]:
     stage (benchmarks/results/efficacy_anatomy.md), so its "deep" candidates are the last two stages'
     transitions (``downsample.1``: skip-free, the whole representation passes through it) and last two
     ``fc2``: the selection on validation chooses among them. "span" lists span edits (``"A+B"``, see
-    :func:`surgery.testbed.protocol.span_parts`) of a stage's last two blocks. The last entry of "deep"
+    :func:`surgery.testbed.protocol.span_parts`) of a stage's last two blocks; "long_span" one span of four
+    blocks (where MEMIT's share schedule and the first-and-last schedule differ). The last entry of "deep"
     is the one layer the fine-tuning baselines train. The efficacy benchmark measures which candidate works.
     """
     if arch == "vgg":
@@ -186,15 +187,17 @@ def candidate_layers(arch: str) -> dict[str, list[str]]:
             "deep": ["features.22", "features.25"],
             "high_res": ["features.15", "features.18"],
             "span": [],
+            "long_span": [],
         }
     if arch == "resnet":
-        return {"deep": ["layer4.0.conv2"], "high_res": ["layer3.0.conv2"], "span": []}
+        return {"deep": ["layer4.0.conv2"], "high_res": ["layer3.0.conv2"], "span": [], "long_span": []}
     if arch == "vit":
         last, early = (VIT_DEPTH - 2, VIT_DEPTH - 1), VIT_DEPTH // 2 - 1
         return {
             "deep": [f"blocks.{k}.{m}" for k in last for m in ("mlp.fc2", "attn.proj")],
             "high_res": [f"blocks.{early}.mlp.fc2", f"blocks.{early}.attn.proj"],
             "span": ["+".join(f"blocks.{k}.mlp.fc2" for k in last)],
+            "long_span": ["+".join(f"blocks.{k}.mlp.fc2" for k in range(VIT_DEPTH - 4, VIT_DEPTH))],
         }
     if arch == "convnext":
         sites, spans = {}, []
@@ -203,7 +206,8 @@ def candidate_layers(arch: str) -> dict[str, list[str]]:
             fc2 = [f"stages.{stage}.blocks.{k}.mlp.fc2" for k in range(max(n - 2, 0), n)]
             sites[stage] = [f"stages.{stage}.downsample.1", *fc2]
             spans.append("+".join(fc2))
-        return {"deep": sites[2] + sites[3], "high_res": sites[2], "span": spans}
+        stage2 = "+".join(f"stages.2.blocks.{k}.mlp.fc2" for k in range(CONVNEXT_DEPTHS[2]))
+        return {"deep": sites[2] + sites[3], "high_res": sites[2], "span": spans, "long_span": [stage2]}
     raise ValueError(
         f"unknown testbed architecture {arch!r}; choose from {', '.join(ARCHS)}"
     )

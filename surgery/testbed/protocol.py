@@ -123,10 +123,11 @@ def edit_candidates(
     use_mask: bool = False,
     steps: int | None = None,
     prefix_weight: float | str = "auto",
+    schedule: str = "memit",
 ) -> list[Candidate]:
     """One fast-solver rewrite per layer (L1, the paper's ``-mask`` unless ``use_mask``), each at every
-    strength of ``alphas``; a layer ``"A+B"`` is one span edit of A and B (:func:`span_parts`).
-    ``prefix_weight``: the class token's weight on token layers (``rewrite``)."""
+    strength of ``alphas``; a layer ``"A+B"`` is one span edit of A and B (:func:`span_parts`) with
+    ``schedule``. ``prefix_weight``: the class token's weight on token layers (``rewrite``)."""
     out: list[Candidate] = []
     for layer in layers:
         parts = span_parts(layer)
@@ -134,6 +135,7 @@ def edit_candidates(
             model, parts if len(parts) > 1 else layer, x, x2, masks,
             stats={p: stats[p] for p in parts} if len(parts) > 1 else stats[layer], solver="fast",
             use_mask=use_mask, steps=steps, prefix_weight=prefix_weight,
+            **({"schedule": schedule} if len(parts) > 1 else {}),
         )
         out += strength_grid(edit, alphas)
     return out

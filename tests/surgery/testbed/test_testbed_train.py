@@ -71,6 +71,7 @@ def test_adapter_finds_candidate_blocks(arch):
     names = list(dict.fromkeys(part for group in cands.values() for entry in group for part in span_parts(entry)))
     assert "+" not in cands["deep"][-1]  # the fine-tuning baselines train the last deep entry: one layer
     assert all(len(span_parts(entry)) >= 2 for entry in cands["span"])
+    assert all(len(span_parts(entry)) >= 3 for entry in cands["long_span"])  # where the schedules differ
     for name in names:
         layer = layers[name]
         if name.endswith("downsample.1"):  # a ConvNeXt stage transition: skip-free, valued at its own output
