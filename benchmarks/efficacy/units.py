@@ -19,7 +19,7 @@ from surgery.testbed.protocol import SPAN, choose_target, edit_candidates
 
 from .settings import SCHEDULE_VARIANTS, TOKEN_VARIANTS, VARIANTS, Settings
 
-__all__ = ["PairData", "prepare_pair", "draw_unit", "run_unit", "evaluate_on_test"]
+__all__ = ["PairData", "prepare_pair", "draw_unit", "run_unit", "evaluate_on_test", "errors_by_group", "group_masks"]
 
 logger = logging.getLogger("benchmarks.efficacy")
 
@@ -206,22 +206,25 @@ def fmt(x):
     return "n/a" if x is None else f"{x:+.0f}%"
 
 
-def evaluate_on_test(cand: Candidate | None, pd: PairData, test_idx, test_sets: dict[int, CachedImages],
-                     targets: set[int], clean_test_c: CachedImages, clean_test) -> dict:
-    """% errors corrected per group on the TEST indices (``test_sets``: each variant's test scenes),
-    clean accuracy change, and logit shifts."""
-    t = torch.as_tensor(test_idx)
-    y = pd.y
-    is_target = torch.tensor([int(c) in targets for c in y])
-    out: dict[str, Any] = {"pct": {}, "counts": {}}
-    logit0 = {v: test_sets[v].logits0 for v in [pd.v_ex, *pd.held]}
-    logit1 = {v: test_sets[v].logits(cand) for v in [pd.v_ex, *pd.held]}
-    base_masks = {
+def group_masks(pd: PairData, targets: set[int]) -> dict[str, torch.Tensor]:
+    """The pool scenes of each reported group: the target class(es), other classes, and those of them that
+    prefer the concept or not."""
+    is_target = torch.tensor([int(c) in targets for c in pd.y])
+    return {
         "target": is_target, "other": ~is_target,
         "other-prefer": ~is_target & pd.prefer, "other-nonprefer": ~is_target & ~pd.prefer,
     }
-    yt = y[t]
-    for g, gm in base_masks.items():
+
+
+def errors_by_group(pd: PairData, test_idx, logit0: dict[int, torch.Tensor], logit1: dict[int, torch.Tensor],
+                    targets: set[int]) -> dict[str, Any]:
+    """``{"pct": {group/variant: % errors corrected}, "counts": {group/variant: [before, after]}}`` on the
+    TEST indices, from the logits of each style variant's test scenes before and after (``logit0/1[v]``),
+    counting only scenes whose clean original the unedited model gets right."""
+    yt = pd.y[torch.as_tensor(test_idx)]
+    out: dict[str, Any] = {"pct": {}, "counts": {}}
+    t = torch.as_tensor(test_idx)
+    for g, gm in group_masks(pd, targets).items():
         keep = (gm & pd.correct0)[t]
         for which, vs in (("same", [pd.v_ex]), ("held-out", pd.held)):
             e0 = sum(int((logit0[v].argmax(1) != yt)[keep].sum()) for v in vs)
@@ -229,6 +232,19 @@ def evaluate_on_test(cand: Candidate | None, pd: PairData, test_idx, test_sets: 
             pct = errors_corrected(e0, e1)
             out["pct"][f"{g}/{which}"] = None if math.isnan(pct) else pct
             out["counts"][f"{g}/{which}"] = [e0, e1]
+    return out
+
+
+def evaluate_on_test(cand: Candidate | None, pd: PairData, test_idx, test_sets: dict[int, CachedImages],
+                     targets: set[int], clean_test_c: CachedImages, clean_test) -> dict:
+    """% errors corrected per group on the TEST indices (``test_sets``: each variant's test scenes),
+    clean accuracy change, and logit shifts."""
+    t = torch.as_tensor(test_idx)
+    yt = pd.y[t]
+    logit0 = {v: test_sets[v].logits0 for v in [pd.v_ex, *pd.held]}
+    logit1 = {v: test_sets[v].logits(cand) for v in [pd.v_ex, *pd.held]}
+    out: dict[str, Any] = errors_by_group(pd, test_idx, logit0, logit1, targets)
+    base_masks = group_masks(pd, targets)
     shifts = {}
     clean_y = clean_test.labels
     if cand is None:

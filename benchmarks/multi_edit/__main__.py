@@ -1,0 +1,5 @@
+"""``python -m benchmarks.multi_edit``."""
+
+from .run import main
+
+main()

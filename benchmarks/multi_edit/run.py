@@ -1,0 +1,237 @@
+"""The measurement: draws of 8 pairs per testbed model, their solo edits, and k of them together."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shlex
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from surgery import collect_key_stats, edited, select_strength, strength_grid
+from surgery._files import write_text
+from surgery.batch import Rule, rewrite_rules
+from surgery.edits.interference import key_overlap
+from surgery.errors import InterferenceWarning, SurgeryWarning
+from surgery.evaluation import CachedImages, Candidate, NoCandidateError
+from surgery.solvers import solver_config
+from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed.protocol import edit_candidates, select_pairs
+
+from benchmarks.efficacy.models import load_model, preprocessor
+from benchmarks.efficacy.settings import Settings, settings_for
+from benchmarks.efficacy.units import PairData, draw_unit, errors_by_group, prepare_pair
+
+from .report import write_report
+
+__all__ = ["main", "measure_arch", "KS", "METHODS"]
+
+logger = logging.getLogger("benchmarks.multi_edit")
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+KS = (1, 2, 4, 8)
+METHODS = ("stacked", "sequential", "batch")
+GROUPS = ("other/same", "target/same")
+
+
+@dataclass
+class RuleData:
+    """One pair's rule: its scenes, exemplars, validation and test split, and unedited test logits."""
+
+    pd: PairData
+    ex: dict[str, torch.Tensor]
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    val_orig: torch.Tensor
+    test_idx: np.ndarray
+    logit0: dict[int, torch.Tensor]
+
+
+def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+@contextlib.contextmanager
+def carrying(model: nn.Module, candidates: Sequence[Candidate | None]) -> Iterator[None]:
+    """The model with every candidate's edit applied at its strength (``None``: no edit), quietly: the
+    overlaps are measured here, not warned about."""
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore", InterferenceWarning)
+        warnings.simplefilter("ignore", SurgeryWarning)
+        for c in candidates:
+            if c is not None:
+                stack.enter_context(edited(model, c.edit, alpha=c.alpha))
+        yield
+
+
+def rule_scores(model: nn.Module, rule: RuleData) -> dict[str, float | None]:
+    """% errors corrected on the rule's test scenes by the model as it is now (with whatever it carries)."""
+    t = torch.as_tensor(rule.test_idx)
+    logit1 = {v: _logits(model, rule.pd.xv[v].images[t]) for v in rule.logit0}
+    pct = errors_by_group(rule.pd, rule.test_idx, rule.logit0, logit1, {rule.pd.target})["pct"]
+    return {g: pct[g] for g in GROUPS}
+
+
+def choose(model, candidates: list[Candidate], val_x, val_y, val_orig, clean_x, clean_y, s: Settings) -> Candidate | None:
+    """The efficacy benchmark's choice on validation within the clean budget (``None``: nothing qualified)."""
+    try:
+        return select_strength(
+            model, candidates, val_x, val_y, clean_images=clean_x, clean_labels=clean_y,
+            max_clean_drop=s.max_clean_drop, val_originals=val_orig, check_every_candidate=False,
+        ).candidate
+    except NoCandidateError:
+        return None
+
+
+def solo_edit(model, rule: RuleData, stats, layers: list[str], clean_x, clean_y, s: Settings) -> Candidate | None:
+    cands = edit_candidates(model, layers, stats, rule.ex["x"], rule.ex["x2"], rule.ex["m"], alphas=s.alphas, steps=s.fast_steps)
+    return choose(model, cands, rule.val_x, rule.val_y, rule.val_orig, clean_x, clean_y, s)
+
+
+def batch_edit(model, rules: list[RuleData], solos: list[Candidate | None], stats, clean_x, clean_y, s: Settings) -> Candidate | None:
+    """One batch rewrite of ``rules`` at the layer most of their solo edits chose."""
+    chosen = [c.edit.layer for c in solos if c is not None]
+    if not chosen:
+        return None
+    layer = Counter(chosen).most_common(1)[0][0]
+    edit = rewrite_rules(
+        model, layer, [Rule(r.ex["x"], r.ex["x2"], r.ex["m"]) for r in rules], stats=stats[layer],
+        solver=solver_config("fast", max_iter=s.fast_steps),
+    )
+    cat = lambda key: torch.cat([getattr(r, key) for r in rules])  # noqa: E731
+    return choose(model, strength_grid(edit, s.alphas), cat("val_x"), cat("val_y"), cat("val_orig"), clean_x, clean_y, s)
+
+
+def _rule(pd: PairData, n: int, s: Settings, rng: np.random.Generator) -> RuleData:
+    split = draw_unit(pd, n, s, rng)
+    t = torch.as_tensor(split["ex_idx"])
+    ex = {"x": pd.x0.images[t], "x2": pd.xv[pd.v_ex].images[t], "m": pd.masks[t]}
+    v = torch.as_tensor(split["val_idx"])
+    tt = torch.as_tensor(split["test_idx"])
+    return RuleData(
+        pd=pd, ex=ex, val_x=pd.xv[pd.v_ex].images[v], val_y=pd.y[v], val_orig=pd.x0.images[v],
+        test_idx=split["test_idx"], logit0={w: pd.xv[w].logits0[tt] for w in [pd.v_ex, *pd.held]},
+    )
+
+
+def _overlaps(cands: Sequence[Candidate | None]) -> list[float]:
+    edits = [c.edit for c in cands if c is not None]
+    return [v for i, a in enumerate(edits) for b in edits[i + 1 :] for v in key_overlap(a, b).values()]
+
+
+def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, layers, s: Settings, draw: int) -> dict:
+    """One draw: the solo edits of its pairs, then stacked, sequential and batch for each k."""
+    rules = [_rule(prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, draw, i])), 3, s,
+                   np.random.default_rng([s.seed, draw, i, 3])) for i, p in enumerate(pairs)]
+    clean_val_x, clean_val_y = prep(clean_val.images), clean_val.labels
+    clean_val_c = CachedImages(model, clean_val_x, batch_size=256)
+    clean_test_x, clean_test_y = prep(clean_test.images), clean_test.labels
+    acc0 = float((_logits(model, clean_test_x).argmax(1) == clean_test_y).double().mean()) * 100
+
+    def clean_change(cands: Sequence[Candidate | None]) -> float:
+        with carrying(model, cands):
+            return float((_logits(model, clean_test_x).argmax(1) == clean_test_y).double().mean()) * 100 - acc0
+
+    solos = [solo_edit(model, r, stats, layers, clean_val_c, clean_val_y, s) for r in rules]
+    solo_scores = []
+    for c, r in zip(solos, rules):
+        with carrying(model, [c]):
+            solo_scores.append(rule_scores(model, r))
+    logger.info("draw %d: solo edits %s", draw, [None if c is None else c.name for c in solos])
+
+    sequential: list[Candidate | None] = []
+    for i, r in enumerate(rules):  # edit i made on the model carrying edits 0 .. i-1
+        if i == 0:
+            sequential.append(solos[0])
+            continue
+        with carrying(model, sequential):
+            seq_stats = collect_key_stats(model, layers, train_x, progress=False)
+            sequential.append(solo_edit(model, r, seq_stats, layers, clean_val_x, clean_val_y, s))
+    out: dict[str, Any] = {
+        "pairs": [f"{p['concept']}->{p['style']}" for p in pairs],
+        "solo": [{"edit": None if c is None else c.name, "layer": None if c is None else c.edit.layer,
+                  "alpha": None if c is None else c.alpha, **sc} for c, sc in zip(solos, solo_scores)],
+        "k": {},
+    }
+    for k in [k for k in KS if k <= len(rules)]:
+        sets: dict[str, list[Candidate | None]] = {"stacked": solos[:k], "sequential": sequential[:k]}
+        if k >= 2:
+            sets["batch"] = [batch_edit(model, rules[:k], solos[:k], stats, clean_val_c, clean_val_y, s)]
+        row: dict[str, Any] = {}
+        for method, cands in sets.items():
+            scores = []
+            with carrying(model, cands):
+                scores = [rule_scores(model, r) for r in rules[:k]]
+            row[method] = {
+                "scores": scores, "clean_change_pp": clean_change(cands), "edits": [None if c is None else c.name for c in cands],
+                "overlaps": _overlaps(cands),
+            }
+        out["k"][str(k)] = row
+        logger.info("draw %d k=%d: %s", draw, k, {m: round(v["clean_change_pp"], 2) for m, v in row.items()})
+    return out
+
+
+def measure_arch(arch: str, draws: int, s: Settings, deadline: float | None) -> dict:
+    model, info = load_model(arch)
+    prep = preprocessor(info)
+    tb = Testbed(TestbedConfig())
+    cache = RESULTS / "efficacy_cache"
+    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
+    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
+    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
+    train_x = prep(train.images)
+    layers = info["candidate_layers"]["deep"]
+    stats = collect_key_stats(model, layers, train_x, progress=False, cache_dir=cache / "stats")
+    result: dict[str, Any] = {"draws": [], "candidate_layers": layers}
+    for d in range(draws):
+        if deadline is not None and time.time() > deadline:
+            logger.warning("%s: time budget spent after %d draws", arch, d)
+            break
+        pairs, _ = select_pairs(model, tb, prep, clean_val, k=max(KS), rng=np.random.default_rng([s.seed, 100 + d]))
+        result["draws"].append(measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, layers, s, d))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.multi_edit", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit", "convnext"])
+    p.add_argument("--draws", type=int, default=3, help="draws of 8 pairs per model")
+    p.add_argument("--quick", action="store_true", help="the efficacy benchmark's quick settings (smaller grids and sets)")
+    p.add_argument("--max-minutes", type=float, help="start no new draw after this long")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="multi_edit")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only join earlier runs (one per model) into --name")
+    args = p.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        result = {"command": " ; ".join(r["command"] for r in runs), "archs": {a: v for r in runs for a, v in r["archs"].items()}}
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        logging.getLogger("surgery").setLevel(logging.WARNING)
+        torch.set_num_threads(1)
+        deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
+        cli = sys.argv[1:] if argv is None else argv
+        result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.multi_edit " + shlex.join(cli), "archs": {}}
+        for arch in args.arch:
+            start = time.perf_counter()
+            s = settings_for("quick" if args.quick else "full", arch)
+            result["archs"][arch] = measure_arch(arch, args.draws, s, deadline)
+            result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
+            result["archs"][arch]["settings"] = {"n": 3, "alphas": list(s.alphas), "max_clean_drop": s.max_clean_drop}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1, default=float))
+    write_report(result, args.out, args.name)
+    return result
