@@ -25,7 +25,7 @@ import torch
 
 from surgery import collect_key_stats, edited, get_layer, rewrite
 from surgery._files import write_text
-from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed import Testbed, TestbedConfig, TestbedData
 from surgery.testbed.models import candidate_layers
 from surgery.testbed.protocol import select_pairs
 
@@ -68,20 +68,36 @@ def measure_layer(model, layer_name: str, stats, x0, x1, n: int, rng: np.random.
     return res
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_args(description: str, pairs: int) -> argparse.ArgumentParser:
+    """The options the anatomy and the stream measurement share."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit", "convnext"])
-    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=pairs)
     p.add_argument("--n", type=int, default=10, help="exemplars per edit")
     p.add_argument("--scenes", type=int, default=600, help="test scenes to draw pairs' images from")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    return p
+
+
+def scene_sets(scenes: int) -> tuple[Testbed, TestbedData, TestbedData, TestbedData]:
+    """One thread, logging, the testbed and its train (statistics), val (pairs) and test scenes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     tb = Testbed(TestbedConfig())
-    train = tb.make_dataset(2000, "train")
-    val = tb.make_dataset(1000, "val")
-    test = tb.make_dataset(args.scenes, "test")
+    return tb, tb.make_dataset(2000, "train"), tb.make_dataset(1000, "val"), tb.make_dataset(scenes, "test")
+
+
+def restyled_pool(tb: Testbed, test: TestbedData, pair: dict, prep) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test scenes showing the pair's concept, as model inputs: as they are, and restyled."""
+    pool = test.has_concept(pair["concept"]).nonzero().flatten()
+    specs = [test.specs[i] for i in pool.tolist()]
+    restyled, _ = tb.render_batch(specs, restyle={pair["concept"]: (pair["style"], 0)})
+    return prep(test.images[pool]), prep(restyled)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = common_args(__doc__.split("\n\n")[0], pairs=3).parse_args(argv)
+    tb, train, val, test = scene_sets(args.scenes)
     cli = sys.argv[1:] if argv is None else argv
     out: dict = {"command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.efficacy.anatomy", *cli]), "archs": {}}
     for arch in args.arch:
@@ -94,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         stats = {l: collect_key_stats(model, l, prep(train.images), progress=False) for l in names}
         rows = []
         for pair in pairs:
-            pool = test.has_concept(pair["concept"]).nonzero().flatten()
-            specs = [test.specs[i] for i in pool.tolist()]
-            restyled, _ = tb.render_batch(specs, restyle={pair["concept"]: (pair["style"], 0)})
-            x0, x1 = prep(test.images[pool]), prep(restyled)
+            x0, x1 = restyled_pool(tb, test, pair, prep)
             for name in names:
                 r = measure_layer(model, name, stats[name], x0, x1, args.n, np.random.default_rng(1))
                 r["pair"] = f"{pair['concept']}/{pair['style']}"

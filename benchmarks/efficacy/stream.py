@@ -15,7 +15,6 @@ Writes ``benchmarks/results/efficacy_stream.{md,json,png}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -31,15 +30,15 @@ from surgery import Edit, collect_key_stats, edited, editable_layers, rewrite
 from surgery._files import save_figure, write_text
 from surgery.layers import get_layer, site_kind
 from surgery.stats.fingerprint import read_sites
-from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed import Testbed, TestbedData
 from surgery.testbed.models import candidate_layers
 from surgery.testbed.protocol import select_pairs, span_parts
 
+from .anatomy import common_args, restyled_pool, scene_sets
 from .models import load_model, preprocessor
 
 __all__ = ["stream_layers", "change_left", "measure_arch", "main"]
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 logger = logging.getLogger("benchmarks.efficacy.stream")
 
 # The layers whose values are the network's stream, block by block (each block's last layer, and the
@@ -77,7 +76,7 @@ def change_left(model: nn.Module, stream: list[str], edit: Edit, x0: torch.Tenso
     return [a / max(b, 1e-12) for a, b in zip(after, before)]
 
 
-def measure_arch(arch: str, pairs: int, n: int, tb: Testbed, train, val, test) -> dict:
+def measure_arch(arch: str, pairs: int, n: int, tb: Testbed, train: TestbedData, val: TestbedData, test: TestbedData) -> dict:
     """One row per (pair, candidate): the change left along the stream."""
     model, info = load_model(arch)
     prep = preprocessor(info)
@@ -89,10 +88,7 @@ def measure_arch(arch: str, pairs: int, n: int, tb: Testbed, train, val, test) -
     stream = stream_layers(model, arch)
     rows = []
     for pair in chosen:
-        pool = test.has_concept(pair["concept"]).nonzero().flatten()
-        specs = [test.specs[i] for i in pool.tolist()]
-        restyled, _ = tb.render_batch(specs, restyle={pair["concept"]: (pair["style"], 0)})
-        x0, x1 = prep(test.images[pool]), prep(restyled)
+        x0, x1 = restyled_pool(tb, test, pair, prep)
         idx = np.random.default_rng(1).permutation(len(x0))
         ex, held = torch.as_tensor(idx[:n]), torch.as_tensor(idx[n:])
         for cand in candidates:
@@ -109,18 +105,9 @@ def measure_arch(arch: str, pairs: int, n: int, tb: Testbed, train, val, test) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit", "convnext"])
-    p.add_argument("--pairs", type=int, default=2)
-    p.add_argument("--n", type=int, default=10, help="exemplars per edit")
-    p.add_argument("--scenes", type=int, default=600, help="test scenes to draw pairs' images from")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)
+    args = common_args(__doc__.split("\n\n")[0], pairs=2).parse_args(argv)
     start = time.perf_counter()
-    tb = Testbed(TestbedConfig())
-    train, val, test = tb.make_dataset(2000, "train"), tb.make_dataset(1000, "val"), tb.make_dataset(args.scenes, "test")
+    tb, train, val, test = scene_sets(args.scenes)
     cli = sys.argv[1:] if argv is None else argv
     out: dict = {"command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.efficacy.stream", *cli]), "archs": {}}
     for arch in args.arch:
