@@ -61,6 +61,10 @@ def summarize(arch_result: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.0f}"
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# Many rules in one model: stacked, sequential and batch edits",
@@ -81,11 +85,10 @@ def markdown(result: dict) -> str:
         for row in summarize(a).values():
             ret = "n/a" if np.isnan(row["retained_median"]) else (
                 f"{row['retained_median']:.2f} [{row['retained_ci95'][0]:.2f}, {row['retained_ci95'][1]:.2f}]")
-            fmt = lambda v: "n/a" if v is None else f"{v:+.0f}"  # noqa: E731
             ov = "-" if row["overlap_median"] is None else f"{row['overlap_median']:.2f}"
             lines.append(
                 f"| {arch} | {row['k']} | {row['method']} | {row['rules']} ({row['rules_counted']}) | {ret} | "
-                f"{fmt(row['other_same_mean'])} | {fmt(row['target_same_mean'])} | "
+                f"{_pct(row['other_same_mean'])} | {_pct(row['target_same_mean'])} | "
                 f"{row['clean_change_pp_mean']:+.2f} ({row['clean_change_pp_worst']:+.2f}) | {ov} |"
             )
     for arch, a in result["archs"].items():

@@ -111,8 +111,8 @@ def batch_edit(model, rules: list[RuleData], solos: list[Candidate | None], stat
         model, layer, [Rule(r.ex["x"], r.ex["x2"], r.ex["m"]) for r in rules], stats=stats[layer],
         solver=solver_config("fast", max_iter=s.fast_steps),
     )
-    cat = lambda key: torch.cat([getattr(r, key) for r in rules])  # noqa: E731
-    return choose(model, strength_grid(edit, s.alphas), cat("val_x"), cat("val_y"), cat("val_orig"), clean_x, clean_y, s)
+    val_x, val_y, val_orig = (torch.cat([getattr(r, key) for r in rules]) for key in ("val_x", "val_y", "val_orig"))
+    return choose(model, strength_grid(edit, s.alphas), val_x, val_y, val_orig, clean_x, clean_y, s)
 
 
 def _rule(pd: PairData, n: int, s: Settings, rng: np.random.Generator) -> RuleData:
