@@ -71,7 +71,9 @@ def warn_interference(
             f"{describe_edit(edit)} changes {where}, which already carries {describe_edit(old)}, and their key "
             f"directions overlap (largest |cos| between their u rows, above {threshold:g}): the later edit's "
             "update also acts on the keys the earlier edit rewrote, in proportion to the overlap, so the "
-            "earlier rule may no longer hold. Revert one of them, or make the rules together (a batch rewrite)",
+            "earlier rule may no longer hold (measured on the testbed: 8 stacked edits kept a median 22-79% of "
+            "their solo efficacy and cost 1.1-4.2 points of clean accuracy, benchmarks/results/multi_edit.md). "
+            "Revert one of them, or make the rules together (a batch rewrite, surgery.batch.rewrite_rules)",
             InterferenceWarning,
             stacklevel=stacklevel + 1,
         )

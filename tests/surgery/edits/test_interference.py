@@ -86,7 +86,7 @@ def test_nearly_the_same_direction_warns_and_names_both_edits() -> None:
     (message,) = _interference(record.list)
     overlap = key_overlap(first, second)["0.weight"]
     for part in (repr(first), repr(second), "snow on roads", "wooden wheels", "'0.weight'", f"{overlap:.3f}",
-                 "rewrote", "may no longer hold", "batch rewrite"):
+                 "rewrote", "may no longer hold", "batch rewrite", "multi_edit.md"):
         assert part in message, part
     assert record.list[0].filename == __file__  # points at the caller of apply_edit
     assert [h.edit for h in list_edits(model)] == [first, second]  # a warning only: both applied
