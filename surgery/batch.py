@@ -44,10 +44,9 @@ class Rule:
     description: str = ""
 
 
-def _weights(problem: EditProblem, like: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """The problem's loss weights (ones where it has none) in the shape of ``like``, times ``scale``."""
-    n = problem.values.shape[0]
-    w = problem.weights if problem.weights is not None else torch.ones((n, *like.shape[1:]), dtype=like.dtype, device=like.device)
+def _weights(problem: EditProblem, scale: float) -> torch.Tensor:
+    """The problem's loss weights (ones where it has none) in the shape of its values, times ``scale``."""
+    w = torch.ones_like(problem.values) if problem.weights is None else problem.weights.expand_as(problem.values)
     return w * scale
 
 
@@ -101,12 +100,10 @@ def rewrite_rules(
     parts = list(problems)
     if protect is not None:
         parts.append(prepare_problem(model, lay, protect, protect, None, **options))
-    template = next((p.weights for p in parts if p.weights is not None), None)
     weights = None
-    if template is not None or protect is not None:
-        like = template if template is not None else parts[0].values[:, :1]
+    if protect is not None or any(p.weights is not None for p in parts):
         scales = [1.0] * len(problems) + ([protect_weight] if protect is not None else [])
-        weights = torch.cat([_weights(p, like, s) for p, s in zip(parts, scales)])
+        weights = torch.cat([_weights(p, s) for p, s in zip(parts, scales)])
     context = {name: torch.cat([p.context[name] for p in parts]) for name in parts[0].context}
     joint = EditProblem(
         layer=lay,
