@@ -111,8 +111,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
                 )
             _check_stats_weights(model, layer, stats[layer.name], args.stats[i], transform, transformed[0])
     else:  # every layer's statistics from one pass over the folder
-        collected, images = collect_from_folder(model, layers if len(layers) > 1 else layers[0], args, transform)
-        stats = collected if isinstance(collected, dict) else {layers[0].name: collected}
+        stats, images = collect_from_folder(model, layers, args, transform)  # a list: {layer: KeyStats}
         for name, one in stats.items():
             print(f"{name}: key statistics from {images} images, {one.count} key vectors, n={one.n}")
 
