@@ -94,15 +94,15 @@ class UpstreamRecorder:
 
     def attach(self) -> None:
         def make_hook(name: str) -> Callable[[nn.Module, Any], None]:
+            # a "call" site's keys are computed by its module and its children (rerun in Site.read): they
+            # count, also the key module itself; otherwise, once the keys are there (a forward that goes on
+            # to a later site), nothing more does
+            call = self.site.port == "call"
+            inside_call = call and (not self.site.module or name == self.site.module or name.startswith(self.site.module + "."))
+
             def hook(module: nn.Module, args: Any) -> None:
-                # a "call" site's keys are computed by its module and its children (rerun in Site.read):
-                # they count; otherwise, once the keys are there (a forward that goes on to a later site),
-                # nothing more does
-                inside_call = self.site.port == "call" and (
-                    not self.site.module or name == self.site.module or name.startswith(self.site.module + ".")
-                )
                 reached = self.key_dtype is not None and not inside_call
-                if not reached and (module is not self.key_module or self.site.port == "call") and name not in self.started:
+                if not reached and (module is not self.key_module or call) and name not in self.started:
                     self.started[name] = module
 
             return hook
