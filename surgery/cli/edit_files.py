@@ -14,11 +14,10 @@ import argparse
 from typing import Any
 
 from surgery.cli.args import finite_float, warnings_on_stderr
-from surgery.edits.apply import as_edit
+from surgery.edits.apply import as_edit, edit_identity
 from surgery.edits.interference import describe_edit, warn_interference
 from surgery.edits.on_checkpoints import apply_to_checkpoint, inspect_edit, revert_from_checkpoint
 from surgery.errors import SurgeryError
-from surgery.identity import content_id
 
 __all__ = ["add_command"]
 
@@ -37,7 +36,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         )
         # A checkpoint records no edits applied to it before; the stack checked is this command's edits.
         stack = [as_edit(path) for path in args.edits]
-        ids = [content_id(e.layer, e.method, e.parameter_deltas()) for e in stack]
+        ids = [edit_identity(e) for e in stack]
         for i, edit in enumerate(stack):  # an edit given twice has its own warning
             warn_interference([e for e, id_ in zip(stack[:i], ids) if id_ != ids[i]], edit)
     what = f"{', '.join(changed)} changed" if changed else "no tensor changed (the updates round away)"

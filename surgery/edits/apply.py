@@ -39,6 +39,7 @@ __all__ = [
     "edited",
     "list_edits",
     "as_edit",
+    "edit_identity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ def _state(model: nn.Module) -> _State:
         state = _State()
         model.__dict__[_STATE_ATTR] = state
     return state
+
+
+def edit_identity(edit: Edit) -> str:
+    """What makes two edits the same edit (layer, method and update), whatever their provenance."""
+    return content_id(edit.layer, edit.method, edit.parameter_deltas())
 
 
 def as_edit(source: EditSource) -> Edit:
@@ -149,7 +155,7 @@ def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict
     planned = _plan(model, edit, alpha, strict=strict)
     state = _state(model)
     check_base(edit, {name: state.base.get(name, _parameter(model, name)) for name in planned}, strict)
-    edit_id = content_id(edit.layer, edit.method, edit.parameter_deltas())
+    edit_id = edit_identity(edit)
     if any(h.edit_id == edit_id for h in state.handles):
         warnings.warn(
             f"this edit of {edit.layer!r} is already applied to the model; applying it again stacks it",
@@ -228,7 +234,7 @@ def revert_edit(
         _revert_handle(model, target, force=force)
         return RevertReport(exact=True, through_handle=True)
     edit = as_edit(target)
-    edit_id = content_id(edit.layer, edit.method, edit.parameter_deltas())
+    edit_id = edit_identity(edit)
     active = [h for h in _state(model).handles if h.edit_id == edit_id]
     if active:
         _revert_handle(model, active[-1], force=force)
