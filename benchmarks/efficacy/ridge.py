@@ -1,0 +1,166 @@
+"""What the size of an ``mlp.fc2`` update does, and whether a ridge that keeps it near the weight's scale
+edits better (issue 26).
+
+On the testbed ConvNeXt the layer scale ``gamma`` after ``mlp.fc2`` is small, so the solver meets the
+values with a large ``lam``: updates of 100-970 times the norm of the weight they change. Here, for pairs
+drawn by the protocol (one unit of N exemplars each, on draws the efficacy run does not use), a rewrite of
+each ``fc2`` candidate is made at every ridge of a grid (``FastConfig(ridge=...)``, which adds
+``ridge * ||lam||^2`` to the objective). The grid is relative: ``ridge = rel * L0 / ||W||^2`` with ``L0``
+the objective without an edit, so at ``rel = 1`` an update as large as the weight costs as much as the
+whole loss it removes, and the update shrinks toward the weight's scale as ``rel`` grows. Its strength is chosen on validation within the clean budget,
+as the efficacy benchmark chooses, and on the pair's TEST scenes we report errors corrected on other
+classes and on the target class (exemplars' style), the clean test accuracy change, and the update's
+norm over the weight's, at strength 1 and at the chosen strength.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.efficacy.ridge [--arch convnext] [--pairs 4]
+
+Writes ``benchmarks/results/efficacy_ridge.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgery import collect_key_stats, rewrite, strength_grid
+from surgery._files import write_text
+from surgery.evaluation import CachedImages
+from surgery.layers import get_layer
+from surgery.solvers import FastConfig
+from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed.protocol import select_pairs
+
+from benchmarks.multi_edit.run import _logits, _rule, carrying, choose, rule_scores
+
+from .models import load_model, preprocessor
+from .settings import settings_for
+from .units import prepare_pair
+
+__all__ = ["main", "RIDGES"]
+
+logger = logging.getLogger("benchmarks.efficacy.ridge")
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # rel: ridge = rel * L0 / ||W||^2
+DRAW = 300  # the pairs' rng stream: not one the efficacy run (seed) or multi_edit (100 + d) uses
+
+
+def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...]) -> dict:
+    ridges = (0.0, *sorted(r for r in ridges if r != 0))  # the unridged rewrite first: it gives L0
+    s = settings_for("full", arch)
+    model, info = load_model(arch)
+    prep = preprocessor(info)
+    tb = Testbed(TestbedConfig())
+    cache = RESULTS / "efficacy_cache"
+    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
+    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
+    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
+    layers = [name for name in info["candidate_layers"]["deep"] if name.endswith("mlp.fc2")]
+    stats = collect_key_stats(model, layers, prep(train.images), progress=False, cache_dir=cache / "stats")
+    cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
+    ct_x, ct_y = prep(clean_test.images), clean_test.labels
+    acc0 = float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100
+    pairs, _ = select_pairs(model, tb, prep, clean_val, k=n_pairs, rng=np.random.default_rng([s.seed, DRAW]))
+    rows = []
+    for i, p in enumerate(pairs):
+        rule = _rule(prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, DRAW, i])), 3, s,
+                     np.random.default_rng([s.seed, DRAW, i, 3]))
+        for layer in layers:
+            weight_norm = float(get_layer(model, layer).weight.detach().double().norm())
+            steps = {} if s.fast_steps is None else {"max_iter": s.fast_steps}
+            loss0 = None
+            for rel in ridges:
+                ridge = 0.0 if rel == 0 else rel * loss0 / weight_norm**2
+                edit = rewrite(model, layer, rule.ex["x"], rule.ex["x2"], rule.ex["m"], stats=stats[layer],
+                               solver=FastConfig(ridge=ridge, **steps))
+                loss0 = edit.info["objective_before"] if loss0 is None else loss0
+                ratio = float(edit.delta().double().norm()) / weight_norm
+                row = {"pair": f"{p['concept']}->{p['style']}", "layer": layer, "ridge": rel, "ridge_abs": ridge,
+                       "norm_ratio": ratio}
+                for label, cand in (("full", strength_grid(edit, [1.0])[0]),
+                                    ("chosen", choose(model, strength_grid(edit, s.alphas), rule.val_x, rule.val_y,
+                                                      rule.val_orig, cv_x, cv_y, s))):
+                    if cand is None:
+                        row[label] = None
+                        continue
+                    with carrying(model, [cand]):
+                        scores = rule_scores(model, rule)
+                        clean = float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100 - acc0
+                    row[label] = {"alpha": cand.alpha, **scores, "clean_change_pp": clean}
+                rows.append(row)
+                logger.info("%s %s ridge %g: |delta|/|W| %.3g, chosen %s", row["pair"], layer, rel, ratio, row["chosen"])
+    return {"layers": layers, "pairs": [f"{p['concept']}->{p['style']}" for p in pairs], "rows": rows}
+
+
+def _mean(values: list[float | None]) -> str:
+    v = [x for x in values if x is not None]
+    return "n/a" if not v else f"{np.mean(v):+.1f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# The size of an mlp.fc2 update, and a ridge on it",
+        "",
+        f"Command: `{result['command']}`.",
+        "",
+        "Per layer and relative ridge (``ridge = rel * L0 / ||W||^2``, L0 the objective without an edit), mean over pairs (one unit of N = 3 exemplars each): **|delta|/|W|**, the "
+        "update's Frobenius norm at strength 1 over the weight's (median); **at strength 1** and **chosen** "
+        "(strength chosen on validation within the clean budget): % errors corrected on other classes and on "
+        "the target class (exemplars' style, test scenes) and the clean test accuracy change (pp); "
+        "**qualified**: pairs for which some strength met the budget.",
+        "",
+        "| model | layer | rel. ridge | \\|delta\\|/\\|W\\| | other @1 | target @1 | clean @1 | chosen strength | other | target | clean | qualified |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, a in result["archs"].items():
+        for layer in a["layers"]:
+            for ridge in sorted({r["ridge"] for r in a["rows"]}):
+                rows = [r for r in a["rows"] if r["layer"] == layer and r["ridge"] == ridge]
+                full = [r["full"] for r in rows]
+                chosen = [r["chosen"] for r in rows if r["chosen"] is not None]
+                alphas = "/".join(f"{c['alpha']:g}" for c in chosen) or "-"
+                lines.append(
+                    f"| {arch} | {layer} | {ridge:g} | {np.median([r['norm_ratio'] for r in rows]):.3g} | "
+                    f"{_mean([f['other/same'] for f in full])} | {_mean([f['target/same'] for f in full])} | "
+                    f"{_mean([f['clean_change_pp'] for f in full])} | {alphas} | "
+                    f"{_mean([c['other/same'] for c in chosen])} | {_mean([c['target/same'] for c in chosen])} | "
+                    f"{_mean([c['clean_change_pp'] for c in chosen])} | {len(chosen)}/{len(rows)} |"
+                )
+        lines.append(f"\n{arch}: pairs {', '.join(a['pairs'])}; {a['seconds'] / 60:.0f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.efficacy.ridge", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--arch", nargs="+", default=["convnext"])
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--ridges", type=float, nargs="+", default=list(RIDGES))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="efficacy_ridge")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("surgery").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    cli = sys.argv[1:] if argv is None else argv
+    result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.efficacy.ridge " + shlex.join(cli), "archs": {}}
+    for arch in args.arch:
+        start = time.perf_counter()
+        result["archs"][arch] = measure_arch(arch, args.pairs, tuple(args.ridges))
+        result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1, default=float))
+    write_text(args.out / f"{args.name}.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

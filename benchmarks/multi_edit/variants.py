@@ -1,0 +1,239 @@
+"""Which batch rewrite: design variants for 8 rules, measured on draws the main run does not use.
+
+The main run (``python -m benchmarks.multi_edit``) uses draws 0, 1, 2; the variants here are compared on
+draws 10 and up, so the choice of the batch's design is not made on the draws that report it. Every
+variant starts from the same 8 rules and solo edits (``run.solo_edit``) and, except the last, has one
+strength chosen on the union of the rules' validation scenes within the clean budget, as the main run's
+batch:
+
+- **joint**: :func:`surgery.batch.rewrite_rules` at the layer most solo edits chose (the main run's batch);
+- **joint, protected**: the same with clean training images as protected keys (``protect=``);
+- **joint per layer**: one joint rewrite per layer the solo edits chose, each rule at its own layer;
+- **joint, solo strengths**: the joint rewrite with each rule's factors scaled by its solo strength;
+- **stacked, one strength**: the solo edits (at their strengths) scaled together;
+- **stacked, budget/k**: each solo edit chosen anew within budget / k, applied together;
+- **stacked** (the reference, the main run's stacking): the solo edits at their strengths, applied together.
+
+For the two stacked variants the report also sets the clean test cost of the rules together against the
+sum of their costs one at a time: whether a budget can be shared out among rules.
+
+Writes ``benchmarks/results/multi_edit_variants.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from surgery import collect_key_stats, strength_grid
+from surgery._files import write_text
+from surgery.batch import Rule, rewrite_rules
+from surgery.edits.edit import Edit
+from surgery.evaluation import CachedImages, Candidate
+from surgery.solvers import solver_config
+from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed.protocol import select_pairs
+
+from benchmarks.efficacy.models import load_model, preprocessor
+from benchmarks.efficacy.settings import Settings, settings_for
+from benchmarks.efficacy.units import prepare_pair
+
+from .report import MIN_SOLO, _median_ci
+from .run import RESULTS, RuleData, _logits, _rule, carrying, choose, rule_scores, solo_edit
+
+__all__ = ["main", "VARIANTS"]
+
+logger = logging.getLogger("benchmarks.multi_edit.variants")
+
+VARIANTS = (
+    "stacked", "joint", "joint, protected", "joint per layer", "joint, solo strengths", "stacked, one strength",
+    "stacked, budget/k",
+)
+N_PROTECT = 64  # clean training images protected by the "joint, protected" variant
+
+
+def factored_edit(model: nn.Module, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> Edit:
+    """One edit holding every ``(layer, lam, u)`` part: factors of one layer concatenated along the rank (their
+    updates add), several layers as a span in forward order."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    by_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    for layer, lam, u in parts:
+        by_layer[layer].append((lam, u))
+    layers = sorted(by_layer, key=order.__getitem__)
+    factors = {f"{name}.weight": tuple(torch.cat(t) for t in zip(*by_layer[name])) for name in layers}
+    if len(layers) == 1:
+        lam, u = factors[f"{layers[0]}.weight"]
+        return Edit(layer=layers[0], method="rewrite", lam=lam, u=u)
+    return Edit(layer=layers[0], method="rewrite", span=factors)
+
+
+def _scaled(lam: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
+    return lam * torch.tensor(alphas, dtype=lam.dtype).view(-1, *[1] * (lam.dim() - 1))
+
+
+def variant_edits(model, rules: list[RuleData], solos: list[Candidate], stats, protect_x, s: Settings) -> dict[str, Edit]:
+    """The variants that are one edit, before their strength is chosen (rules whose solo edit qualified)."""
+    config = solver_config("fast", max_iter=s.fast_steps)
+    batch = [Rule(r.ex["x"], r.ex["x2"], r.ex["m"]) for r in rules]
+    main_layer = Counter(c.edit.layer for c in solos).most_common(1)[0][0]
+    joint = rewrite_rules(model, main_layer, batch, stats=stats[main_layer], solver=config)
+    protected = rewrite_rules(model, main_layer, batch, stats=stats[main_layer], solver=config, protect=protect_x)
+    per_layer = []
+    for layer in dict.fromkeys(c.edit.layer for c in solos):
+        idx = [i for i, c in enumerate(solos) if c.edit.layer == layer]
+        if len(idx) == 1:
+            per_layer.append((layer, solos[idx[0]].edit.lam, solos[idx[0]].edit.u))
+        else:
+            e = rewrite_rules(model, layer, [batch[i] for i in idx], stats=stats[layer], solver=config)
+            per_layer.append((layer, e.lam, e.u))
+    return {
+        "joint": joint,
+        "joint, protected": protected,
+        "joint per layer": factored_edit(model, per_layer),
+        "joint, solo strengths": factored_edit(model, [(main_layer, _scaled(joint.lam, [c.alpha for c in solos]), joint.u)]),
+        "stacked, one strength": factored_edit(model, [(c.edit.layer, c.edit.lam * c.alpha, c.edit.u) for c in solos]),
+    }
+
+
+def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
+    s = settings_for("full", arch)
+    model, info = load_model(arch)
+    prep = preprocessor(info)
+    tb = Testbed(TestbedConfig())
+    cache = RESULTS / "efficacy_cache"
+    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
+    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
+    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
+    layers = info["candidate_layers"]["deep"]
+    stats = collect_key_stats(model, layers, prep(train.images), progress=False, cache_dir=cache / "stats")
+    protect_x = prep(train.images[:N_PROTECT])
+    cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
+    ct_x, ct_y = prep(clean_test.images), clean_test.labels
+    acc0 = float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100
+
+    def clean_change(cands: Sequence[Candidate | None]) -> float:
+        with carrying(model, cands):
+            return float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100 - acc0
+
+    out: dict = {"draws": []}
+    for d in draws:
+        pairs, _ = select_pairs(model, tb, prep, clean_val, k=k, rng=np.random.default_rng([s.seed, 100 + d]))
+        rules = [_rule(prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, d, i])), 3, s,
+                       np.random.default_rng([s.seed, d, i, 3])) for i, p in enumerate(pairs)]
+        solos = [solo_edit(model, r, stats, layers, cv_x, cv_y, s) for r in rules]
+        keep = [i for i, c in enumerate(solos) if c is not None]
+        rules, solos = [rules[i] for i in keep], [solos[i] for i in keep]
+        solo_scores = []
+        for c, r in zip(solos, rules):
+            with carrying(model, [c]):
+                solo_scores.append(rule_scores(model, r)["other/same"])
+        val = [torch.cat([getattr(r, key) for r in rules]) for key in ("val_x", "val_y", "val_orig")]
+        chosen: dict[str, list[Candidate | None]] = {
+            name: [choose(model, strength_grid(e, s.alphas), *val, cv_x, cv_y, s)]
+            for name, e in variant_edits(model, rules, solos, stats, protect_x, s).items()
+        }
+        share = dataclasses.replace(s, max_clean_drop=s.max_clean_drop / len(rules))
+        chosen["stacked, budget/k"] = [solo_edit(model, r, stats, layers, cv_x, cv_y, share) for r in rules]
+        chosen["stacked"] = list(solos)
+        row = {"pairs": [f"{p['concept']}->{p['style']}" for i, p in enumerate(pairs) if i in keep], "solo": solo_scores,
+               "variants": {}}
+        for name, cands in chosen.items():
+            with carrying(model, cands):
+                scores = [rule_scores(model, r)["other/same"] for r in rules]
+            row["variants"][name] = {"scores": scores, "clean_change_pp": clean_change(cands), "alphas": [None if c is None else c.alpha for c in cands]}
+        for name in ("stacked", "stacked, budget/k"):  # does the clean cost of k edits add up?
+            row["variants"][name]["solo_clean_pp"] = [clean_change([c]) for c in chosen[name]]
+            logger.info("%s draw %d %s: clean %+.2f alphas %s", arch, d, name, clean, row["variants"][name]["alphas"])
+        out["draws"].append(row)
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Batch rewrite design: variants for 8 rules",
+        "",
+        f"Command: `{result['command']}`.",
+        "",
+        "Draws of the main run's pairs protocol that the main run does not use (its draws are 0, 1, 2). "
+        "**retained**: a rule's other-class errors corrected (exemplars' style, test scenes) with all rules "
+        f"in the model, over its solo edit's; median over rules whose solo edit corrected at least {MIN_SOLO:g}% "
+        "(bootstrap 95% interval), pooled over draws. **clean**: mean (worst) clean test accuracy change. "
+        "**strength**: the strength chosen on validation per draw.",
+        "",
+        "| model | variant | rules counted | retained | clean (pp) | strength |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arch, a in result["archs"].items():
+        for name in VARIANTS:
+            ret, clean, strengths = [], [], []
+            for d in a["draws"]:
+                v = d["variants"][name]
+                clean.append(v["clean_change_pp"])
+                strengths.append("/".join("-" if x is None else f"{x:g}" for x in v["alphas"]) if len(v["alphas"]) > 1 else f"{v['alphas'][0]}")
+                ret += [sc / so for sc, so in zip(v["scores"], d["solo"]) if so is not None and so >= MIN_SOLO and sc is not None]
+            med, lo, hi = _median_ci(ret) if ret else (float("nan"),) * 3
+            lines.append(
+                f"| {arch} | {name} | {len(ret)} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {np.mean(clean):+.2f} ({min(clean):+.2f}) | "
+                f"{'; '.join(strengths)} |"
+            )
+    lines += [
+        "",
+        "Clean test cost of the stacked rules together against the sum of their costs one at a time (pp, "
+        "mean over draws):",
+        "",
+        "| model | variant | one at a time, summed | together |",
+        "|---|---|---|---|",
+    ]
+    for arch, a in result["archs"].items():
+        for name in ("stacked", "stacked, budget/k"):
+            rows = [d["variants"][name] for d in a["draws"] if "solo_clean_pp" in d["variants"][name]]
+            if rows:
+                summed = np.mean([sum(v["solo_clean_pp"]) for v in rows])
+                together = np.mean([v["clean_change_pp"] for v in rows])
+                lines.append(f"| {arch} | {name} | {summed:+.2f} | {together:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.multi_edit.variants", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit"])
+    p.add_argument("--draws", type=int, nargs="+", default=[10, 11])
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="multi_edit_variants")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only join earlier runs into --name")
+    args = p.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        result = {"command": " ; ".join(r["command"] for r in runs), "archs": {a: v for r in runs for a, v in r["archs"].items()}}
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        logging.getLogger("surgery").setLevel(logging.WARNING)
+        torch.set_num_threads(1)
+        cli = sys.argv[1:] if argv is None else argv
+        result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.multi_edit.variants " + shlex.join(cli), "archs": {}}
+        for arch in args.arch:
+            start = time.perf_counter()
+            result["archs"][arch] = measure_arch(arch, args.draws, args.k)
+            result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1, default=float))
+    write_text(args.out / f"{args.name}.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

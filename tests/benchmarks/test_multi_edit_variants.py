@@ -1,0 +1,49 @@
+"""benchmarks.multi_edit.variants: one edit from several rules' factors, and the variants' report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.multi_edit.variants import VARIANTS, factored_edit, markdown
+from surgery import apply_edit, revert_edit
+from surgery.edits.edit import Edit
+from surgery.testbed.models import build_model
+
+
+def _factors(layer: torch.nn.Conv2d, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.randn(rank, layer.out_channels, *layer.kernel_size, generator=g)
+    u = torch.nn.functional.normalize(torch.randn(rank, layer.in_channels, generator=g), dim=1)
+    return lam, u
+
+
+def test_factored_edit_adds_the_parts_of_a_layer_and_spans_layers_in_forward_order():
+    model = build_model("vgg").eval()
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    first, last = convs[0], convs[-1]
+    a, b, c = (_factors(model.get_submodule(n), 1, i) for i, n in enumerate([last, last, first]))
+    one = factored_edit(model, [(last, *a), (last, *b)])
+    assert one.layers == [last] and one.rank == 2
+    single = [Edit(layer=last, method="rewrite", lam=lam, u=u) for lam, u in (a, b)]
+    assert torch.allclose(one.delta(), single[0].delta() + single[1].delta(), atol=1e-6)
+    span = factored_edit(model, [(last, *a), (first, *c)])  # given out of order
+    assert span.layers == [first, last]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = apply_edit(model, span.made_on({f"{n}.weight": model.get_submodule(n).weight for n in span.layers}))
+    assert not torch.equal(model.get_submodule(first).weight, before[f"{first}.weight"])
+    revert_edit(model, handle)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_markdown_pools_retained_efficacy_over_draws():
+    draw = {"pairs": ["a->b", "c->d"], "solo": [20.0, 2.0], "variants": {
+        name: {"scores": [10.0, 2.0], "clean_change_pp": -0.3, "alphas": [0.5]} for name in VARIANTS}}
+    draw["variants"]["stacked, budget/k"]["alphas"] = [0.25, None]
+    draw["variants"]["stacked"]["solo_clean_pp"] = [-0.1, -0.05]
+    text = markdown(json.loads(json.dumps({"command": "test", "archs": {"vgg": {"draws": [draw, draw], "seconds": 1}}})))
+    assert "| vgg | joint | 2 | 0.50 [0.50, 0.50] | -0.30 (-0.30) | 0.5; 0.5 |" in text  # the rule under MIN_SOLO is left out
+    assert "| vgg | stacked, budget/k | 2 | 0.50 [0.50, 0.50] | -0.30 (-0.30) | 0.25/-; 0.25/- |" in text
+    assert "| vgg | stacked | -0.15 | -0.30 |" in text  # costs one at a time against together
