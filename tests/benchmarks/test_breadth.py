@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from benchmarks import breadth
 from benchmarks.breadth.report import figure
 
@@ -40,3 +42,15 @@ def test_concept_and_images():
     assert not x2[~inside].ne(x[~inside]).any() and x2[inside].ne(x[inside]).any()
     tex = breadth.concept_texture(8)
     assert (tex[:, :2, :2].repeat(1, 4, 4) == tex).all()  # a 2x2 tile: the same in every even patch
+
+
+def test_along_and_off_split_a_change_into_its_share_toward_the_target_and_the_rest():
+    from benchmarks.breadth.clip_prefix import along_and_off
+
+    before = torch.zeros(2, 3, 2)
+    target = torch.zeros(2, 3, 2)
+    target[:, 0, 0] = 2.0
+    after = 0.5 * target
+    after[:, 1, 1] = 3.0  # off the line toward the target: 3 against a distance of 2
+    along, off = along_and_off(before, after, target)
+    assert abs(along - 0.5) < 1e-12 and abs(off - 1.5) < 1e-12
