@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ns", type=int, nargs="+")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-clean-drop", type=float)
+    p.add_argument("--alphas", type=float, nargs="+", help="the edits' strength grid (default: the protocol's, 1/16 .. 1)")
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, metavar="METHOD",
         help="measure only these methods (default: the main methods and variants; choices: " + ", ".join(METHODS) + ")",
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         archs = list(dict.fromkeys(args.arch))
     s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
                      ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
-                     methods=tuple(args.methods) if args.methods else None)
+                     methods=tuple(args.methods) if args.methods else None,
+                     alphas=tuple(sorted(args.alphas)) if args.alphas else None)
     if args.paper_ft_grid:
         s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
     deadline = None
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     for arch in archs:
         s = settings_for(mode_name, arch, pairs=args.pairs, draws=args.draws,
                          ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
-                         methods=tuple(args.methods) if args.methods else None)
+                         methods=tuple(args.methods) if args.methods else None,
+                         alphas=tuple(sorted(args.alphas)) if args.alphas else None)
         if args.paper_ft_grid:
             s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
         s.deadline = deadline  # one time budget for the whole run
