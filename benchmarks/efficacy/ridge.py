@@ -38,11 +38,10 @@ from surgery.solvers import FastConfig
 from surgery.testbed import Testbed, TestbedConfig
 from surgery.testbed.protocol import select_pairs
 
-from benchmarks.multi_edit.run import _logits, _rule, carrying, choose, rule_scores
+from benchmarks.multi_edit.run import accuracy, carrying, choose, make_rule, rule_scores
 
 from .models import load_model, preprocessor
 from .settings import settings_for
-from .units import prepare_pair
 
 __all__ = ["main", "RIDGES"]
 
@@ -67,12 +66,11 @@ def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...]) -> dict:
     stats = collect_key_stats(model, layers, prep(train.images), progress=False, cache_dir=cache / "stats")
     cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
     ct_x, ct_y = prep(clean_test.images), clean_test.labels
-    acc0 = float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100
+    acc0 = accuracy(model, ct_x, ct_y)
     pairs, _ = select_pairs(model, tb, prep, clean_val, k=n_pairs, rng=np.random.default_rng([s.seed, DRAW]))
     rows = []
     for i, p in enumerate(pairs):
-        rule = _rule(prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, DRAW, i])), 3, s,
-                     np.random.default_rng([s.seed, DRAW, i, 3]))
+        rule = make_rule(model, tb, prep, p, clean_test, s, [s.seed, DRAW, i])
         for layer in layers:
             weight_norm = float(get_layer(model, layer).weight.detach().double().norm())
             steps = {} if s.fast_steps is None else {"max_iter": s.fast_steps}
@@ -93,7 +91,7 @@ def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...]) -> dict:
                         continue
                     with carrying(model, [cand]):
                         scores = rule_scores(model, rule)
-                        clean = float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100 - acc0
+                        clean = accuracy(model, ct_x, ct_y) - acc0
                     row[label] = {"alpha": cand.alpha, **scores, "clean_change_pp": clean}
                 rows.append(row)
                 logger.info("%s %s ridge %g: |delta|/|W| %.3g, chosen %s", row["pair"], layer, rel, ratio, row["chosen"])

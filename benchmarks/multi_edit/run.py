@@ -36,7 +36,7 @@ from benchmarks.efficacy.units import PairData, draw_unit, errors_by_group, prep
 
 from .report import write_report
 
-__all__ = ["main", "measure_arch", "KS", "METHODS"]
+__all__ = ["main", "measure_arch", "make_rule", "accuracy", "carrying", "rule_scores", "choose", "solo_edit", "KS", "METHODS"]
 
 logger = logging.getLogger("benchmarks.multi_edit")
 
@@ -62,6 +62,11 @@ class RuleData:
 def _logits(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """% of ``images`` the model (as it is now) classifies as ``labels``."""
+    return float((_logits(model, images).argmax(1) == labels).double().mean()) * 100
 
 
 @contextlib.contextmanager
@@ -115,8 +120,11 @@ def batch_edit(model, rules: list[RuleData], solos: list[Candidate | None], stat
     return choose(model, strength_grid(edit, s.alphas), val_x, val_y, val_orig, clean_x, clean_y, s)
 
 
-def _rule(pd: PairData, n: int, s: Settings, rng: np.random.Generator) -> RuleData:
-    split = draw_unit(pd, n, s, rng)
+def make_rule(model, tb, prep, pair: dict, clean_test, s: Settings, stream: Sequence[int], n: int = 3) -> RuleData:
+    """The rule of ``pair``: its scenes (drawn from the rng ``stream``), N = ``n`` exemplars, validation and
+    test split (from ``[*stream, n]``)."""
+    pd = prepare_pair(model, tb, prep, pair, clean_test, s, np.random.default_rng(list(stream)))
+    split = draw_unit(pd, n, s, np.random.default_rng([*stream, n]))
     t = torch.as_tensor(split["ex_idx"])
     ex = {"x": pd.x0.images[t], "x2": pd.xv[pd.v_ex].images[t], "m": pd.masks[t]}
     v = torch.as_tensor(split["val_idx"])
@@ -134,16 +142,15 @@ def _overlaps(cands: Sequence[Candidate | None]) -> list[float]:
 
 def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, layers, s: Settings, draw: int) -> dict:
     """One draw: the solo edits of its pairs, then stacked, sequential and batch for each k."""
-    rules = [_rule(prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, draw, i])), 3, s,
-                   np.random.default_rng([s.seed, draw, i, 3])) for i, p in enumerate(pairs)]
+    rules = [make_rule(model, tb, prep, p, clean_test, s, [s.seed, draw, i]) for i, p in enumerate(pairs)]
     clean_val_x, clean_val_y = prep(clean_val.images), clean_val.labels
     clean_val_c = CachedImages(model, clean_val_x, batch_size=256)
     clean_test_x, clean_test_y = prep(clean_test.images), clean_test.labels
-    acc0 = float((_logits(model, clean_test_x).argmax(1) == clean_test_y).double().mean()) * 100
+    acc0 = accuracy(model, clean_test_x, clean_test_y)
 
     def clean_change(cands: Sequence[Candidate | None]) -> float:
         with carrying(model, cands):
-            return float((_logits(model, clean_test_x).argmax(1) == clean_test_y).double().mean()) * 100 - acc0
+            return accuracy(model, clean_test_x, clean_test_y) - acc0
 
     solos = [solo_edit(model, r, stats, layers, clean_val_c, clean_val_y, s) for r in rules]
     solo_scores = []

@@ -48,10 +48,9 @@ from surgery.testbed.protocol import select_pairs
 
 from benchmarks.efficacy.models import load_model, preprocessor
 from benchmarks.efficacy.settings import Settings, settings_for
-from benchmarks.efficacy.units import prepare_pair
 
 from .report import MIN_SOLO, _median_ci
-from .run import RESULTS, RuleData, _logits, _rule, carrying, choose, rule_scores, solo_edit
+from .run import RESULTS, RuleData, accuracy, carrying, choose, make_rule, rule_scores, solo_edit
 
 __all__ = ["main", "VARIANTS"]
 
@@ -121,17 +120,16 @@ def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
     protect_x = prep(train.images[:N_PROTECT])
     cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
     ct_x, ct_y = prep(clean_test.images), clean_test.labels
-    acc0 = float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100
+    acc0 = accuracy(model, ct_x, ct_y)
 
     def clean_change(cands: Sequence[Candidate | None]) -> float:
         with carrying(model, cands):
-            return float((_logits(model, ct_x).argmax(1) == ct_y).double().mean()) * 100 - acc0
+            return accuracy(model, ct_x, ct_y) - acc0
 
     out: dict = {"draws": []}
     for d in draws:
         pairs, _ = select_pairs(model, tb, prep, clean_val, k=k, rng=np.random.default_rng([s.seed, 100 + d]))
-        rules = [_rule(prepare_pair(model, tb, prep, p, clean_test, s, np.random.default_rng([s.seed, d, i])), 3, s,
-                       np.random.default_rng([s.seed, d, i, 3])) for i, p in enumerate(pairs)]
+        rules = [make_rule(model, tb, prep, p, clean_test, s, [s.seed, d, i]) for i, p in enumerate(pairs)]
         solos = [solo_edit(model, r, stats, layers, cv_x, cv_y, s) for r in rules]
         keep = [i for i, c in enumerate(solos) if c is not None]
         rules, solos = [rules[i] for i in keep], [solos[i] for i in keep]
@@ -153,9 +151,9 @@ def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
             with carrying(model, cands):
                 scores = [rule_scores(model, r)["other/same"] for r in rules]
             row["variants"][name] = {"scores": scores, "clean_change_pp": clean_change(cands), "alphas": [None if c is None else c.alpha for c in cands]}
+            logger.info("%s draw %d %s: clean %+.2f, strengths %s", arch, d, name, row["variants"][name]["clean_change_pp"], row["variants"][name]["alphas"])
         for name in ("stacked", "stacked, budget/k"):  # does the clean cost of k edits add up?
             row["variants"][name]["solo_clean_pp"] = [clean_change([c]) for c in chosen[name]]
-            logger.info("%s draw %d %s: clean %+.2f alphas %s", arch, d, name, clean, row["variants"][name]["alphas"])
         out["draws"].append(row)
     return out
 
