@@ -12,7 +12,7 @@ as the efficacy benchmark chooses, and on the pair's TEST scenes we report error
 classes and on the target class (exemplars' style), the clean test accuracy change, and the update's
 norm over the weight's, at strength 1 and at the chosen strength.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.efficacy.ridge [--arch convnext] [--pairs 4]
+    OMP_NUM_THREADS=1 python -m benchmarks.efficacy.ridge [--arch convnext] [--pairs 4] [--layers A B]
 
 Writes ``benchmarks/results/efficacy_ridge.{md,json}``.
 """
@@ -20,27 +20,20 @@ Writes ``benchmarks/results/efficacy_ridge.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from surgery import collect_key_stats, rewrite, strength_grid
+from surgery import rewrite, strength_grid
 from surgery._files import write_text
 from surgery.evaluation import CachedImages
 from surgery.layers import get_layer
 from surgery.solvers import FastConfig
-from surgery.testbed import Testbed, TestbedConfig
 from surgery.testbed.protocol import select_pairs
 
-from benchmarks.multi_edit.run import accuracy, carrying, choose, make_rule, rule_scores
+from benchmarks.multi_edit.run import accuracy, carrying, choose, load_bench, make_rule, rule_scores, run_archs, write_json
 
-from .models import load_model, preprocessor
 from .settings import settings_for
 
 __all__ = ["main", "RIDGES"]
@@ -52,18 +45,11 @@ RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # rel: ridge = rel * L0 / ||W||^2
 DRAW = 300  # the pairs' rng stream: not one the efficacy run (seed) or multi_edit (100 + d) uses
 
 
-def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...]) -> dict:
+def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...], layers: list[str] | None = None) -> dict:
     ridges = (0.0, *sorted(r for r in ridges if r != 0))  # the unridged rewrite first: it gives L0
     s = settings_for("full", arch)
-    model, info = load_model(arch)
-    prep = preprocessor(info)
-    tb = Testbed(TestbedConfig())
-    cache = RESULTS / "efficacy_cache"
-    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
-    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
-    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
-    layers = [name for name in info["candidate_layers"]["deep"] if name.endswith("mlp.fc2")]
-    stats = collect_key_stats(model, layers, prep(train.images), progress=False, cache_dir=cache / "stats")
+    b = load_bench(arch, s, lambda info: layers or [n for n in info["candidate_layers"]["deep"] if n.endswith("mlp.fc2")])
+    model, tb, prep, clean_val, clean_test, stats, layers = b.model, b.tb, b.prep, b.clean_val, b.clean_test, b.stats, b.layers
     cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
     ct_x, ct_y = prep(clean_test.images), clean_test.labels
     acc0 = accuracy(model, ct_x, ct_y)
@@ -141,24 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", nargs="+", default=["convnext"])
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--ridges", type=float, nargs="+", default=list(RIDGES))
+    p.add_argument("--layers", nargs="+", help="the layers to edit (default: every mlp.fc2 among the deep candidates)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="efficacy_ridge")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("surgery").setLevel(logging.WARNING)
-    torch.set_num_threads(1)
-    cli = sys.argv[1:] if argv is None else argv
-    result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.efficacy.ridge " + shlex.join(cli), "archs": {}}
-    for arch in args.arch:
-        start = time.perf_counter()
-        result["archs"][arch] = measure_arch(arch, args.pairs, tuple(args.ridges))
-        result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1, default=float))
+    result = run_archs(
+        "benchmarks.efficacy.ridge", args.arch, lambda arch: measure_arch(arch, args.pairs, tuple(args.ridges), args.layers), argv
+    )
+    write_json(result, args.out, args.name)
     write_text(args.out / f"{args.name}.md", markdown(result))
     print(markdown(result))
     return result
-
 
 if __name__ == "__main__":
     main()

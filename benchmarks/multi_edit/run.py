@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from surgery.edits.interference import key_overlap
 from surgery.errors import InterferenceWarning, SurgeryWarning
 from surgery.evaluation import CachedImages, Candidate, NoCandidateError
 from surgery.solvers import solver_config
-from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed import Testbed, TestbedConfig, TestbedData
 from surgery.testbed.protocol import edit_candidates, select_pairs
 
 from benchmarks.efficacy.models import load_model, preprocessor
@@ -36,7 +36,7 @@ from benchmarks.efficacy.units import PairData, draw_unit, errors_by_group, prep
 
 from .report import write_report
 
-__all__ = ["main", "measure_arch", "make_rule", "accuracy", "carrying", "rule_scores", "choose", "solo_edit", "KS", "METHODS"]
+__all__ = ["main", "measure_arch", "Bench", "load_bench", "run_archs", "merge_runs", "write_json", "make_rule", "accuracy", "carrying", "rule_scores", "choose", "solo_edit", "KS", "METHODS"]
 
 logger = logging.getLogger("benchmarks.multi_edit")
 
@@ -191,25 +191,74 @@ def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, 
     return out
 
 
-def measure_arch(arch: str, draws: int, s: Settings, deadline: float | None) -> dict:
+@dataclass
+class Bench:
+    """A trained testbed model with what every measurement of it here needs: the testbed's train, clean
+    validation and test sets (cached), the train images preprocessed, and the key statistics of ``layers``."""
+
+    model: nn.Module
+    info: dict
+    prep: Callable[[torch.Tensor], torch.Tensor]
+    tb: Testbed
+    clean_val: TestbedData
+    clean_test: TestbedData
+    train_x: torch.Tensor
+    layers: list[str]
+    stats: dict
+
+
+def load_bench(arch: str, s: Settings, layers: Callable[[dict], list[str]] = lambda info: info["candidate_layers"]["deep"]) -> Bench:
+    """``arch``'s trained model and data; ``layers(info)`` picks the layers whose statistics are collected."""
     model, info = load_model(arch)
     prep = preprocessor(info)
     tb = Testbed(TestbedConfig())
     cache = RESULTS / "efficacy_cache"
     train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
-    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
-    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
     train_x = prep(train.images)
-    layers = info["candidate_layers"]["deep"]
-    stats = collect_key_stats(model, layers, train_x, progress=False, cache_dir=cache / "stats")
-    result: dict[str, Any] = {"draws": [], "candidate_layers": layers}
+    names = layers(info)
+    return Bench(
+        model=model, info=info, prep=prep, tb=tb, clean_val=tb.make_dataset(s.n_clean_val, "val", cache_dir=cache),
+        clean_test=tb.make_dataset(s.n_test, "test", cache_dir=cache), train_x=train_x, layers=names,
+        stats=collect_key_stats(model, names, train_x, progress=False, cache_dir=cache / "stats"),
+    )
+
+
+def measure_arch(arch: str, draws: int, s: Settings, deadline: float | None) -> dict:
+    b = load_bench(arch, s)
+    result: dict[str, Any] = {"draws": [], "candidate_layers": b.layers}
     for d in range(draws):
         if deadline is not None and time.time() > deadline:
             logger.warning("%s: time budget spent after %d draws", arch, d)
             break
-        pairs, _ = select_pairs(model, tb, prep, clean_val, k=max(KS), rng=np.random.default_rng([s.seed, 100 + d]))
-        result["draws"].append(measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, layers, s, d))
+        pairs, _ = select_pairs(b.model, b.tb, b.prep, b.clean_val, k=max(KS), rng=np.random.default_rng([s.seed, 100 + d]))
+        result["draws"].append(
+            measure_draw(b.model, b.tb, b.prep, pairs, b.clean_val, b.clean_test, b.train_x, b.stats, b.layers, s, d))
     return result
+
+
+def run_archs(module: str, archs: Sequence[str], measure: Callable[[str], dict], argv: list[str] | None) -> dict:
+    """``{"command", "archs": {arch: measure(arch) + its seconds}}``, one thread, progress logged."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("surgery").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    cli = sys.argv[1:] if argv is None else argv
+    result: dict[str, Any] = {"command": f"OMP_NUM_THREADS=1 python -m {module} " + shlex.join(cli), "archs": {}}
+    for arch in archs:
+        start = time.perf_counter()
+        result["archs"][arch] = measure(arch)
+        result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def merge_runs(paths: Sequence[Path]) -> dict:
+    """Earlier runs (one or more models each) joined into one result; their commands joined with `` ; ``."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    return {"command": " ; ".join(r["command"] for r in runs), "archs": {a: v for r in runs for a, v in r["archs"].items()}}
+
+
+def write_json(result: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{name}.json", json.dumps(result, indent=1, default=float))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -223,22 +272,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only join earlier runs (one per model) into --name")
     args = p.parse_args(argv)
     if args.merge:
-        runs = [json.loads(path.read_text()) for path in args.merge]
-        result = {"command": " ; ".join(r["command"] for r in runs), "archs": {a: v for r in runs for a, v in r["archs"].items()}}
+        result = merge_runs(args.merge)
     else:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        logging.getLogger("surgery").setLevel(logging.WARNING)
-        torch.set_num_threads(1)
         deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
-        cli = sys.argv[1:] if argv is None else argv
-        result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.multi_edit " + shlex.join(cli), "archs": {}}
-        for arch in args.arch:
-            start = time.perf_counter()
+
+        def measure(arch: str) -> dict:
             s = settings_for("quick" if args.quick else "full", arch)
-            result["archs"][arch] = measure_arch(arch, args.draws, s, deadline)
-            result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
-            result["archs"][arch]["settings"] = {"n": 3, "alphas": list(s.alphas), "max_clean_drop": s.max_clean_drop}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1, default=float))
+            settings = {"n": 3, "alphas": list(s.alphas), "max_clean_drop": s.max_clean_drop}
+            return {**measure_arch(arch, args.draws, s, deadline), "settings": settings}
+
+        result = run_archs("benchmarks.multi_edit", args.arch, measure, argv)
+    write_json(result, args.out, args.name)
     write_report(result, args.out, args.name)
     return result

@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import shlex
-import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,20 +33,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from surgery import collect_key_stats, strength_grid
+from surgery import strength_grid
 from surgery._files import write_text
 from surgery.batch import Rule, rewrite_rules
 from surgery.edits.edit import Edit
 from surgery.evaluation import CachedImages, Candidate
 from surgery.solvers import solver_config
-from surgery.testbed import Testbed, TestbedConfig
 from surgery.testbed.protocol import select_pairs
 
-from benchmarks.efficacy.models import load_model, preprocessor
 from benchmarks.efficacy.settings import Settings, settings_for
 
 from .report import MIN_SOLO, _median_ci
-from .run import RESULTS, RuleData, accuracy, carrying, choose, make_rule, rule_scores, solo_edit
+from .run import (
+    RESULTS, RuleData, accuracy, carrying, choose, load_bench, make_rule, merge_runs, rule_scores, run_archs, solo_edit,
+    write_json,
+)
 
 __all__ = ["main", "VARIANTS"]
 
@@ -108,17 +105,10 @@ def variant_edits(model, rules: list[RuleData], solos: list[Candidate], stats, p
 
 def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
     s = settings_for("full", arch)
-    model, info = load_model(arch)
-    prep = preprocessor(info)
-    tb = Testbed(TestbedConfig())
-    cache = RESULTS / "efficacy_cache"
-    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
-    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
-    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
-    layers = info["candidate_layers"]["deep"]
-    stats = collect_key_stats(model, layers, prep(train.images), progress=False, cache_dir=cache / "stats")
-    protect_x = prep(train.images[:N_PROTECT])
-    cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
+    b = load_bench(arch, s)
+    model, tb, prep, clean_test, stats, layers = b.model, b.tb, b.prep, b.clean_test, b.stats, b.layers
+    protect_x = b.train_x[:N_PROTECT]
+    cv_x, cv_y = CachedImages(model, prep(b.clean_val.images), batch_size=256), b.clean_val.labels
     ct_x, ct_y = prep(clean_test.images), clean_test.labels
     acc0 = accuracy(model, ct_x, ct_y)
 
@@ -128,7 +118,7 @@ def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
 
     out: dict = {"draws": []}
     for d in draws:
-        pairs, _ = select_pairs(model, tb, prep, clean_val, k=k, rng=np.random.default_rng([s.seed, 100 + d]))
+        pairs, _ = select_pairs(model, tb, prep, b.clean_val, k=k, rng=np.random.default_rng([s.seed, 100 + d]))
         rules = [make_rule(model, tb, prep, p, clean_test, s, [s.seed, d, i]) for i, p in enumerate(pairs)]
         solos = [solo_edit(model, r, stats, layers, cv_x, cv_y, s) for r in rules]
         keep = [i for i, c in enumerate(solos) if c is not None]
@@ -214,24 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only join earlier runs into --name")
     args = p.parse_args(argv)
     if args.merge:
-        runs = [json.loads(path.read_text()) for path in args.merge]
-        result = {"command": " ; ".join(r["command"] for r in runs), "archs": {a: v for r in runs for a, v in r["archs"].items()}}
+        result = merge_runs(args.merge)
     else:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        logging.getLogger("surgery").setLevel(logging.WARNING)
-        torch.set_num_threads(1)
-        cli = sys.argv[1:] if argv is None else argv
-        result = {"command": "OMP_NUM_THREADS=1 python -m benchmarks.multi_edit.variants " + shlex.join(cli), "archs": {}}
-        for arch in args.arch:
-            start = time.perf_counter()
-            result["archs"][arch] = measure_arch(arch, args.draws, args.k)
-            result["archs"][arch]["seconds"] = round(time.perf_counter() - start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1, default=float))
+        result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k), argv)
+    write_json(result, args.out, args.name)
     write_text(args.out / f"{args.name}.md", markdown(result))
     print(markdown(result))
     return result
-
 
 if __name__ == "__main__":
     main()
