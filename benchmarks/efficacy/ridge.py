@@ -41,7 +41,7 @@ __all__ = ["main", "RIDGES"]
 logger = logging.getLogger("benchmarks.efficacy.ridge")
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # rel: ridge = rel * L0 / ||W||^2
+RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)  # rel: ridge = rel * L0 / ||W||^2
 DRAW = 300  # the pairs' rng stream: not one the efficacy run (seed) or multi_edit (100 + d) uses
 
 
