@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from surgery import rewrite, strength_grid
-from surgery._files import write_text
 from surgery.evaluation import CachedImages
 from surgery.layers import get_layer
 from surgery.solvers import FastConfig
 from surgery.testbed.protocol import select_pairs
 
-from benchmarks.multi_edit.run import accuracy, carrying, choose, load_bench, make_rule, rule_scores, run_archs, write_json
+from benchmarks.multi_edit.run import accuracy, carrying, choose, load_bench, make_rule, rule_scores, run_archs, write_result
 
 from .settings import settings_for
 
@@ -134,10 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_archs(
         "benchmarks.efficacy.ridge", args.arch, lambda arch: measure_arch(arch, args.pairs, tuple(args.ridges), args.layers), argv
     )
-    write_json(result, args.out, args.name)
-    write_text(args.out / f"{args.name}.md", markdown(result))
-    print(markdown(result))
+    write_result(result, args.out, args.name, markdown)
     return result
+
 
 if __name__ == "__main__":
     main()

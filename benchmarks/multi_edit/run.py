@@ -36,7 +36,10 @@ from benchmarks.efficacy.units import PairData, draw_unit, errors_by_group, prep
 
 from .report import write_report
 
-__all__ = ["main", "measure_arch", "Bench", "load_bench", "run_archs", "merge_runs", "write_json", "make_rule", "accuracy", "carrying", "rule_scores", "choose", "solo_edit", "KS", "METHODS"]
+__all__ = [
+    "main", "measure_arch", "Bench", "load_bench", "run_archs", "merge_runs", "write_json", "write_result", "make_rule",
+    "accuracy", "carrying", "rule_scores", "choose", "solo_edit", "KS", "METHODS",
+]
 
 logger = logging.getLogger("benchmarks.multi_edit")
 
@@ -259,6 +262,14 @@ def merge_runs(paths: Sequence[Path]) -> dict:
 def write_json(result: dict, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / f"{name}.json", json.dumps(result, indent=1, default=float))
+
+
+def write_result(result: dict, out: Path, name: str, markdown: Callable[[dict], str]) -> None:
+    """The result as ``name.json`` and its report ``markdown(result)`` as ``name.md`` (also printed)."""
+    write_json(result, out, name)
+    text = markdown(result)
+    write_text(out / f"{name}.md", text)
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from surgery import strength_grid
-from surgery._files import write_text
 from surgery.batch import Rule, rewrite_rules
 from surgery.edits.edit import Edit
 from surgery.evaluation import CachedImages, Candidate
@@ -46,7 +45,7 @@ from benchmarks.efficacy.settings import Settings, settings_for
 from .report import MIN_SOLO, _median_ci
 from .run import (
     RESULTS, RuleData, accuracy, carrying, choose, load_bench, make_rule, merge_runs, rule_scores, run_archs, solo_edit,
-    write_json,
+    write_result,
 )
 
 __all__ = ["main", "VARIANTS"]
@@ -207,10 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = merge_runs(args.merge)
     else:
         result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k), argv)
-    write_json(result, args.out, args.name)
-    write_text(args.out / f"{args.name}.md", markdown(result))
-    print(markdown(result))
+    write_result(result, args.out, args.name, markdown)
     return result
+
 
 if __name__ == "__main__":
     main()
