@@ -175,12 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
             logger.warning("no trained weights for %s: train with python -m surgery.testbed.train --arch NAME", ", ".join(untrained))
     else:
         archs = list(dict.fromkeys(args.arch))
-    s = settings_for(mode_name, archs[0], pairs=args.pairs, draws=args.draws,
-                     ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
-                     methods=tuple(args.methods) if args.methods else None,
-                     alphas=tuple(sorted(args.alphas)) if args.alphas else None)
-    if args.paper_ft_grid:
-        s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
+    def settings(arch: str) -> Settings:
+        """``arch``'s settings in this mode, with the command line's overrides."""
+        s = settings_for(mode_name, arch, pairs=args.pairs, draws=args.draws,
+                         ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
+                         methods=tuple(args.methods) if args.methods else None,
+                         alphas=tuple(sorted(args.alphas)) if args.alphas else None)
+        if args.paper_ft_grid:
+            s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
+        return s
+
+    s = settings(archs[0])
     deadline = None
     if args.max_minutes is not None:
         s.deadline = deadline = time.time() + 60 * args.max_minutes
@@ -208,12 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["command"] = earlier["command"] + " ; " + result["command"]
         result["archs"] = {a: r for a, r in earlier["archs"].items() if a not in archs}
     for arch in archs:
-        s = settings_for(mode_name, arch, pairs=args.pairs, draws=args.draws,
-                         ns=tuple(args.ns) if args.ns else None, seed=args.seed, max_clean_drop=args.max_clean_drop,
-                         methods=tuple(args.methods) if args.methods else None,
-                         alphas=tuple(sorted(args.alphas)) if args.alphas else None)
-        if args.paper_ft_grid:
-            s.ft_grid, s.ft_last_layer_only = PAPER_FT_GRID, False
+        s = settings(arch)
         s.deadline = deadline  # one time budget for the whole run
         result["archs"][arch] = run_arch(arch, s, cache)
         result["archs"][arch]["methods"] = list(s.methods)

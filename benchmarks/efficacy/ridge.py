@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from surgery import rewrite, strength_grid
-from surgery.evaluation import CachedImages
 from surgery.layers import get_layer
 from surgery.solvers import FastConfig
 from surgery.testbed.protocol import select_pairs
 
-from benchmarks.multi_edit.run import accuracy, carrying, choose, load_bench, make_rule, rule_scores, run_archs, write_result
+from benchmarks.multi_edit.run import carrying, choose, load_bench, make_rule, rule_scores, run_archs, write_result
 
 from .settings import settings_for
 
@@ -49,9 +48,7 @@ def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...], layers: lis
     s = settings_for("full", arch)
     b = load_bench(arch, s, lambda info: layers or [n for n in info["candidate_layers"]["deep"] if n.endswith("mlp.fc2")])
     model, tb, prep, clean_val, clean_test, stats, layers = b.model, b.tb, b.prep, b.clean_val, b.clean_test, b.stats, b.layers
-    cv_x, cv_y = CachedImages(model, prep(clean_val.images), batch_size=256), clean_val.labels
-    ct_x, ct_y = prep(clean_test.images), clean_test.labels
-    acc0 = accuracy(model, ct_x, ct_y)
+    cv_x, cv_y = b.clean_val_cached, clean_val.labels
     pairs, _ = select_pairs(model, tb, prep, clean_val, k=n_pairs, rng=np.random.default_rng([s.seed, DRAW]))
     rows = []
     for i, p in enumerate(pairs):
@@ -76,8 +73,7 @@ def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...], layers: lis
                         continue
                     with carrying(model, [cand]):
                         scores = rule_scores(model, rule)
-                        clean = accuracy(model, ct_x, ct_y) - acc0
-                    row[label] = {"alpha": cand.alpha, **scores, "clean_change_pp": clean}
+                    row[label] = {"alpha": cand.alpha, **scores, "clean_change_pp": b.clean_change([cand])}
                 rows.append(row)
                 logger.info("%s %s ridge %g: |delta|/|W| %.3g, chosen %s", row["pair"], layer, rel, ratio, row["chosen"])
     return {"layers": layers, "pairs": [f"{p['concept']}->{p['style']}" for p in pairs], "rows": rows}

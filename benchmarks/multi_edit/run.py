@@ -143,18 +143,11 @@ def _overlaps(cands: Sequence[Candidate | None]) -> list[float]:
     return [v for i, a in enumerate(edits) for b in edits[i + 1 :] for v in key_overlap(a, b).values()]
 
 
-def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, layers, s: Settings, draw: int) -> dict:
+def measure_draw(b: Bench, pairs: list[dict], s: Settings, draw: int) -> dict:
     """One draw: the solo edits of its pairs, then stacked, sequential and batch for each k."""
-    rules = [make_rule(model, tb, prep, p, clean_test, s, [s.seed, draw, i]) for i, p in enumerate(pairs)]
-    clean_val_x, clean_val_y = prep(clean_val.images), clean_val.labels
-    clean_val_c = CachedImages(model, clean_val_x, batch_size=256)
-    clean_test_x, clean_test_y = prep(clean_test.images), clean_test.labels
-    acc0 = accuracy(model, clean_test_x, clean_test_y)
-
-    def clean_change(cands: Sequence[Candidate | None]) -> float:
-        with carrying(model, cands):
-            return accuracy(model, clean_test_x, clean_test_y) - acc0
-
+    model, stats, layers = b.model, b.stats, b.layers
+    rules = [make_rule(model, b.tb, b.prep, p, b.clean_test, s, [s.seed, draw, i]) for i, p in enumerate(pairs)]
+    clean_val_x, clean_val_y, clean_val_c = b.clean_val_x, b.clean_val.labels, b.clean_val_cached
     solos = [solo_edit(model, r, stats, layers, clean_val_c, clean_val_y, s) for r in rules]
     solo_scores = []
     for c, r in zip(solos, rules):
@@ -168,7 +161,7 @@ def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, 
             sequential.append(solos[0])
             continue
         with carrying(model, sequential):
-            seq_stats = collect_key_stats(model, layers, train_x, progress=False)
+            seq_stats = collect_key_stats(model, layers, b.train_x, progress=False)
             sequential.append(solo_edit(model, r, seq_stats, layers, clean_val_x, clean_val_y, s))
     out: dict[str, Any] = {
         "pairs": [f"{p['concept']}->{p['style']}" for p in pairs],
@@ -186,7 +179,7 @@ def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, 
             with carrying(model, cands):
                 scores = [rule_scores(model, r) for r in rules[:k]]
             row[method] = {
-                "scores": scores, "clean_change_pp": clean_change(cands), "edits": [None if c is None else c.name for c in cands],
+                "scores": scores, "clean_change_pp": b.clean_change(cands), "edits": [None if c is None else c.name for c in cands],
                 "overlaps": _overlaps(cands),
             }
         out["k"][str(k)] = row
@@ -196,18 +189,27 @@ def measure_draw(model, tb, prep, pairs, clean_val, clean_test, train_x, stats, 
 
 @dataclass
 class Bench:
-    """A trained testbed model with what every measurement of it here needs: the testbed's train, clean
-    validation and test sets (cached), the train images preprocessed, and the key statistics of ``layers``."""
+    """A trained testbed model with what every measurement of it here needs: the testbed, the train images
+    preprocessed, the key statistics of ``layers``, the clean validation images (preprocessed, and cached for
+    the unedited model) and the clean test images (preprocessed) with the unedited model's accuracy on them."""
 
     model: nn.Module
-    info: dict
     prep: Callable[[torch.Tensor], torch.Tensor]
     tb: Testbed
-    clean_val: TestbedData
-    clean_test: TestbedData
     train_x: torch.Tensor
     layers: list[str]
     stats: dict
+    clean_val: TestbedData
+    clean_val_x: torch.Tensor
+    clean_val_cached: CachedImages
+    clean_test: TestbedData
+    clean_test_x: torch.Tensor
+    clean_test_acc: float
+
+    def clean_change(self, candidates: Sequence[Candidate | None]) -> float:
+        """Clean test accuracy change (pp) of the model carrying ``candidates``."""
+        with carrying(self.model, candidates):
+            return accuracy(self.model, self.clean_test_x, self.clean_test.labels) - self.clean_test_acc
 
 
 def load_bench(arch: str, s: Settings, layers: Callable[[dict], list[str]] = lambda info: info["candidate_layers"]["deep"]) -> Bench:
@@ -216,13 +218,17 @@ def load_bench(arch: str, s: Settings, layers: Callable[[dict], list[str]] = lam
     prep = preprocessor(info)
     tb = Testbed(TestbedConfig())
     cache = RESULTS / "efficacy_cache"
-    train = tb.make_dataset(s.n_stats, "train", cache_dir=cache)
-    train_x = prep(train.images)
+    train_x = prep(tb.make_dataset(s.n_stats, "train", cache_dir=cache).images)
     names = layers(info)
+    clean_val = tb.make_dataset(s.n_clean_val, "val", cache_dir=cache)
+    clean_val_x = prep(clean_val.images)
+    clean_test = tb.make_dataset(s.n_test, "test", cache_dir=cache)
+    clean_test_x = prep(clean_test.images)
     return Bench(
-        model=model, info=info, prep=prep, tb=tb, clean_val=tb.make_dataset(s.n_clean_val, "val", cache_dir=cache),
-        clean_test=tb.make_dataset(s.n_test, "test", cache_dir=cache), train_x=train_x, layers=names,
+        model=model, prep=prep, tb=tb, train_x=train_x, layers=names,
         stats=collect_key_stats(model, names, train_x, progress=False, cache_dir=cache / "stats"),
+        clean_val=clean_val, clean_val_x=clean_val_x, clean_val_cached=CachedImages(model, clean_val_x, batch_size=256),
+        clean_test=clean_test, clean_test_x=clean_test_x, clean_test_acc=accuracy(model, clean_test_x, clean_test.labels),
     )
 
 
@@ -234,8 +240,7 @@ def measure_arch(arch: str, draws: int, s: Settings, deadline: float | None) -> 
             logger.warning("%s: time budget spent after %d draws", arch, d)
             break
         pairs, _ = select_pairs(b.model, b.tb, b.prep, b.clean_val, k=max(KS), rng=np.random.default_rng([s.seed, 100 + d]))
-        result["draws"].append(
-            measure_draw(b.model, b.tb, b.prep, pairs, b.clean_val, b.clean_test, b.train_x, b.stats, b.layers, s, d))
+        result["draws"].append(measure_draw(b, pairs, s, d))
     return result
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from surgery import strength_grid
 from surgery.batch import Rule, rewrite_rules
 from surgery.edits.edit import Edit
-from surgery.evaluation import CachedImages, Candidate
+from surgery.evaluation import Candidate
 from surgery.solvers import solver_config
 from surgery.testbed.protocol import select_pairs
 
@@ -44,7 +44,7 @@ from benchmarks.efficacy.settings import Settings, settings_for
 
 from .report import MIN_SOLO, _median_ci
 from .run import (
-    RESULTS, RuleData, accuracy, carrying, choose, load_bench, make_rule, merge_runs, rule_scores, run_archs, solo_edit,
+    RESULTS, RuleData, carrying, choose, load_bench, make_rule, merge_runs, rule_scores, run_archs, solo_edit,
     write_result,
 )
 
@@ -107,14 +107,7 @@ def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
     b = load_bench(arch, s)
     model, tb, prep, clean_test, stats, layers = b.model, b.tb, b.prep, b.clean_test, b.stats, b.layers
     protect_x = b.train_x[:N_PROTECT]
-    cv_x, cv_y = CachedImages(model, prep(b.clean_val.images), batch_size=256), b.clean_val.labels
-    ct_x, ct_y = prep(clean_test.images), clean_test.labels
-    acc0 = accuracy(model, ct_x, ct_y)
-
-    def clean_change(cands: Sequence[Candidate | None]) -> float:
-        with carrying(model, cands):
-            return accuracy(model, ct_x, ct_y) - acc0
-
+    cv_x, cv_y, clean_change = b.clean_val_cached, b.clean_val.labels, b.clean_change
     out: dict = {"draws": []}
     for d in draws:
         pairs, _ = select_pairs(model, tb, prep, b.clean_val, k=k, rng=np.random.default_rng([s.seed, 100 + d]))
