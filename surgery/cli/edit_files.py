@@ -83,7 +83,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("edits", nargs="+", metavar="EDIT", help="edit files, applied in order")
     p.add_argument("-o", "--output", required=True, help="the checkpoint to write (same format as the input)")
     p.add_argument("--alpha", type=finite_float, default=1.0, help="strength of every edit (default 1)")
-    p.add_argument("--strict", action="store_true", help="refuse weights other than those the edits were made on")
+    p.add_argument("--strict", action="store_true", help="refuse weights other than those the edits were made on, and oversized updates")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input checkpoint")
     p.set_defaults(func=_cmd_apply)
 

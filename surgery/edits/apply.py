@@ -124,7 +124,12 @@ def _plan(model: nn.Module, edit: Edit, alpha: float, sign: float = 1.0, strict:
     if not math.isfinite(alpha):
         raise SurgeryError(f"alpha must be a finite number, got {alpha}")
     _check_architecture(model, edit)
-    return plan_update(lambda name: _parameter(model, name), edit, alpha, sign, strict=strict, stacklevel=3)
+    state = model.__dict__.get(_STATE_ATTR)
+    base = {} if state is None else state.base  # the weights before the active edits
+    return plan_update(
+        lambda name: _parameter(model, name), edit, alpha, sign, strict=strict, stacklevel=3,
+        originals=lambda name: base.get(name, _parameter(model, name)),
+    )
 
 
 def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict: bool = False) -> EditHandle:
@@ -135,7 +140,9 @@ def apply_edit(model: nn.Module, edit: EditSource, *, alpha: float = 1.0, strict
         edit: an :class:`Edit` or the path of an edit file.
         alpha: strength; 1 applies the edit as computed.
         strict: raise instead of warning when the model's weights differ from those the edit was made
-            on, or when the update is more than 10 times larger than the weight it changes.
+            on, or when the update is oversized: more than 10 times the weight it changes, for an edit made
+            on other weights, or more than 10 times its solver's update (``alpha`` above 10), for one made
+            on these.
 
     Warns (:class:`~surgery.errors.InterferenceWarning`, never an error) when a weight the edit changes
     already carries an active edit whose key direction overlaps this one's by more than

@@ -144,7 +144,7 @@ def apply_to_checkpoint(
         out: the file to write; must differ from ``checkpoint`` unless ``overwrite``.
         alpha: strength of every edit.
         strict: raise instead of warning when the checkpoint's weights differ from those an edit was
-            made on.
+            made on, or an update is oversized (as :func:`~surgery.edits.apply.apply_edit` says).
         overwrite: allow ``out`` to be ``checkpoint`` (replaced atomically).
 
     Returns:
@@ -152,7 +152,7 @@ def apply_to_checkpoint(
 
     Raises:
         IncompatibleEditError: a missing tensor, another shape or dtype (or, under ``strict``, other
-            weights). Nothing is written.
+            weights or an oversized update). Nothing is written.
         EditFormatError: a bad edit file. ModelLoadError: an unreadable or pickled checkpoint.
     """
     checkpoint, out = Path(checkpoint), Path(out)
@@ -166,7 +166,9 @@ def apply_to_checkpoint(
     current = dict(state)
     seen: set[str] = set()
     for edit in loaded:
-        planned = plan_update(_lookup(current, where), edit, alpha, where=where, strict=strict, stacklevel=3)
+        planned = plan_update(
+            _lookup(current, where), edit, alpha, where=where, strict=strict, stacklevel=3, originals=_lookup(state, where)
+        )
         check_base(edit, {name: state[name] for name in planned}, strict, where=where, also=current)
         edit_id = content_id(edit.layer, edit.method, edit.parameter_deltas())
         if edit_id in seen:

@@ -21,12 +21,24 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from surgery import Edit, IncompatibleEditError, SurgeryError, SurgeryWarning, apply_edit, edited, revert_edit
+from surgery import (
+    Edit,
+    IncompatibleEditError,
+    SurgeryError,
+    SurgeryWarning,
+    apply_edit,
+    collect_key_stats,
+    edited,
+    revert_edit,
+    rewrite,
+)
 from surgery._files import atomic_write, refuse_overwrite, remove_stale_temporaries
 from surgery.cli.args import warnings_on_stderr as _warnings_on_stderr
 from surgery.cli.main import main
 from surgery.edits.on_checkpoints import apply_to_checkpoint, revert_from_checkpoint
 from surgery.identity import architecture_id, tensor_sha256
+from surgery.testbed import Testbed, TestbedConfig
+from surgery.testbed.train import load_trained, normalize
 from tests.strategies import ModelRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -352,16 +364,45 @@ def test_dense_edits_of_buffers_or_counters_are_refused_with_the_real_reason(ckp
     assert _hashes(model) == before and _sha(path) == file_before and not (tmp_path / "out.safetensors").exists()
 
 
-def test_an_update_far_larger_than_its_weight_warns_and_is_refused_under_strict(ckpt, tmp_path: Path) -> None:
+def _huge(model: nn.Module, made_here: bool, seed: int = 0) -> Edit:
+    """An update a million times larger than a normal one, recorded as made on these weights or on others."""
+    edit = _factored(model, seed=seed, scale=1.0)
+    edit.lam = edit.lam * 1e6
+    if not made_here:
+        edit.base["0.weight"]["sha256"] = "0" * 64
+    return edit
+
+
+def test_an_update_far_larger_than_its_weight_made_elsewhere_warns_and_is_refused_under_strict(ckpt, tmp_path: Path) -> None:
     model, path, _ = ckpt
-    huge = _factored(model, scale=1.0)
-    huge.lam = huge.lam * 1e6
-    with pytest.raises(IncompatibleEditError, match="times the norm"):
+    before, file_before = _hashes(model), _sha(path)
+    huge = _huge(model, made_here=False)
+    with pytest.raises(IncompatibleEditError, match="times the norm.*not made on these weights"):
         apply_edit(model, huge, strict=True)
-    with pytest.raises(IncompatibleEditError, match="times the norm"):
+    with pytest.raises(IncompatibleEditError, match="times the norm.*not made on these weights"):
         apply_to_checkpoint(path, huge, tmp_path / "o.safetensors", strict=True)
-    with pytest.warns(SurgeryWarning, match="times the norm"):
+    assert _hashes(model) == before and _sha(path) == file_before and not (tmp_path / "o.safetensors").exists()
+    with pytest.warns(SurgeryWarning, match="times the norm.*not made on these weights"):
         apply_to_checkpoint(path, huge, tmp_path / "o.safetensors")
+
+
+def test_an_update_its_solver_made_for_these_weights_is_judged_against_itself(ckpt, tmp_path: Path) -> None:
+    """A layer-scaled layer takes legitimate updates far larger than its weight: only alpha above 10 warns,
+    also for a second such edit stacked on the first (judged on the weights before the first)."""
+    model, path, _ = ckpt
+    first, second = _huge(model, made_here=True), _huge(model, made_here=True, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SurgeryWarning)
+        handles = [apply_edit(model, first), apply_edit(model, second)]
+        apply_to_checkpoint(path, [first, second], tmp_path / "o.safetensors")
+    for h in reversed(handles):
+        revert_edit(model, h)
+    before = _hashes(model)
+    with pytest.raises(IncompatibleEditError, match="more than 10 times the update the edit was made as"):
+        apply_edit(model, first, alpha=20.0, strict=True)
+    assert _hashes(model) == before
+    with pytest.warns(SurgeryWarning, match="far too large alpha"):
+        apply_to_checkpoint(path, first, tmp_path / "o2.safetensors", alpha=-20.0)
 
 
 # ---------------------------------------------------------------------------- small input checks
@@ -433,3 +474,22 @@ def test_sigkill_during_apply_leaves_the_output_absent_or_complete(tmp_path: Pat
     subprocess.run([*SURGERY, "apply", str(ckpt), str(edit), "-o", str(out)], check=True, capture_output=True)
     assert {k: tensor_sha256(v) for k, v in load_file(str(out)).items()} == expected
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors.")], (outcomes, leftovers)
+
+
+def test_a_rewrite_behind_a_small_layer_scale_applies_without_a_size_warning(tmp_path: Path) -> None:
+    """The trained testbed ConvNeXt: a rewrite of ``mlp.fc2`` (whose output ``gamma`` scales down) is
+    hundreds of times its weight's norm, as its solver made it; applying it is not an oversized update."""
+    model, _ = load_trained("convnext", train_if_missing=False)
+    images = normalize(Testbed(TestbedConfig()).make_dataset(72, "train").images)
+    layer = "stages.3.blocks.1.mlp.fc2"
+    x = images[64:67]
+    x2 = x.clone()
+    x2[:, :, 40:] = images[67:70, :, 40:]  # another scene's lower half
+    edit = rewrite(model.eval(), layer, x, x2, stats=collect_key_stats(model, layer, images[:64], progress=False))
+    assert float(edit.delta().norm()) > 10 * float(model.get_parameter(f"{layer}.weight").norm())
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SurgeryWarning)
+        revert_edit(model, apply_edit(model, edit))
+        apply_to_checkpoint(path, edit, tmp_path / "edited.safetensors")
