@@ -8,13 +8,16 @@ batch:
 
 - **joint**: :func:`surgery.batch.rewrite_rules` at the layer most solo edits chose (the main run's batch);
 - **joint, protected**: the same with clean training images as protected keys (``protect=``);
+- **joint, clean-key null space** (AlphaEdit's lever, Fang et al., ICLR 2025, for one rank-one direction
+  per rule): the joint rewrite with each direction whitened within the near-null space of the clean keys'
+  second moment ``C`` (:func:`null_space_moment`), so that clean keys barely reach it;
 - **joint per layer**: one joint rewrite per layer the solo edits chose, each rule at its own layer;
 - **joint, solo strengths**: the joint rewrite with each rule's factors scaled by its solo strength;
 - **stacked, one strength**: the solo edits (at their strengths) scaled together;
 - **stacked, budget/k**: each solo edit chosen anew within budget / k, applied together;
 - **stacked** (the reference, the main run's stacking): the solo edits at their strengths, applied together.
 
-For the two stacked variants the report also sets the clean test cost of the rules together against the
+``--variants`` runs a subset (the solo edits are always made). For the two stacked variants the report also sets the clean test cost of the rules together against the
 sum of their costs one at a time: whether a budget can be shared out among rules.
 
 Writes ``benchmarks/results/multi_edit_variants.{md,json}``.
@@ -54,9 +57,26 @@ logger = logging.getLogger("benchmarks.multi_edit.variants")
 
 VARIANTS = (
     "stacked", "joint", "joint, protected", "joint per layer", "joint, solo strengths", "stacked, one strength",
-    "stacked, budget/k",
+    "stacked, budget/k", "joint, clean-key null space",
 )
 N_PROTECT = 64  # clean training images protected by the "joint, protected" variant
+NULL_REL = 1e-2  # the clean keys' near-null space: eigen-directions of C with eigenvalue < NULL_REL * mean
+NULL_INFLATE = 1e3  # how much the other eigenvalues are raised, so the whitened direction avoids them
+
+
+def null_space_moment(moment: torch.Tensor, rel: float = NULL_REL, inflate: float = NULL_INFLATE) -> tuple[torch.Tensor, float]:
+    """``C`` with its eigenvalues of at least ``rel`` times their mean multiplied by ``inflate``, and the
+    share of dimensions below that threshold.
+
+    A direction whitened with it (``u = C'^{-1/2} s``) has its components along the clean keys' main
+    eigen-directions shrunk ``inflate``-fold: it lies in their near-null space, where AlphaEdit projects
+    updates, and within it is whitened as :func:`surgery.rewrite` whitens.
+    """
+    c = moment.detach().to(torch.float64)
+    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    main = evals >= rel * evals.mean()
+    raised = torch.where(main, evals * inflate, evals)
+    return (evecs * raised) @ evecs.T, float((~main).double().mean())
 
 
 def factored_edit(model: nn.Module, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> Edit:
@@ -78,31 +98,52 @@ def _scaled(lam: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
     return lam * torch.tensor(alphas, dtype=lam.dtype).view(-1, *[1] * (lam.dim() - 1))
 
 
-def variant_edits(model, rules: list[RuleData], solos: list[Candidate], stats, protect_x, s: Settings) -> dict[str, Edit]:
-    """The variants that are one edit, before their strength is chosen (rules whose solo edit qualified)."""
+def variant_edits(
+    model, rules: list[RuleData], solos: list[Candidate], stats, protect_x, s: Settings, names: Sequence[str]
+) -> tuple[dict[str, Edit], dict]:
+    """The variants among ``names`` that are one edit, before their strength is chosen (rules whose solo
+    edit qualified), and what was measured on the way (the null space's share of dimensions)."""
     config = solver_config("fast", max_iter=s.fast_steps)
     batch = [Rule(r.ex["x"], r.ex["x2"], r.ex["m"]) for r in rules]
     main_layer = Counter(c.edit.layer for c in solos).most_common(1)[0][0]
-    joint = rewrite_rules(model, main_layer, batch, stats=stats[main_layer], solver=config)
-    protected = rewrite_rules(model, main_layer, batch, stats=stats[main_layer], solver=config, protect=protect_x)
-    per_layer = []
-    for layer in dict.fromkeys(c.edit.layer for c in solos):
-        idx = [i for i, c in enumerate(solos) if c.edit.layer == layer]
-        if len(idx) == 1:
-            per_layer.append((layer, solos[idx[0]].edit.lam, solos[idx[0]].edit.u))
-        else:
-            e = rewrite_rules(model, layer, [batch[i] for i in idx], stats=stats[layer], solver=config)
-            per_layer.append((layer, e.lam, e.u))
-    return {
+    notes: dict = {}
+
+    def joint() -> Edit:
+        return rewrite_rules(model, main_layer, batch, stats=stats[main_layer], solver=config)
+
+    def null_space() -> Edit:
+        moment, notes["null_space_share"] = null_space_moment(stats[main_layer].moment())
+        return rewrite_rules(model, main_layer, batch, stats=moment, solver=config)
+
+    def per_layer() -> Edit:
+        parts = []
+        for layer in dict.fromkeys(c.edit.layer for c in solos):
+            idx = [i for i, c in enumerate(solos) if c.edit.layer == layer]
+            if len(idx) == 1:
+                parts.append((layer, solos[idx[0]].edit.lam, solos[idx[0]].edit.u))
+            else:
+                e = rewrite_rules(model, layer, [batch[i] for i in idx], stats=stats[layer], solver=config)
+                parts.append((layer, e.lam, e.u))
+        return factored_edit(model, parts)
+
+    def solo_strengths() -> Edit:
+        e = joint()
+        return factored_edit(model, [(main_layer, _scaled(e.lam, [c.alpha for c in solos]), e.u)])
+
+    makers = {
         "joint": joint,
-        "joint, protected": protected,
-        "joint per layer": factored_edit(model, per_layer),
-        "joint, solo strengths": factored_edit(model, [(main_layer, _scaled(joint.lam, [c.alpha for c in solos]), joint.u)]),
-        "stacked, one strength": factored_edit(model, [(c.edit.layer, c.edit.lam * c.alpha, c.edit.u) for c in solos]),
+        "joint, protected": lambda: rewrite_rules(
+            model, main_layer, batch, stats=stats[main_layer], solver=config, protect=protect_x
+        ),
+        "joint per layer": per_layer,
+        "joint, solo strengths": solo_strengths,
+        "stacked, one strength": lambda: factored_edit(model, [(c.edit.layer, c.edit.lam * c.alpha, c.edit.u) for c in solos]),
+        "joint, clean-key null space": null_space,
     }
+    return {name: make() for name, make in makers.items() if name in names}, notes
 
 
-def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
+def measure_arch(arch: str, draws: Sequence[int], k: int, names: Sequence[str] = VARIANTS) -> dict:
     s = settings_for("full", arch)
     b = load_bench(arch, s)
     model, tb, prep, clean_test, stats, layers = b.model, b.tb, b.prep, b.clean_test, b.stats, b.layers
@@ -120,21 +161,23 @@ def measure_arch(arch: str, draws: Sequence[int], k: int) -> dict:
             with carrying(model, [c]):
                 solo_scores.append(rule_scores(model, r)["other/same"])
         val = [torch.cat([getattr(r, key) for r in rules]) for key in ("val_x", "val_y", "val_orig")]
+        edits, notes = variant_edits(model, rules, solos, stats, protect_x, s, names)
         chosen: dict[str, list[Candidate | None]] = {
-            name: [choose(model, strength_grid(e, s.alphas), *val, cv_x, cv_y, s)]
-            for name, e in variant_edits(model, rules, solos, stats, protect_x, s).items()
+            name: [choose(model, strength_grid(e, s.alphas), *val, cv_x, cv_y, s)] for name, e in edits.items()
         }
-        share = dataclasses.replace(s, max_clean_drop=s.max_clean_drop / len(rules))
-        chosen["stacked, budget/k"] = [solo_edit(model, r, stats, layers, cv_x, cv_y, share) for r in rules]
-        chosen["stacked"] = list(solos)
+        if "stacked, budget/k" in names:
+            share = dataclasses.replace(s, max_clean_drop=s.max_clean_drop / len(rules))
+            chosen["stacked, budget/k"] = [solo_edit(model, r, stats, layers, cv_x, cv_y, share) for r in rules]
+        if "stacked" in names:
+            chosen["stacked"] = list(solos)
         row = {"pairs": [f"{p['concept']}->{p['style']}" for i, p in enumerate(pairs) if i in keep], "solo": solo_scores,
-               "variants": {}}
+               "variants": {}, **notes}
         for name, cands in chosen.items():
             with carrying(model, cands):
                 scores = [rule_scores(model, r)["other/same"] for r in rules]
             row["variants"][name] = {"scores": scores, "clean_change_pp": clean_change(cands), "alphas": [None if c is None else c.alpha for c in cands]}
             logger.info("%s draw %d %s: clean %+.2f, strengths %s", arch, d, name, row["variants"][name]["clean_change_pp"], row["variants"][name]["alphas"])
-        for name in ("stacked", "stacked, budget/k"):  # does the clean cost of k edits add up?
+        for name in [n for n in ("stacked", "stacked, budget/k") if n in chosen]:  # does the clean cost of k edits add up?
             row["variants"][name]["solo_clean_pp"] = [clean_change([c]) for c in chosen[name]]
         out["draws"].append(row)
     return out
@@ -156,7 +199,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for arch, a in result["archs"].items():
-        for name in VARIANTS:
+        for name in [n for n in VARIANTS if n in a["draws"][0]["variants"]]:
             ret, clean, strengths = [], [], []
             for d in a["draws"]:
                 v = d["variants"][name]
@@ -168,6 +211,11 @@ def markdown(result: dict) -> str:
                 f"| {arch} | {name} | {len(ret)} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {np.mean(clean):+.2f} ({min(clean):+.2f}) | "
                 f"{'; '.join(strengths)} |"
             )
+    shares = {arch: [d["null_space_share"] for d in a["draws"] if "null_space_share" in d] for arch, a in result["archs"].items()}
+    if any(shares.values()):
+        lines += ["", "Share of the key dimensions in the clean keys' near-null space (eigenvalue below "
+                  f"{NULL_REL:g} x the mean), per draw: " + "; ".join(
+                      f"{arch} " + "/".join(f"{x:.2f}" for x in v) for arch, v in shares.items() if v) + "."]
     lines += [
         "",
         "Clean test cost of the stacked rules together against the sum of their costs one at a time (pp, "
@@ -178,7 +226,7 @@ def markdown(result: dict) -> str:
     ]
     for arch, a in result["archs"].items():
         for name in ("stacked", "stacked, budget/k"):
-            rows = [d["variants"][name] for d in a["draws"] if "solo_clean_pp" in d["variants"][name]]
+            rows = [d["variants"][name] for d in a["draws"] if "solo_clean_pp" in d["variants"].get(name, {})]
             if rows:
                 summed = np.mean([sum(v["solo_clean_pp"]) for v in rows])
                 together = np.mean([v["clean_change_pp"] for v in rows])
@@ -191,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit"])
     p.add_argument("--draws", type=int, nargs="+", default=[10, 11])
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="the variants to measure (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="multi_edit_variants")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only join earlier runs into --name")
@@ -198,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         result = merge_runs(args.merge)
     else:
-        result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k), argv)
+        result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k, args.variants), argv)
     write_result(result, args.out, args.name, markdown)
     return result
 

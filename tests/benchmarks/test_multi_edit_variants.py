@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from benchmarks.multi_edit.variants import VARIANTS, factored_edit, markdown
+from benchmarks.multi_edit.variants import VARIANTS, factored_edit, markdown, null_space_moment
 from surgery import apply_edit, revert_edit
 from surgery.edits.edit import Edit
+from surgery.solvers.direction import rank_one_direction
 from surgery.testbed.models import build_model
 
 
@@ -47,3 +48,29 @@ def test_markdown_pools_retained_efficacy_over_draws():
     assert "| vgg | joint | 2 | 0.50 [0.50, 0.50] | -0.30 (-0.30) | 0.5; 0.5 |" in text  # the rule under MIN_SOLO is left out
     assert "| vgg | stacked, budget/k | 2 | 0.50 [0.50, 0.50] | -0.30 (-0.30) | 0.25/-; 0.25/- |" in text
     assert "| vgg | stacked | -0.15 | -0.30 |" in text  # costs one at a time against together
+
+
+def test_null_space_moment_turns_the_whitened_direction_away_from_the_clean_keys_main_directions():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    evals = torch.tensor([1e-4, 2e-4, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)  # two near-null directions
+    moment = (q * evals) @ q.T
+    raised, share = null_space_moment(moment)
+    assert share == pytest.approx(2 / 6)
+    main, null = q[:, 2:], q[:, :2]  # the clean keys' main and near-null eigen-directions
+    # exemplar keys almost all along the main directions: whitening alone (1 / eigenvalue) keeps them there
+    keys = torch.randn(5, 4, generator=g, dtype=torch.float64) @ main.T + 1e-5 * torch.randn(5, 2, generator=g, dtype=torch.float64) @ null.T
+    plain, avoiding = (rank_one_direction(m, keys)[0] for m in (moment, raised))
+    assert float((avoiding @ main).norm()) < 0.1 * float((plain @ main).norm())
+    assert float(avoiding @ moment @ avoiding) < float(plain @ moment @ plain)  # clean keys reach it less
+
+
+def test_markdown_reports_a_subset_of_variants_and_the_null_space_share():
+    names = ("stacked", "joint", "joint, clean-key null space")
+    draw = {"pairs": ["a->b"], "solo": [20.0], "null_space_share": 0.25, "variants": {
+        name: {"scores": [10.0], "clean_change_pp": -0.3, "alphas": [0.5]} for name in names}}
+    draw["variants"]["stacked"]["solo_clean_pp"] = [-0.1]
+    text = markdown({"command": "test", "archs": {"vgg": {"draws": [draw], "seconds": 1}}})
+    assert "| vgg | joint, clean-key null space | 1 | 0.50" in text
+    assert "| vgg | joint, protected |" not in text
+    assert "per draw: vgg 0.25." in text
