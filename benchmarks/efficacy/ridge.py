@@ -2,7 +2,7 @@
 edits better (issue 26).
 
 On the testbed ConvNeXt the layer scale ``gamma`` after ``mlp.fc2`` is small, so the solver meets the
-values with a large ``lam``: updates of 100-970 times the norm of the weight they change. Here, for pairs
+values with a large ``lam``: updates hundreds to tens of thousands of times the norm of the weight they change. Here, for pairs
 drawn by the protocol (one unit of N exemplars each, on draws the efficacy run does not use), a rewrite of
 each ``fc2`` candidate is made at every ridge of a grid (``FastConfig(ridge=...)``, which adds
 ``ridge * ||lam||^2`` to the objective). The grid is relative: ``ridge = rel * L0 / ||W||^2`` with ``L0``
@@ -10,7 +10,9 @@ the objective without an edit, so at ``rel = 1`` an update as large as the weigh
 whole loss it removes, and the update shrinks toward the weight's scale as ``rel`` grows. Its strength is chosen on validation within the clean budget,
 as the efficacy benchmark chooses, and on the pair's TEST scenes we report errors corrected on other
 classes and on the target class (exemplars' style), the clean test accuracy change, and the update's
-norm over the weight's, at strength 1 and at the chosen strength.
+norm over the weight's, at strength 1 and at the chosen strength. Where the layer scale sits: the share
+of the update's energy in the tenth of the output channels whose ``gamma`` is smallest, and the norm
+ratio after ``gamma`` (``||gamma * delta|| / ||gamma * W||``).
 
     OMP_NUM_THREADS=1 python -m benchmarks.efficacy.ridge [--arch convnext] [--pairs 4] [--layers A B]
 
@@ -24,6 +26,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from surgery import rewrite, strength_grid
 from surgery.layers import get_layer
@@ -40,7 +43,22 @@ logger = logging.getLogger("benchmarks.efficacy.ridge")
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)  # rel: ridge = rel * L0 / ||W||^2
+LOW_SCALE_FRACTION = 0.1  # "the channels whose gamma is smallest": this fraction of them
 DRAW = 300  # the pairs' rng stream: not one the efficacy run (seed) or multi_edit (100 + d) uses
+
+
+def layer_scale_view(gamma: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> dict[str, float]:
+    """Where an update of a layer whose output channels ``gamma`` scales lies: its energy share in the
+    ``LOW_SCALE_FRACTION`` of channels with the smallest ``|gamma|``, and its norm over the weight's after
+    the scale."""
+    g = gamma.detach().double().abs().flatten()
+    w, d = weight.detach().double().flatten(1), delta.detach().double().flatten(1)
+    energy = d.square().sum(dim=1)
+    low = g.argsort()[: max(1, int(LOW_SCALE_FRACTION * len(g)))]
+    return {
+        "low_scale_share": float(energy[low].sum() / energy.sum()),
+        "norm_ratio_after_scale": float((g[:, None] * d).norm() / (g[:, None] * w).norm()),
+    }
 
 
 def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...], layers: list[str] | None = None) -> dict:
@@ -54,7 +72,9 @@ def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...], layers: lis
     for i, p in enumerate(pairs):
         rule = make_rule(model, tb, prep, p, clean_test, s, [s.seed, DRAW, i])
         for layer in layers:
-            weight_norm = float(get_layer(model, layer).weight.detach().double().norm())
+            weight = get_layer(model, layer).weight
+            weight_norm = float(weight.detach().double().norm())
+            gamma = getattr(model.get_submodule(layer.rsplit(".mlp", 1)[0]), "gamma", None)  # timm ConvNeXt block
             steps = {} if s.fast_steps is None else {"max_iter": s.fast_steps}
             loss0 = None
             for rel in ridges:
@@ -65,6 +85,8 @@ def measure_arch(arch: str, n_pairs: int, ridges: tuple[float, ...], layers: lis
                 ratio = float(edit.delta().double().norm()) / weight_norm
                 row = {"pair": f"{p['concept']}->{p['style']}", "layer": layer, "ridge": rel, "ridge_abs": ridge,
                        "norm_ratio": ratio}
+                if gamma is not None:
+                    row.update(layer_scale_view(gamma, weight, edit.delta()))
                 for label, cand in (("full", strength_grid(edit, [1.0])[0]),
                                     ("chosen", choose(model, strength_grid(edit, s.alphas), rule.val_x, rule.val_y,
                                                       rule.val_orig, cv_x, cv_y, s))):
@@ -84,6 +106,11 @@ def _mean(values: list[float | None]) -> str:
     return "n/a" if not v else f"{np.mean(v):+.1f}"
 
 
+def _median(rows: list[dict], key: str, fmt: str) -> str:
+    v = [r[key] for r in rows if key in r]
+    return "n/a" if not v else format(float(np.median(v)), fmt)
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# The size of an mlp.fc2 update, and a ridge on it",
@@ -94,10 +121,12 @@ def markdown(result: dict) -> str:
         "update's Frobenius norm at strength 1 over the weight's (median); **at strength 1** and **chosen** "
         "(strength chosen on validation within the clean budget): % errors corrected on other classes and on "
         "the target class (exemplars' style, test scenes) and the clean test accuracy change (pp); "
-        "**qualified**: pairs for which some strength met the budget.",
+        "**qualified**: pairs for which some strength met the budget; **low-gamma share**: the share of the "
+        "update's energy (at strength 1) in the tenth of the output channels whose layer scale gamma is smallest, "
+        "and **after gamma**: ||gamma * delta|| / ||gamma * W|| (medians).",
         "",
-        "| model | layer | rel. ridge | \\|delta\\|/\\|W\\| | other @1 | target @1 | clean @1 | chosen strength | other | target | clean | qualified |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layer | rel. ridge | \\|delta\\|/\\|W\\| | low-gamma share | after gamma | other @1 | target @1 | clean @1 | chosen strength | other | target | clean | qualified |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, a in result["archs"].items():
         for layer in a["layers"]:
@@ -108,6 +137,7 @@ def markdown(result: dict) -> str:
                 alphas = "/".join(f"{c['alpha']:g}" for c in chosen) or "-"
                 lines.append(
                     f"| {arch} | {layer} | {ridge:g} | {np.median([r['norm_ratio'] for r in rows]):.3g} | "
+                    f"{_median(rows, 'low_scale_share', '.3f')} | {_median(rows, 'norm_ratio_after_scale', '.3g')} | "
                     f"{_mean([f['other/same'] for f in full])} | {_mean([f['target/same'] for f in full])} | "
                     f"{_mean([f['clean_change_pp'] for f in full])} | {alphas} | "
                     f"{_mean([c['other/same'] for c in chosen])} | {_mean([c['target/same'] for c in chosen])} | "
