@@ -26,7 +26,8 @@ The package, by job: :mod:`.weights` (random weights that exercise every block),
 synthetic concept and the images), :mod:`.models` (the model zoo), :mod:`.measure` (editing one layer
 and measuring it), :mod:`.sweep` (candidate layers, what the sweep says), :mod:`.branch` (values after
 the residual add vs the branch alone), :mod:`.report` (Markdown), :mod:`.driver` (the run and the
-command line).
+command line); two studies of issue 26: :mod:`.clip_prefix` (why open_clip's edit moved away) and
+:mod:`.rank` (more directions at the recommended site).
 """
 
 from __future__ import annotations

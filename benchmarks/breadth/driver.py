@@ -31,8 +31,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def run_model(
-    spec: ModelSpec, *, mode: str, k: int, period: int = 2, images: dict[str, int] | None = None
+    spec: ModelSpec, *, mode: str, k: int, period: int = 2, images: dict[str, int] | None = None, ranks: Sequence[int] = (1,)
 ) -> dict[str, Any]:
+    """One model's rows: each of its recommended (or sweep) layers edited with each rank of ``ranks``."""
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -63,8 +64,10 @@ def run_model(
             has_prefix = layer.value_layout.kind == "tokens" and (layer.value_layout.prefix or 0) > 0
             # the sweep compares prefix weight 1 with the default ("auto") where there are prefix tokens
             settings = [1.0, "auto"] if (mode == "sweep" and has_prefix) else ["auto"]
-            for i, pw in enumerate(settings):
-                row = measure_layer(model, layer, data, base, stats=stats, prefix_weight=pw, scores=(mode == "sweep" and i == 0))
+            for i, (pw, rank) in enumerate((pw, rank) for pw in settings for rank in ranks):
+                row = measure_layer(
+                    model, layer, data, base, stats=stats, prefix_weight=pw, scores=(mode == "sweep" and i == 0), rank=rank
+                )
                 row["branch"] = layer_branch(layer)
                 row["depth"] = _relative_depth(layers_all, layer)
                 out["rows"].append(row)

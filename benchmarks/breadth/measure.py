@@ -91,8 +91,9 @@ def measure_layer(
     stats=None,
     prefix_weight: float | str = "auto",
     scores: bool = False,
+    rank: int = 1,
 ) -> dict[str, Any]:
-    """Edit ``layer`` with the library's default rewrite and measure (a)-(d).
+    """Edit ``layer`` with the library's default rewrite (of ``rank`` directions) and measure (a)-(d).
 
     ``stats`` (the layer's ``KeyStats``) are collected from the calibration images when not given.
     """
@@ -113,7 +114,8 @@ def measure_layer(
         row.update(attribution_scores(model, layer, data, base))
     if stats is None:
         stats = collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
-    edit = rewrite(model, layer, data.x, data.x2, data.masks, stats=stats, prefix_weight=prefix_weight)
+    edit = rewrite(model, layer, data.x, data.x2, data.masks, stats=stats, prefix_weight=prefix_weight, rank=rank)
+    row["rank"] = rank
     row["solver"] = edit.info.get("solver", "fast")
     row["prefix_weight"] = float(edit.hparams.get("prefix_weight", 1.0))
     row["prefix_weight_setting"] = prefix_weight

@@ -7,6 +7,8 @@ import math
 import torch
 
 from benchmarks import breadth
+from benchmarks.breadth.driver import run_model
+from benchmarks.breadth.rank import markdown as rank_markdown
 from benchmarks.breadth.report import figure
 
 
@@ -54,3 +56,15 @@ def test_along_and_off_split_a_change_into_its_share_toward_the_target_and_the_r
     after[:, 1, 1] = 3.0  # off the line toward the target: 3 against a distance of 2
     along, off = along_and_off(before, after, target)
     assert abs(along - 0.5) < 1e-12 and abs(off - 1.5) < 1e-12
+
+
+def test_rank_rows_per_model_and_their_report():
+    images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
+    spec = next(s for s in breadth.MODELS if s.id == "tv_mobilenet_v3_small")
+    m = run_model(spec, mode="recommended", k=1, images=images, ranks=(1, 2))
+    assert [row["rank"] for row in m["rows"]] == [1, 2]
+    assert len({row["layer"] for row in m["rows"]}) == 1  # one site, two edits of it
+    assert m["rows"][0]["exemplar_ratio"] != m["rows"][1]["exemplar_ratio"]  # the second direction changes the edit
+    md = rank_markdown({"command": "test", "ranks": [1, 2], "models": [m]})
+    assert "| tv_mobilenet_v3_small | `" in md and "held-out r=2" in md
+    assert f"rank 2 {m['rows'][1]['heldout_ratio']:.3f}" in md

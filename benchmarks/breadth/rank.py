@@ -1,0 +1,102 @@
+"""Is capacity what the breadth targets lack? The first recommended site edited with 1, 4 and 16 directions.
+
+At the first recommended layer a rank-one edit removes 8-25% of the value difference on the breadth
+benchmark's random-weight texture (``benchmarks/results/breadth.md``): the change varies from position to
+position and one update adds one output vector scaled by each position's key projection. If that were
+what keeps the held-out logit ratio above 0.7, more directions (``rewrite(..., rank=r)``, the top ``r``
+directions of the whitened exemplar keys) would lower it. Here, for the models the issue names, the same
+data, weights and site as the breadth run, with ranks 1, 4 and 16: the value ratio (exemplars), the
+exemplars' and held-out images' logit ratios and the clean change, as the breadth table defines them.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank [--models a,b] [--ranks 1 4 16]
+
+Writes ``benchmarks/results/breadth-rank.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgery._files import write_text
+
+from .driver import RESULTS, run_model
+from .models import MODELS
+
+__all__ = ["main", "markdown", "MODELS_NAMED", "RANKS"]
+
+# the issue's per-model targets (timm and torchvision ConvNeXt, EfficientNet-B0, MobileNetV2, ViT-B/16, Swin-T)
+MODELS_NAMED = (
+    "convnext_atto", "tv_convnext_tiny", "efficientnet_b0", "tv_efficientnet_b0", "tv_mobilenet_v2",
+    "swin_tiny_patch4_window7_224", "tv_swin_t", "tv_vit_b_16",
+)
+RANKS = (1, 4, 16)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    ranks = result["ranks"]
+    lines = [
+        "# Breadth: more directions at the recommended site",
+        "",
+        f"Command: `{result['command']}`.",
+        "",
+        "The breadth benchmark's data, weights and first recommended layer per model, edited with the default "
+        "rewrite of rank r (`rewrite(..., rank=r)`). Ratios after/before as in breadth.md: **value** (the "
+        "transformed exemplars' value distance to the originals'), **exemplars** and **held-out** (logit "
+        "distances), **clean** (the clean images' logit change over the held-out distance before).",
+        "",
+        "| model | layer | site | " + " | ".join(f"value r={r} | exemplars r={r} | held-out r={r} | clean r={r}" for r in ranks) + " |",
+        "|---|---|---|" + "---|" * (4 * len(ranks)),
+    ]
+    held: dict[int, list[float]] = {r: [] for r in ranks}
+    for m in result["models"]:
+        rows = {row["rank"]: row for row in m.get("rows", []) if "error" not in row}
+        if not rows:
+            lines.append(f"| {m['model']} | {m.get('error', 'no row')} |")
+            continue
+        first = next(iter(rows.values()))
+        cells = []
+        for r in ranks:
+            row = rows.get(r)
+            if row is None:
+                cells += ["-"] * 4
+                continue
+            held[r].append(row["heldout_ratio"])
+            cells += [f"{row['value_ratio']:.3f}", f"{row['exemplar_ratio']:.3f}", f"{row['heldout_ratio']:.3f}", f"{row['clean_change']:.3f}"]
+        lines.append(f"| {m['model']} | `{first['layer']}` | {first['site']} | " + " | ".join(cells) + " |")
+    lines += ["", "Median held-out ratio: " + ", ".join(f"rank {r} {np.median(v):.3f}" for r, v in held.items() if v) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.rank", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
+    p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    specs = {s.id: s for s in MODELS}
+    ids = [i for i in args.models.split(",") if i]
+    unknown = [i for i in ids if i not in specs]
+    if unknown:
+        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(specs)}")
+    cli = sys.argv[1:] if argv is None else argv
+    result: dict[str, Any] = {
+        "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank", *cli]),
+        "ranks": args.ranks,
+        "models": [run_model(specs[i], mode="recommended", k=1, ranks=args.ranks) for i in ids],
+    }
+    write_text(args.out / "breadth-rank.json", json.dumps(result, indent=1))
+    write_text(args.out / "breadth-rank.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
