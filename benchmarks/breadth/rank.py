@@ -1,4 +1,5 @@
-"""Is capacity what the breadth targets lack? The first recommended site edited with 1, 4 and 16 directions.
+"""Is capacity what the breadth targets lack? The first recommended site edited with 1, 4 and 16 directions
+(or from more exemplars).
 
 At the first recommended layer a rank-one edit removes 8-25% of the value difference on the breadth
 benchmark's random-weight texture (``benchmarks/results/breadth.md``): the change varies from position to
@@ -7,10 +8,11 @@ what keeps the held-out logit ratio above 0.7, more directions (``rewrite(..., r
 directions of the whitened exemplar keys) would lower it. Here, for the models the issue names, the same
 data, weights and site as the breadth run, with ranks 1, 4 and 16: the value ratio (exemplars), the
 exemplars' and held-out images' logit ratios and the clean change, as the breadth table defines them.
+``--exemplars`` draws more exemplars (the held-out, clean and calibration images stay the same).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank [--models a,b] [--ranks 1 4 16]
+    OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank [--models a,b] [--ranks 1 4 16] [--exemplars 4]
 
-Writes ``benchmarks/results/breadth-rank.{md,json}``.
+Writes ``benchmarks/results/breadth-rank.{md,json}`` (``--name``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`.",
         "",
-        "The breadth benchmark's data, weights and first recommended layer per model, edited with the default "
+        f"The breadth benchmark's data ({result.get('exemplars', 4)} exemplars), weights and first recommended layer per model, edited with the default "
         "rewrite of rank r (`rewrite(..., rank=r)`). Ratios after/before as in breadth.md: **value** (the "
         "transformed exemplars' value distance to the originals'), **exemplars** and **held-out** (logit "
         "distances), **clean** (the clean images' logit change over the held-out distance before).",
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.rank", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    p.add_argument("--exemplars", type=int, default=4)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="breadth-rank")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     specs = {s.id: s for s in MODELS}
@@ -90,10 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank", *cli]),
         "ranks": args.ranks,
-        "models": [run_model(specs[i], mode="recommended", k=1, ranks=args.ranks) for i in ids],
+        "exemplars": args.exemplars,
+        "models": [
+            run_model(specs[i], mode="recommended", k=1, ranks=args.ranks, images={"exemplars": args.exemplars}) for i in ids
+        ],
     }
-    write_text(args.out / "breadth-rank.json", json.dumps(result, indent=1))
-    write_text(args.out / "breadth-rank.md", markdown(result))
+    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1))
+    write_text(args.out / f"{args.name}.md", markdown(result))
     print(markdown(result))
     return result
 
