@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -237,6 +238,29 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_variant_runs(paths: Sequence[Path]) -> dict:
+    """Earlier runs joined into one result (:func:`merge_runs`); where several measured one model, their
+    variants are joined draw by draw. Those runs must have drawn the same pairs with the same solo scores,
+    and a variant measured twice must agree exactly: the rules, edits and choices are deterministic."""
+    merged = merge_runs(paths)
+    runs = [json.loads(path.read_text()) for path in paths]
+    for arch in merged["archs"]:
+        parts = [r["archs"][arch] for r in runs if arch in r["archs"]]
+        base = json.loads(json.dumps(parts[0]))
+        for other in parts[1:]:
+            if [(d["pairs"], d["solo"]) for d in other["draws"]] != [(d["pairs"], d["solo"]) for d in base["draws"]]:
+                raise SystemExit(f"{arch}: the runs drew other pairs or solo edits; measure their variants in one run")
+            for mine, theirs in zip(base["draws"], other["draws"]):
+                for name, v in theirs["variants"].items():
+                    if name in mine["variants"] and mine["variants"][name] != v:
+                        raise SystemExit(f"{arch}: variant {name!r} measured twice with different results")
+                    mine["variants"].setdefault(name, v)
+                mine.update({k: v for k, v in theirs.items() if k not in ("pairs", "solo", "variants")})
+            base["seconds"] = base.get("seconds", 0) + other.get("seconds", 0)
+        merged["archs"][arch] = base
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.multi_edit.variants", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit"])
@@ -248,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="only join earlier runs into --name")
     args = p.parse_args(argv)
     if args.merge:
-        result = merge_runs(args.merge)
+        result = merge_variant_runs(args.merge)
     else:
         result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k, args.variants), argv)
     write_result(result, args.out, args.name, markdown)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.multi_edit.variants import VARIANTS, factored_edit, markdown, null_space_moment
+from benchmarks.multi_edit.variants import VARIANTS, factored_edit, markdown, merge_variant_runs, null_space_moment
 from surgery import apply_edit, revert_edit
 from surgery.edits.edit import Edit
 from surgery.solvers.direction import rank_one_direction
@@ -74,3 +74,28 @@ def test_markdown_reports_a_subset_of_variants_and_the_null_space_share():
     assert "| vgg | joint, clean-key null space | 1 | 0.50" in text
     assert "| vgg | joint, protected |" not in text
     assert "per draw: vgg 0.25." in text
+
+
+def test_merging_runs_of_one_model_joins_their_variants_and_refuses_disagreement(tmp_path):
+    def run(variants: dict, solo=(20.0,), **extra) -> dict:
+        draw = {"pairs": ["a->b"], "solo": list(solo), "variants": variants, **extra}
+        return {"command": "run", "archs": {"vgg": {"draws": [draw], "seconds": 1}}}
+
+    joint = {"scores": [10.0], "clean_change_pp": -0.3, "alphas": [0.5]}
+    null = {"scores": [4.0], "clean_change_pp": -0.5, "alphas": [0.75]}
+    paths = []
+    for i, r in enumerate([run({"joint": joint}), run({"joint": joint, "joint, clean-key null space": null}, null_space_share=0.16)]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    merged = merge_variant_runs(paths)
+    draw = merged["archs"]["vgg"]["draws"][0]
+    assert set(draw["variants"]) == {"joint", "joint, clean-key null space"} and draw["null_space_share"] == 0.16
+    assert merged["command"] == "run ; run"
+    disagree = tmp_path / "disagree.json"
+    disagree.write_text(json.dumps(run({"joint": {**joint, "clean_change_pp": -0.2}})))
+    with pytest.raises(SystemExit, match="measured twice with different results"):
+        merge_variant_runs([paths[0], disagree])
+    other_pairs = tmp_path / "other.json"
+    other_pairs.write_text(json.dumps(run({"joint": joint}, solo=(5.0,))))
+    with pytest.raises(SystemExit, match="other pairs or solo edits"):
+        merge_variant_runs([paths[0], other_pairs])
