@@ -18,8 +18,9 @@ batch:
 - **stacked, budget/k**: each solo edit chosen anew within budget / k, applied together;
 - **stacked** (the reference, the main run's stacking): the solo edits at their strengths, applied together.
 
-``--variants`` runs a subset (the solo edits are always made). For the two stacked variants the report also sets the clean test cost of the rules together against the
-sum of their costs one at a time: whether a budget can be shared out among rules.
+``--variants`` runs a subset (the solo edits are always made). For the two stacked variants the report
+also sets the clean test cost of the rules together against the sum of their costs one at a time: whether
+a budget can be shared out among rules.
 
 Writes ``benchmarks/results/multi_edit_variants.{md,json}``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 from collections import Counter, defaultdict
@@ -112,6 +114,7 @@ def variant_edits(
     main_layer = Counter(c.edit.layer for c in solos).most_common(1)[0][0]
     notes: dict = {}
 
+    @functools.cache  # "joint, solo strengths" rescales it
     def joint() -> Edit:
         return rewrite_rules(model, main_layer, batch, stats=stats[main_layer], solver=config)
 
