@@ -12,13 +12,17 @@ batch:
   per rule): the joint rewrite with each direction whitened within the near-null space of the clean keys'
   second moment ``C`` (the eigen-directions holding 1% of their energy, :func:`null_space_moment`), so
   that clean keys barely reach it;
+- **joint, 0.5-point budget**: the joint rewrite with its strength chosen within the acceptance's 0.5-point
+  cost (issue 28) instead of the protocol's 0.25, from a grid extended to 4 (as the ViT efficacy run's);
 - **joint per layer**: one joint rewrite per layer the solo edits chose, each rule at its own layer;
 - **joint, solo strengths**: the joint rewrite with each rule's factors scaled by its solo strength;
 - **stacked, one strength**: the solo edits (at their strengths) scaled together;
 - **stacked, budget/k**: each solo edit chosen anew within budget / k, applied together;
 - **stacked** (the reference, the main run's stacking): the solo edits at their strengths, applied together.
 
-``--variants`` runs a subset (the solo edits are always made). For the two stacked variants the report
+``--variants`` runs a subset (the solo edits are always made). ``--curve`` also measures the joint rewrite at
+every strength of the extended grid, on validation (score, clean drop) and on test (clean change, each
+rule's scores): the strength-cost curve the choice is made on, and whether any strength reaches a target. For the two stacked variants the report
 also sets the clean test cost of the rules together against the sum of their costs one at a time: whether
 a budget can be shared out among rules.
 
@@ -40,12 +44,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from surgery import strength_grid
+from surgery import select_strength, strength_grid
 from surgery.batch import Rule, rewrite_rules
 from surgery.edits.edit import Edit
 from surgery.evaluation import Candidate
 from surgery.solvers import solver_config
-from surgery.testbed.protocol import select_pairs
+from surgery.testbed.protocol import ALPHAS, select_pairs
 
 from benchmarks.efficacy.settings import Settings, settings_for
 
@@ -61,9 +65,12 @@ logger = logging.getLogger("benchmarks.multi_edit.variants")
 
 VARIANTS = (
     "stacked", "joint", "joint, protected", "joint per layer", "joint, solo strengths", "stacked, one strength",
-    "stacked, budget/k", "joint, clean-key null space",
+    "stacked, budget/k", "joint, clean-key null space", "joint, 0.5-point budget",
 )
 N_PROTECT = 64  # clean training images protected by the "joint, protected" variant
+WIDE_BUDGET = "joint, 0.5-point budget"
+WIDE_BUDGET_PP = 0.5  # issue 28's clean cost ceiling for 8 rules
+WIDE_ALPHAS = (*ALPHAS, 1.5, 2.0, 3.0, 4.0)
 NULL_ENERGY = 0.01  # the clean keys' near-null space: the eigen-directions of C holding this share of their energy
 NULL_INFLATE = 1e3  # how much the other eigenvalues are raised, so the whitened direction avoids them
 
@@ -146,11 +153,36 @@ def variant_edits(
         "joint, solo strengths": solo_strengths,
         "stacked, one strength": lambda: factored_edit(model, [(c.edit.layer, c.edit.lam * c.alpha, c.edit.u) for c in solos]),
         "joint, clean-key null space": null_space,
+        WIDE_BUDGET: joint,
     }
     return {name: make() for name, make in makers.items() if name in names}, notes
 
 
-def measure_arch(arch: str, draws: Sequence[int], k: int, names: Sequence[str] = VARIANTS) -> dict:
+def strength_choice(name: str, s: Settings) -> tuple[Sequence[float], Settings]:
+    """The strength grid and the settings (clean budget) a one-edit variant's strength is chosen with."""
+    if name == WIDE_BUDGET:
+        return WIDE_ALPHAS, dataclasses.replace(s, max_clean_drop=WIDE_BUDGET_PP)
+    return s.alphas, s
+
+
+def joint_curve(b, model, edit: Edit, rules: list[RuleData], val: list[torch.Tensor], cv_x, cv_y) -> list[dict]:
+    """The joint rewrite at every strength of ``WIDE_ALPHAS``: pooled validation score and clean validation
+    drop (what the choice sees), clean test change and each rule's test score (what it gets)."""
+    grid = strength_grid(edit, WIDE_ALPHAS)
+    table = select_strength(
+        model, grid, val[0], val[1], clean_images=cv_x, clean_labels=cv_y, max_clean_drop=float("inf"),
+        val_originals=val[2], check_every_candidate=True,
+    ).table
+    points = []
+    for cand, row in zip(grid, table):
+        with carrying(model, [cand]):
+            scores = [rule_scores(model, r)["other/same"] for r in rules]
+        points.append({"alpha": cand.alpha, "val_score": row.score, "val_clean_drop_pp": row.clean_drop,
+                       "clean_change_pp": b.clean_change([cand]), "scores": scores})
+    return points
+
+
+def measure_arch(arch: str, draws: Sequence[int], k: int, names: Sequence[str] = VARIANTS, curve: bool = False) -> dict:
     s = settings_for("full", arch)
     b = load_bench(arch, s)
     model, tb, prep, clean_test, stats, layers = b.model, b.tb, b.prep, b.clean_test, b.stats, b.layers
@@ -170,7 +202,9 @@ def measure_arch(arch: str, draws: Sequence[int], k: int, names: Sequence[str] =
         val = [torch.cat([getattr(r, key) for r in rules]) for key in ("val_x", "val_y", "val_orig")]
         edits, notes = variant_edits(model, rules, solos, stats, protect_x, s, names)
         chosen: dict[str, list[Candidate | None]] = {
-            name: [choose(model, strength_grid(e, s.alphas), *val, cv_x, cv_y, s)] for name, e in edits.items()
+            name: [choose(model, strength_grid(e, grid), *val, cv_x, cv_y, within)]
+            for name, e in edits.items()
+            for grid, within in [strength_choice(name, s)]
         }
         if "stacked, budget/k" in names:
             share = dataclasses.replace(s, max_clean_drop=s.max_clean_drop / len(rules))
@@ -184,6 +218,9 @@ def measure_arch(arch: str, draws: Sequence[int], k: int, names: Sequence[str] =
                 scores = [rule_scores(model, r)["other/same"] for r in rules]
             row["variants"][name] = {"scores": scores, "clean_change_pp": clean_change(cands), "alphas": [None if c is None else c.alpha for c in cands]}
             logger.info("%s draw %d %s: clean %+.2f, strengths %s", arch, d, name, row["variants"][name]["clean_change_pp"], row["variants"][name]["alphas"])
+        if curve:
+            joint = edits["joint"] if "joint" in edits else variant_edits(model, rules, solos, stats, protect_x, s, ["joint"])[0]["joint"]
+            row["joint_curve"] = joint_curve(b, model, joint, rules, val, cv_x, cv_y)
         for name in [n for n in ("stacked", "stacked, budget/k") if n in chosen]:  # does the clean cost of k edits add up?
             row["variants"][name]["solo_clean_pp"] = [clean_change([c]) for c in chosen[name]]
         out["draws"].append(row)
@@ -223,6 +260,7 @@ def markdown(result: dict) -> str:
         lines += ["", "Share of the key dimensions in the clean keys' near-null space (the eigen-directions holding "
                   f"{100 * NULL_ENERGY:g}% of their energy), per draw: " + "; ".join(
                       f"{arch} " + "/".join(f"{x:.2f}" for x in v) for arch, v in shares.items() if v) + "."]
+    lines += _curve_lines(result)
     lines += [
         "",
         "Clean test cost of the stacked rules together against the sum of their costs one at a time (pp, "
@@ -239,6 +277,37 @@ def markdown(result: dict) -> str:
                 together = np.mean([v["clean_change_pp"] for v in rows])
                 lines.append(f"| {arch} | {name} | {summed:+.2f} | {together:+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _curve_lines(result: dict) -> list[str]:
+    """The joint rewrite's strength-cost curve, pooled over draws (runs with ``--curve``)."""
+    archs = {arch: a for arch, a in result["archs"].items() if any("joint_curve" in d for d in a["draws"])}
+    if not archs:
+        return []
+    lines = [
+        "",
+        "The joint rewrite at every strength (`--curve`; choosing needs validation, the test columns only say "
+        "what each strength gets): pooled validation score and clean validation drop, mean (worst) clean test "
+        "change and retained (as above, median over rules, pooled over draws).",
+        "",
+        "| model | strength | validation score | validation clean drop (pp) | clean test (pp) | retained |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arch, a in archs.items():
+        draws = [d for d in a["draws"] if "joint_curve" in d]
+        for i, point in enumerate(draws[0]["joint_curve"]):
+            at = [d["joint_curve"][i] for d in draws]
+            ret = [sc / so for d, p in zip(draws, at) for sc, so in zip(p["scores"], d["solo"])
+                   if so is not None and so >= MIN_SOLO and sc is not None]
+            med, lo, hi = _median_ci(ret) if ret else (float("nan"),) * 3
+            clean = [p["clean_change_pp"] for p in at]
+            drops = "/".join(format(p["val_clean_drop_pp"], ".2f") for p in at)
+            lines.append(
+                f"| {arch} | {point['alpha']:g} | {np.mean([p['val_score'] for p in at]):+.1f} | "
+                f"{drops} | {np.mean(clean):+.2f} ({min(clean):+.2f}) | "
+                f"{med:.2f} [{lo:.2f}, {hi:.2f}] |"
+            )
+    return lines
 
 
 def merge_variant_runs(paths: Sequence[Path]) -> dict:
@@ -269,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", nargs="+", default=["vgg", "resnet", "vit"])
     p.add_argument("--draws", type=int, nargs="+", default=[10, 11])
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--curve", action="store_true", help="also the joint rewrite at every strength of the extended grid")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="the variants to measure (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="multi_edit_variants")
@@ -277,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.merge:
         result = merge_variant_runs(args.merge)
     else:
-        result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k, args.variants), argv)
+        result = run_archs("benchmarks.multi_edit.variants", args.arch, lambda arch: measure_arch(arch, args.draws, args.k, args.variants, args.curve), argv)
     write_result(result, args.out, args.name, markdown)
     return result
 

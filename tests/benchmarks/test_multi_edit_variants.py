@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.multi_edit.variants import VARIANTS, factored_edit, markdown, merge_variant_runs, null_space_moment
+from benchmarks.efficacy.settings import settings_for
+from benchmarks.multi_edit.variants import VARIANTS, strength_choice, factored_edit, markdown, merge_variant_runs, null_space_moment
 from surgery import apply_edit, revert_edit
 from surgery.edits.edit import Edit
 from surgery.solvers.direction import rank_one_direction
@@ -99,3 +100,25 @@ def test_merging_runs_of_one_model_joins_their_variants_and_refuses_disagreement
     other_pairs.write_text(json.dumps(run({"joint": joint}, solo=(5.0,))))
     with pytest.raises(SystemExit, match="other pairs or solo edits"):
         merge_variant_runs([paths[0], other_pairs])
+
+
+def test_only_the_wide_budget_variant_chooses_its_strength_within_half_a_point_up_to_4():
+    s = settings_for("full", "vgg")
+    grid, within = strength_choice("joint, 0.5-point budget", s)
+    assert max(grid) == 4.0 and within.max_clean_drop == 0.5 and s.max_clean_drop == 0.25
+    assert strength_choice("joint", s) == (s.alphas, s)
+
+
+def test_the_curve_section_pools_each_strength_over_draws():
+    def point(alpha, val, drop, clean, score):
+        return {"alpha": alpha, "val_score": val, "val_clean_drop_pp": drop, "clean_change_pp": clean, "scores": [score]}
+
+    draws = [
+        {"pairs": ["a->b"], "solo": [20.0], "variants": {"joint": {"scores": [10.0], "clean_change_pp": -0.3, "alphas": [0.5]}},
+         "joint_curve": [point(0.5, 10.0, 0.1, -0.2, 10.0), point(1.0, 20.0, 0.6, -0.4, 20.0)]},
+        {"pairs": ["c->d"], "solo": [10.0], "variants": {"joint": {"scores": [5.0], "clean_change_pp": -0.3, "alphas": [0.5]}},
+         "joint_curve": [point(0.5, 12.0, 0.2, -0.4, 5.0), point(1.0, 16.0, 0.8, -0.6, 8.0)]},
+    ]
+    text = markdown({"command": "test", "archs": {"vgg": {"draws": draws, "seconds": 1}}})
+    assert "| vgg | 0.5 | +11.0 | 0.10/0.20 | -0.30 (-0.40) | 0.50 [0.50, 0.50] |" in text
+    assert "| vgg | 1 | +18.0 | 0.60/0.80 | -0.50 (-0.60) | 0.90 [0.80, 1.00] |" in text
