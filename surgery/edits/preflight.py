@@ -85,10 +85,19 @@ def _check_size(
     warnings.warn(message + "; pass strict=True (--strict) to refuse such edits", SurgeryWarning, stacklevel=stacklevel + 1)
 
 
-def _made_on(base: Mapping[str, object], current: torch.Tensor, before: torch.Tensor | None) -> bool:
-    """Whether the edit's base fingerprint is the current weights' or those before the edits stacked on them."""
-    weights = [current] if before is None or before is current else [current, before]
-    return "sha256" in base and base["sha256"] in {tensor_sha256(w) for w in weights}
+def _matches_base(expected: str | None, *weights: torch.Tensor | None) -> bool:
+    """Whether one of ``weights`` has the SHA-256 ``expected`` (the edit's base fingerprint); each distinct
+    tensor is hashed at most once, and none after a match."""
+    if not expected:
+        return False
+    hashed: list[torch.Tensor] = []
+    for w in weights:
+        if w is None or any(w is h for h in hashed):
+            continue
+        hashed.append(w)
+        if tensor_sha256(w) == expected:
+            return True
+    return False
 
 
 def plan_update(
@@ -130,7 +139,7 @@ def plan_update(
             )
         if sign > 0:
             before = None if originals is None else originals(name)  # a lookup, no copy
-            _check_size(name, p, delta, alpha, lambda: _made_on(base, p, before), strict, stacklevel + 1)
+            _check_size(name, p, delta, alpha, lambda: _matches_base(base.get("sha256"), p, before), strict, stacklevel + 1)
         new = add_scaled(p, delta, sign * alpha)
         if not torch.isfinite(new).all():
             raise SurgeryError(f"applying the edit would put non-finite values into {name!r}; nothing was changed")
@@ -153,9 +162,7 @@ def check_base(
     """
     for name, current in originals.items():
         expected = edit.base.get(name, {}).get("sha256")
-        if not expected or tensor_sha256(current) == expected:
-            continue
-        if also is not None and name in also and tensor_sha256(also[name]) == expected:
+        if not expected or _matches_base(expected, current, None if also is None else also.get(name)):
             continue
         message = (
             f"{name!r} in {where} differs from the weights the edit was made on (another checkpoint or a "
