@@ -105,11 +105,12 @@ def run(
     quick: bool = False,
     period: int = 2,
     images: dict[str, int] | None = None,
+    ranks: Sequence[int] = (1,),
 ) -> dict[str, Any]:
     """Run the benchmark on ``model_ids`` (default: all, or the quick set) and return the results.
 
     ``images`` overrides how many images ``make_data`` draws (``exemplars``, ``held_out``, ``clean``,
-    ``calibration``), for tests.
+    ``calibration``); ``ranks``: each layer is edited once per rank (:mod:`.rank`).
     """
     specs = {s.id: s for s in MODELS}
     ids = list(model_ids) if model_ids else list(QUICK if quick else specs)
@@ -122,7 +123,7 @@ def run(
     for i in ids:
         print(f"[{len(results) + 1}/{len(ids)}] {i}", file=sys.stderr, flush=True)
         try:
-            results.append(run_model(specs[i], mode=mode, k=k, period=period, images=images))
+            results.append(run_model(specs[i], mode=mode, k=k, period=period, images=images, ranks=ranks))
         except Exception as e:  # noqa: BLE001
             results.append({"model": i, "error": f"{type(e).__name__}: {e}"})
             print(f"  {i}: {results[-1]['error']}", file=sys.stderr, flush=True)

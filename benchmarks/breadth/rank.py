@@ -28,8 +28,7 @@ import torch
 
 from surgery._files import write_text
 
-from .driver import RESULTS, run_model
-from .models import MODELS
+from .driver import RESULTS, run
 
 __all__ = ["main", "markdown", "MODELS_NAMED", "RANKS"]
 
@@ -85,19 +84,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--name", default="breadth-rank")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    specs = {s.id: s for s in MODELS}
-    ids = [i for i in args.models.split(",") if i]
-    unknown = [i for i in ids if i not in specs]
-    if unknown:
-        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(specs)}")
     cli = sys.argv[1:] if argv is None else argv
+    models = run([i for i in args.models.split(",") if i], k=1, images={"exemplars": args.exemplars}, ranks=args.ranks)["models"]
     result: dict[str, Any] = {
         "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank", *cli]),
         "ranks": args.ranks,
         "exemplars": args.exemplars,
-        "models": [
-            run_model(specs[i], mode="recommended", k=1, ranks=args.ranks, images={"exemplars": args.exemplars}) for i in ids
-        ],
+        "models": models,
     }
     write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1))
     write_text(args.out / f"{args.name}.md", markdown(result))
