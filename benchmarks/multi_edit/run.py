@@ -37,7 +37,7 @@ from benchmarks.efficacy.units import PairData, draw_unit, errors_by_group, prep
 from .report import write_report
 
 __all__ = [
-    "main", "measure_arch", "Bench", "load_bench", "run_archs", "merge_runs", "write_json", "write_result", "make_rule",
+    "main", "measure_arch", "Bench", "load_bench", "run_archs", "join_runs", "merge_runs", "write_json", "write_result", "make_rule",
     "accuracy", "carrying", "rule_scores", "choose", "solo_edit", "KS", "METHODS",
 ]
 
@@ -258,10 +258,14 @@ def run_archs(module: str, archs: Sequence[str], measure: Callable[[str], dict],
     return result
 
 
-def merge_runs(paths: Sequence[Path]) -> dict:
-    """Earlier runs (one or more models each) joined into one result; their commands joined with `` ; ``."""
-    runs = [json.loads(path.read_text()) for path in paths]
+def join_runs(runs: Sequence[dict]) -> dict:
+    """Results of earlier runs (one or more models each) as one; their commands joined with `` ; ``."""
     return {"command": " ; ".join(r["command"] for r in runs), "archs": {a: v for r in runs for a, v in r["archs"].items()}}
+
+
+def merge_runs(paths: Sequence[Path]) -> dict:
+    """Earlier runs' JSON files joined into one result (:func:`join_runs`)."""
+    return join_runs([json.loads(path.read_text()) for path in paths])
 
 
 def write_json(result: dict, out: Path, name: str) -> None:

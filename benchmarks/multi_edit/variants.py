@@ -55,7 +55,7 @@ from benchmarks.efficacy.settings import Settings, settings_for
 
 from .report import MIN_SOLO, _median_ci
 from .run import (
-    RESULTS, RuleData, carrying, choose, load_bench, make_rule, merge_runs, rule_scores, run_archs, solo_edit,
+    RESULTS, RuleData, carrying, choose, join_runs, load_bench, make_rule, rule_scores, run_archs, solo_edit,
     write_result,
 )
 
@@ -201,11 +201,10 @@ def measure_arch(arch: str, draws: Sequence[int], k: int, names: Sequence[str] =
                 solo_scores.append(rule_scores(model, r)["other/same"])
         val = [torch.cat([getattr(r, key) for r in rules]) for key in ("val_x", "val_y", "val_orig")]
         edits, notes = variant_edits(model, rules, solos, stats, protect_x, s, names)
-        chosen: dict[str, list[Candidate | None]] = {
-            name: [choose(model, strength_grid(e, grid), *val, cv_x, cv_y, within)]
-            for name, e in edits.items()
-            for grid, within in [strength_choice(name, s)]
-        }
+        chosen: dict[str, list[Candidate | None]] = {}
+        for name, e in edits.items():
+            grid, within = strength_choice(name, s)
+            chosen[name] = [choose(model, strength_grid(e, grid), *val, cv_x, cv_y, within)]
         if "stacked, budget/k" in names:
             share = dataclasses.replace(s, max_clean_drop=s.max_clean_drop / len(rules))
             chosen["stacked, budget/k"] = [solo_edit(model, r, stats, layers, cv_x, cv_y, share) for r in rules]
@@ -311,15 +310,14 @@ def _curve_lines(result: dict) -> list[str]:
 
 
 def merge_variant_runs(paths: Sequence[Path]) -> dict:
-    """Earlier runs joined into one result (:func:`merge_runs`); where several measured one model, their
+    """Earlier runs joined into one result (:func:`join_runs`); where several measured one model, their
     variants are joined draw by draw. Those runs must have drawn the same pairs with the same solo scores,
     and a variant measured twice must agree exactly: the rules, edits and choices are deterministic."""
-    merged = merge_runs(paths)
     runs = [json.loads(path.read_text()) for path in paths]
+    merged = join_runs(runs)
     for arch in merged["archs"]:
-        parts = [r["archs"][arch] for r in runs if arch in r["archs"]]
-        base = json.loads(json.dumps(parts[0]))
-        for other in parts[1:]:
+        base, *others = [r["archs"][arch] for r in runs if arch in r["archs"]]  # base: joined into in place
+        for other in others:
             if [(d["pairs"], d["solo"]) for d in other["draws"]] != [(d["pairs"], d["solo"]) for d in base["draws"]]:
                 raise SystemExit(f"{arch}: the runs drew other pairs or solo edits; measure their variants in one run")
             for mine, theirs in zip(base["draws"], other["draws"]):
