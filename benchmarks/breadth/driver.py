@@ -18,16 +18,28 @@ from surgery.adapters import GenericAdapter, get_adapter
 import surgery
 
 from .branch import branch_markdown, run_branch_comparison
-from .concept import IMAGES, make_data
+from .concept import IMAGES, Data, make_data
 from .measure import batch_logits, measure_layer
 from .models import MODELS, QUICK, ModelSpec
 from .report import figure, markdown
 from .sweep import layer_branch, sweep_layers
 from .weights import prepare_model
 
-__all__ = ["RESULTS", "run_model", "run", "main"]
+__all__ = ["RESULTS", "prepare_run", "run_model", "run", "main"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def prepare_run(
+    spec: ModelSpec, *, period: int = 2, images: dict[str, int] | None = None
+) -> tuple[Data, torch.nn.Module, dict[str, torch.Tensor]]:
+    """A model's data, its prepared random-weight model and the unedited logits of every image set (seed 0:
+    every study of the breadth package sees the same)."""
+    torch.manual_seed(0)
+    data = make_data(spec.size, period=period, **(images or {}))
+    model = prepare_model(spec.build().eval(), data.calibration)
+    base = {k: batch_logits(model, getattr(data, k)) for k in ("x", "x2", "h", "h2", "clean")}
+    return data, model, base
 
 
 def run_model(
@@ -35,10 +47,8 @@ def run_model(
 ) -> dict[str, Any]:
     """One model's rows: each of its recommended (or sweep) layers edited with each rank of ``ranks``."""
 
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    data = make_data(spec.size, period=period, **(images or {}))
-    model = prepare_model(spec.build().eval(), data.calibration)
+    data, model, base = prepare_run(spec, period=period, images=images)
     adapter = get_adapter(model)
     layers_all = adapter.layers(model)
     out: dict[str, Any] = {
@@ -52,7 +62,6 @@ def run_model(
         "editable_layers": len(layers_all),
         "block_valued_layers": sum(1 for l in layers_all if l.post is not None),
     }
-    base = {k_: batch_logits(model, getattr(data, k_)) for k_ in ("x", "x2", "h", "h2", "clean")}
     if mode == "sweep":
         layers = sweep_layers(model)
     else:

@@ -4,6 +4,7 @@ exemplars' logits, the held-out images' logits and the clean images' logits (rat
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -92,20 +93,29 @@ def measure_layer(
     prefix_weight: float | str = "auto",
     scores: bool = False,
     rank: int = 1,
+    schedule: str = "memit",
 ) -> dict[str, Any]:
     """Edit ``layer`` with the library's default rewrite (of ``rank`` directions) and measure (a)-(d).
 
-    ``stats`` (the layer's ``KeyStats``) are collected from the calibration images when not given.
+    ``layer`` may be a span (a list of layers in forward order, edited with ``schedule``); the value is
+    then the stream after its last layer. ``stats`` (the layer's ``KeyStats``, a span's ``{layer:
+    KeyStats}``) are collected from the calibration images when not given.
     """
 
     t0 = time.perf_counter()
+    span = list(layer) if isinstance(layer, Sequence) else None
+    target = [l.name for l in span] if span else layer
+    if span:
+        layer = span[-1]
     row: dict[str, Any] = {
-        "layer": layer.name,
-        "site": site_kind(layer),
+        "layer": "+".join(target) if span else layer.name,
+        "site": "span" if span else site_kind(layer),
         "block": layer.block,
         "channelwise": layer.channelwise,
         "module_type": type(layer.module).__name__,
     }
+    if span:
+        row["schedule"] = schedule
     io_t = layer.capture(model, data.x2)
     with torch.no_grad():
         row["block_forward_rel_err"] = _rel_err(layer.block_forward(io_t.keys, layer.weight, io_t.context), io_t.values)
@@ -113,13 +123,19 @@ def measure_layer(
     if scores:
         row.update(attribution_scores(model, layer, data, base))
     if stats is None:
-        stats = collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
-    edit = rewrite(model, layer, data.x, data.x2, data.masks, stats=stats, prefix_weight=prefix_weight, rank=rank)
+        stats = collect_key_stats(model, target, data.calibration, batch_size=16, progress=False)
+    edit = rewrite(
+        model, target, data.x, data.x2, data.masks, stats=stats, prefix_weight=prefix_weight, rank=rank, schedule=schedule
+    )
     row["rank"] = rank
     row["solver"] = edit.info.get("solver", "fast")
     row["prefix_weight"] = float(edit.hparams.get("prefix_weight", 1.0))
     row["prefix_weight_setting"] = prefix_weight
-    row["value_objective_ratio"] = edit.info["objective"] / max(edit.info["objective_before"], 1e-30)
+    if span:  # the share each layer's solve removed of its own objective, and the gap left at the end
+        row["value_objective_ratio"] = [p["objective"] / max(p["objective_before"], 1e-30) for p in edit.info["layers"]]
+        row["gap_at_last"] = edit.info["gap_at_last"]
+    else:
+        row["value_objective_ratio"] = edit.info["objective"] / max(edit.info["objective_before"], 1e-30)
     with edited(model, edit):
         v_after = layer.capture(model, data.x2).values
         after = {k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}

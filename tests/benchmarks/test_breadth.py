@@ -68,3 +68,22 @@ def test_rank_rows_per_model_and_their_report():
     md = rank_markdown({"command": "test", "ranks": [1, 2], "models": [m]})
     assert "| tv_mobilenet_v3_small | `" in md and "held-out r=2" in md
     assert f"rank 2 {m['rows'][1]['heldout_ratio']:.3f}" in md
+
+
+def test_span_rows_beside_the_site_and_their_report():
+    from benchmarks.breadth.span import markdown as span_markdown
+    from benchmarks.breadth.span import run_model as span_run_model
+
+    images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
+    m = span_run_model("vit_tiny_patch16_224", sizes=(2, 3), images=images)
+    rows = {row["choice"]: row for row in m["rows"]}
+    assert list(rows) == ["site", "family K=2", "family K=3", "deepest K=2", "deepest K=3"]
+    assert all("error" not in row for row in rows.values()), m["rows"]
+    assert rows["site"]["site"] == "residual" and "+" not in rows["site"]["layer"]
+    span = rows["deepest K=3"]
+    assert span["site"] == "span" and span["layer"] == "+".join(f"blocks.{i}.mlp.fc2" for i in (9, 10, 11))
+    assert len(span["value_objective_ratio"]) == 3  # one solve per layer of the span
+    assert span["gap_at_last"][-1] < span["gap_at_last"][0]  # the span closes part of the gap at its end
+    assert span["exemplar_ratio"] < 1
+    md = span_markdown({"command": "test", "sizes": [2, 3], "models": [m]})
+    assert f"| vit_tiny_patch16_224 | {rows['site']['heldout_ratio']:.3f} (" in md and "`blocks.11.mlp.fc2`" in md

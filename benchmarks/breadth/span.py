@@ -1,0 +1,161 @@
+"""Do span edits reach the breadth targets? One edit spread over the last residual blocks before a site,
+beside the first recommended single site.
+
+The breadth table edits one layer per model (``recommended_layers`` ranks single layers); issue 26 asks
+for "the recommended site or span". Here, for each model, spans of K consecutive residual layers (the
+library's span edit, MEMIT's share schedule, ``rewrite(model, [...], stats={...})``) ending at two
+anchors fixed before measuring:
+
+- ``family``: the family's first residual candidate (``Adapter.candidates``' first layer valued after a
+  residual add), with the K-1 layers of its branch and value shape just before it;
+- ``deepest``: the model's deepest layer valued after a residual add, likewise.
+
+Each is measured with the breadth benchmark's data, weights and ratios; the single first recommended
+site is the reference row. Models without K such layers of one shape get no span row.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.breadth.span [--models a,b] [--sizes 2 4] [--name breadth-span]
+
+Writes ``benchmarks/results/<name>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from surgery.adapters import get_adapter
+from surgery.adapters._base import site_branch
+
+import surgery
+from surgery._files import write_text
+
+from .driver import RESULTS, prepare_run
+from .measure import measure_layer
+from .models import MODELS
+
+__all__ = ["main", "markdown", "residual_spans", "SIZES"]
+
+SIZES = (2, 4)
+ANCHORS = ("family", "deepest")
+
+
+def residual_spans(model: torch.nn.Module, probe: torch.Tensor, sizes: Sequence[int]) -> dict[str, list]:
+    """``{"<anchor> K=<k>": [layers]}``: for each anchor (see the module docstring) and size, the anchor
+    and the residual layers of its branch and value shape just before it, in forward order."""
+    adapter = get_adapter(model)
+    residual = [l for l in adapter.candidates(model) if l.skip and l.valued_after_add]
+    if not residual:
+        return {}
+    order = {l.name: i for i, l in enumerate(adapter.layers(model))}
+    forward = sorted(residual, key=lambda l: order[l.name])
+    shape = {l.name: tuple(l.capture(model, probe).values.shape[1:]) for l in forward}
+    anchors = {"family": residual[0], "deepest": forward[-1]}
+    spans: dict[str, list] = {}
+    for anchor_name, anchor in anchors.items():
+        same = [l for l in forward if site_branch(l) == site_branch(anchor) and shape[l.name] == shape[anchor.name]]
+        before = same[: same.index(anchor) + 1]
+        for k in sizes:
+            if len(before) >= k:
+                spans[f"{anchor_name} K={k}"] = before[-k:]
+    return spans
+
+
+def run_model(model_id: str, sizes: Sequence[int], images: dict[str, int] | None = None) -> dict[str, Any]:
+    """One model's rows: its first recommended site, then each span of :func:`residual_spans`."""
+    t0 = time.perf_counter()
+    spec = {s.id: s for s in MODELS}[model_id]
+    data, model, base = prepare_run(spec, images=images)  # the breadth run's data and weights
+    out: dict[str, Any] = {"model": model_id, "rows": []}
+    choices: dict[str, Any] = {"site": surgery.recommended_layers(model, k=1)[0]}
+    choices.update(residual_spans(model, data.x2[:1], sizes))
+    for name, target in choices.items():
+        try:
+            row = measure_layer(model, target, data, base)
+        except Exception as e:  # noqa: BLE001 - report, keep going
+            row = {"layer": "+".join(l.name for l in target) if isinstance(target, list) else target.name,
+                   "error": f"{type(e).__name__}: {e}"}
+        row["choice"] = name
+        out["rows"].append(row)
+        print(f"  {model_id:32s} {name:12s} " + (row.get("error") or
+              f"exemplars {row['exemplar_ratio']:.3f} held-out {row['heldout_ratio']:.3f} clean {row['clean_change']:.3f}"),
+              file=sys.stderr, flush=True)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    names = ["site"] + [f"{a} K={k}" for a in ANCHORS for k in result["sizes"]]
+    lines = [
+        "# Breadth: span edits beside the recommended site",
+        "",
+        f"Command: `{result['command']}`.",
+        "",
+        "The breadth benchmark's data, weights and ratios (after/before; 1 = no effect); **site**: the first "
+        "recommended single layer (breadth.md); **family K** / **deepest K**: a span edit (MEMIT share schedule) of "
+        "the K residual layers of one branch and value shape ending at the family's first residual candidate / the "
+        "model's deepest residual layer. Each cell: held-out ratio (exemplars ratio; clean change).",
+        "",
+        "| model | " + " | ".join(names) + " | span ends |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    held: dict[str, list[float]] = {n: [] for n in names + ["best by exemplars"]}
+    for m in result["models"]:
+        rows = {r["choice"]: r for r in m.get("rows", []) if "error" not in r}
+        cells = []
+        for n in names:
+            r = rows.get(n)
+            cells.append("-" if r is None else f"{r['heldout_ratio']:.3f} ({r['exemplar_ratio']:.3f}; {r['clean_change']:.3f})")
+            if r is not None:
+                held[n].append(r["heldout_ratio"])
+        if rows:
+            held["best by exemplars"].append(min(rows.values(), key=lambda r: r["exemplar_ratio"])["heldout_ratio"])
+        ends = sorted({r["layer"].split("+")[-1] for n, r in rows.items() if n != "site"})
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + " | " + ", ".join(f"`{e}`" for e in ends) + " |")
+    lines += [
+        "",
+        "Median held-out ratio over the models with a row: "
+        + ", ".join(f"{n} {np.median(v):.3f} ({len(v)})" for n, v in held.items() if v)
+        + ". **best by exemplars**: per model, the choice whose exemplars' ratio is lowest (chosen without the "
+        "held-out images).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.span", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--models", default="", help="comma-separated model ids (default: all)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="breadth-span")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    known = [s.id for s in MODELS]
+    ids = [i for i in args.models.split(",") if i] or known
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(known)}")
+    models = []
+    for i, model_id in enumerate(ids):
+        print(f"[{i + 1}/{len(ids)}] {model_id}", file=sys.stderr, flush=True)
+        try:
+            models.append(run_model(model_id, args.sizes))
+        except Exception as e:  # noqa: BLE001
+            models.append({"model": model_id, "error": f"{type(e).__name__}: {e}"})
+    cli = sys.argv[1:] if argv is None else argv
+    result = {"command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.span", *cli]), "sizes": args.sizes,
+              "models": models}
+    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1))
+    write_text(args.out / f"{args.name}.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
