@@ -8,7 +8,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from surgery.adapters import GenericAdapter, get_adapter
 
 import surgery
+from surgery._files import write_text
 
 from .branch import branch_markdown, run_branch_comparison
 from .concept import IMAGES, Data, make_data
@@ -25,7 +26,7 @@ from .report import figure, markdown
 from .sweep import layer_branch, sweep_layers
 from .weights import prepare_model
 
-__all__ = ["RESULTS", "prepare_run", "run_model", "run", "main"]
+__all__ = ["RESULTS", "prepare_run", "run_model", "model_specs", "write_study", "run", "main"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -106,6 +107,22 @@ def _progress(model_id: str, row: dict) -> None:
     )
 
 
+def model_specs(ids: Sequence[str]) -> dict[str, ModelSpec]:
+    """``{id: spec}`` for ``ids``; an unknown id stops the run with the known ones."""
+    specs = {s.id: s for s in MODELS}
+    unknown = [i for i in ids if i not in specs]
+    if unknown:
+        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(specs)}")
+    return {i: specs[i] for i in ids}
+
+
+def write_study(out: Path, name: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """A study's ``<name>.json`` and ``<name>.md`` under ``out``; the report is printed too."""
+    write_text(out / f"{name}.json", json.dumps(result, indent=1))
+    write_text(out / f"{name}.md", markdown(result))
+    print(markdown(result))
+
+
 def run(
     model_ids: Sequence[str] | None = None,
     *,
@@ -121,11 +138,8 @@ def run(
     ``images`` overrides how many images ``make_data`` draws (``exemplars``, ``held_out``, ``clean``,
     ``calibration``); ``ranks``: each layer is edited once per rank (:mod:`.rank`).
     """
-    specs = {s.id: s for s in MODELS}
-    ids = list(model_ids) if model_ids else list(QUICK if quick else specs)
-    unknown = [i for i in ids if i not in specs]
-    if unknown:
-        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(specs)}")
+    ids = list(model_ids) if model_ids else list(QUICK if quick else (s.id for s in MODELS))
+    specs = model_specs(ids)
     if quick:
         k = 1
     results = []

@@ -18,7 +18,6 @@ Writes ``benchmarks/results/breadth-rank.{md,json}`` (``--name``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgery._files import write_text
-
-from .driver import RESULTS, run
+from .driver import RESULTS, run, write_study
 
 __all__ = ["main", "markdown", "MODELS_NAMED", "RANKS"]
 
@@ -92,9 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "exemplars": args.exemplars,
         "models": models,
     }
-    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1))
-    write_text(args.out / f"{args.name}.md", markdown(result))
-    print(markdown(result))
+    write_study(args.out, args.name, result, markdown)
     return result
 
 

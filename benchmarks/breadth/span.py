@@ -21,7 +21,6 @@ Writes ``benchmarks/results/<name>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -30,13 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from surgery.adapters import get_adapter
-from surgery.adapters._base import site_branch
+from surgery.adapters import get_adapter, site_branch
 
 import surgery
-from surgery._files import write_text
 
-from .driver import RESULTS, prepare_run
+from .driver import RESULTS, model_specs, prepare_run, write_study
 from .measure import measure_layer
 from .models import MODELS
 
@@ -70,8 +67,7 @@ def residual_spans(model: torch.nn.Module, probe: torch.Tensor, sizes: Sequence[
 def run_model(model_id: str, sizes: Sequence[int], images: dict[str, int] | None = None) -> dict[str, Any]:
     """One model's rows: its first recommended site, then each span of :func:`residual_spans`."""
     t0 = time.perf_counter()
-    spec = {s.id: s for s in MODELS}[model_id]
-    data, model, base = prepare_run(spec, images=images)  # the breadth run's data and weights
+    data, model, base = prepare_run(model_specs([model_id])[model_id], images=images)  # the breadth run's data and weights
     out: dict[str, Any] = {"model": model_id, "rows": []}
     choices: dict[str, Any] = {"site": surgery.recommended_layers(model, k=1)[0]}
     choices.update(residual_spans(model, data.x2[:1], sizes))
@@ -136,11 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--name", default="breadth-span")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    known = [s.id for s in MODELS]
-    ids = [i for i in args.models.split(",") if i] or known
-    unknown = [i for i in ids if i not in known]
-    if unknown:
-        raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(known)}")
+    ids = list(model_specs([i for i in args.models.split(",") if i] or [s.id for s in MODELS]))
     models = []
     for i, model_id in enumerate(ids):
         print(f"[{i + 1}/{len(ids)}] {model_id}", file=sys.stderr, flush=True)
@@ -151,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = sys.argv[1:] if argv is None else argv
     result = {"command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.span", *cli]), "sizes": args.sizes,
               "models": models}
-    write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1))
-    write_text(args.out / f"{args.name}.md", markdown(result))
-    print(markdown(result))
+    write_study(args.out, args.name, result, markdown)
     return result
 
 
