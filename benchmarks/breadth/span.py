@@ -120,8 +120,28 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{n} {np.median(v):.3f} ({len(v)})" for n, v in held.items() if v)
         + ". **best by exemplars**: per model, the choice whose exemplars' ratio is lowest (chosen without the "
         "held-out images).",
+        "",
+        "Paired with the site on the models that have the span (held-out ratio, span minus site; below 0 = the "
+        "span moves the held-out logits further): "
+        + "; ".join(
+            f"{n}: median {np.median(d):+.3f}, lower on {sum(x < 0 for x in d)} of {len(d)}"
+            for n, d in _paired(result["models"], names[1:]).items() if d
+        )
+        + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _paired(models: list[dict[str, Any]], names: Sequence[str]) -> dict[str, list[float]]:
+    """Per span choice, its held-out ratio minus the site's, on each model that has both rows."""
+    diffs: dict[str, list[float]] = {n: [] for n in names}
+    for m in models:
+        rows = {r["choice"]: r for r in m.get("rows", []) if "error" not in r}
+        if "site" in rows:
+            for n in names:
+                if n in rows:
+                    diffs[n].append(rows[n]["heldout_ratio"] - rows["site"]["heldout_ratio"])
+    return diffs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

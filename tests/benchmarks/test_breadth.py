@@ -87,3 +87,5 @@ def test_span_rows_beside_the_site_and_their_report():
     assert span["exemplar_ratio"] < 1
     md = span_markdown({"command": "test", "sizes": [2, 3], "models": [m]})
     assert f"| vit_tiny_patch16_224 | {rows['site']['heldout_ratio']:.3f} (" in md and "`blocks.11.mlp.fc2`" in md
+    diff = rows["deepest K=3"]["heldout_ratio"] - rows["site"]["heldout_ratio"]
+    assert f"deepest K=3: median {diff:+.3f}, lower on {int(diff < 0)} of 1" in md
