@@ -19,15 +19,17 @@ attribution score before editing.
     python -m benchmarks.breadth            # every model, the recommended layers
     python -m benchmarks.breadth --quick    # 6 small models, 1 layer each
     python -m benchmarks.breadth --sweep    # candidate layers at several depths (slow)
+    python -m benchmarks.breadth --measured -k 1  # the layer recommended_layers ranks first on the exemplars
 
-Results: ``benchmarks/results/breadth.{md,json}`` (``breadth-sweep.*`` for ``--sweep``).
+Results: ``benchmarks/results/breadth.{md,json}`` (``breadth-sweep.*`` for ``--sweep``, ``breadth-measured.*``
+for ``--measured``).
 
 The package, by job: :mod:`.weights` (random weights that exercise every block), :mod:`.concept` (the
 synthetic concept and the images), :mod:`.models` (the model zoo), :mod:`.measure` (editing one layer
 and measuring it), :mod:`.sweep` (candidate layers, what the sweep says), :mod:`.branch` (values after
 the residual add vs the branch alone), :mod:`.report` (Markdown), :mod:`.driver` (the run and the
 command line); two studies of issue 26: :mod:`.clip_prefix` (why open_clip's edit moved away) and
-:mod:`.rank` (more directions at the recommended site).
+:mod:`.rank` (more directions at the recommended site), :mod:`.span` (span edits beside it).
 """
 
 from __future__ import annotations

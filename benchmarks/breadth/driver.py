@@ -1,5 +1,5 @@
-"""The run: every model (or the quick set, or ``--models``), its recommended or sweep layers, measured;
-the command line, and where results are written."""
+"""The run: every model (or the quick set, or ``--models``), its recommended (by family, or measured on the
+exemplars) or sweep layers, measured; the command line, and where results are written."""
 
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ def run_model(
     }
     if mode == "sweep":
         layers = sweep_layers(model)
+    elif mode == "measured":  # ranked on the exemplars (left out in turn) with the edit's own statistics; held-out unseen
+        layers = surgery.recommended_layers(
+            model, k=k, originals=data.x, transformed=data.x2, masks=data.masks, data=data.calibration
+        )
     else:
         layers = surgery.recommended_layers(model, k=k)
     out["rows"] = []
@@ -167,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.breadth", description=sys.modules[__package__].__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="6 small models, the first recommended layer")
     ap.add_argument("--sweep", action="store_true", help="candidate layers at several depths, with layer-choice scores")
+    ap.add_argument(
+        "--measured", action="store_true",
+        help="recommended layers measured on the exemplars (recommended_layers with originals and transformed)",
+    )
     ap.add_argument("--models", default="", help="comma-separated model ids (default: all)")
     ap.add_argument("-k", type=int, default=3, help="recommended layers per model")
     ap.add_argument("--out", default="", help="output stem (default benchmarks/results/breadth[-sweep|-quick])")
@@ -183,15 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem.with_suffix(".md").write_text(branch_markdown(res))
         print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
         return 0
-    mode = "sweep" if args.sweep else "recommended"
+    mode = "sweep" if args.sweep else "measured" if args.measured else "recommended"
     ids = [m for m in args.models.split(",") if m]
     res = run(ids or None, mode=mode, k=args.k, quick=args.quick, period=0 if args.aperiodic else 2)
     res["command"] = "python -m benchmarks.breadth " + " ".join(argv if argv is not None else sys.argv[1:])
-    stem = Path(args.out) if args.out else RESULTS / ("breadth" + ("-sweep" if args.sweep else "-quick" if args.quick else ""))
+    suffix = {"sweep": "-sweep", "measured": "-measured"}.get(mode, "-quick" if args.quick else "")
+    stem = Path(args.out) if args.out else RESULTS / ("breadth" + suffix)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     stem.with_suffix(".md").write_text(markdown(res))
-    if mode == "recommended":
+    if mode != "sweep":
         figure(res, stem.with_suffix(".png"))
     print(f"wrote {stem}.json, {stem}.md and the figure", file=sys.stderr)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from surgery.errors import LayerNotFoundError
 from surgery.layers import get_layer
 from surgery.layout import channels_last_rows
 from surgery.rewrite import rewrite
+from surgery.stats.collect import collect_key_stats
 
 __all__ = ["recommended_layers", "rank_layers"]
 
@@ -33,6 +35,7 @@ def recommended_layers(
     transformed: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
     pool: int = 12,
+    data: Any = None,
 ) -> list[EditableLayer]:
     """Where to edit ``model``: its ``k`` best candidate layers, best first.
 
@@ -46,7 +49,8 @@ def recommended_layers(
     With exemplars (``originals`` and ``transformed`` image tensors, optionally ``masks``), the first
     ``pool`` candidates are measured instead on this model: :func:`rank_layers` edits each one and
     keeps those that move a left-out exemplar's logits furthest toward its original's (a warning says
-    when even the best barely moves them).
+    when even the best barely moves them). ``data`` (clean images, as for ``collect_key_stats``) gives
+    those edits the key statistics the real edit will use; it is worth passing (see :func:`rank_layers`).
     """
     if k < 1:
         raise LayerNotFoundError(f"k must be at least 1, got {k}")
@@ -55,7 +59,7 @@ def recommended_layers(
         return candidates[:k]
     if originals is None or transformed is None:
         raise LayerNotFoundError("measured recommendations need both originals and transformed exemplars")
-    ranked = rank_layers(model, originals, transformed, masks, layers=candidates[:pool])
+    ranked = rank_layers(model, originals, transformed, masks, layers=candidates[:pool], data=data)
     if ranked and ranked[0][1] > _BARELY:
         logger.warning(
             "no candidate layer of the %d measured moves the left-out exemplar's logits by more than %.0f%% "
@@ -73,14 +77,23 @@ def rank_layers(
     masks: torch.Tensor | None = None,
     *,
     layers: Sequence[EditableLayer | str] | None = None,
+    data: Any = None,
+    folds: int = 4,
 ) -> list[tuple[EditableLayer, float]]:
     """Edit each of ``layers`` on the exemplars and rank them by the logit distance they leave.
 
-    For each layer a quick edit (``rewrite`` with L2 loss, a few solver iterations, and the
-    exemplars' own key second moment plus a ridge in place of dataset statistics) is fitted on all
-    exemplars but the last, and scored on the last: the mean logit distance between the transformed
-    and the original image after the edit, divided by the distance before (lower is better; with one
-    exemplar it is fitted and scored on the same one). Returns ``(layer, ratio)`` best first.
+    Each layer gets the library's default edit (:func:`rewrite`: fast solver, L1), fitted on all
+    exemplars but one and scored on the one left out, in turn for each of the last ``folds`` exemplars
+    (cross-validation): the left-out exemplars' mean logit distance to their originals after the edit,
+    divided by the distance before (lower is better; with one exemplar it is fitted and scored on the
+    same one). Returns ``(layer, ratio)`` best first.
+
+    Key statistics: with ``data`` (clean images: a tensor, dataset or loader, as for
+    :func:`~surgery.collect_key_stats`; a few dozen do), every layer's from one pass over them, as the
+    real edit will have; without, the second moment of the originals' own keys plus a ridge of 1% of
+    its mean eigenvalue. Measured on the breadth benchmark's random-weight models in docs/method.md
+    ("Where to edit"): an earlier quick proxy (L2 loss, 10 iterations, transformed keys in the
+    moment, one left-out exemplar) ranked a ViT's layers backwards.
 
     This is a measurement on the user's model, not an attribution proxy: in the breadth benchmark
     the exemplars' logit ratio ranked layers like the held-out ratio better than the two scores
@@ -91,21 +104,26 @@ def rank_layers(
     if x.shape != x2.shape or x.ndim != 4:
         raise LayerNotFoundError("originals and transformed must be image batches (N, 3, H, W) of one shape")
     n = x.shape[0]
-    ntrain = max(1, n - 1)
-    score = slice(ntrain, n) if n > 1 else slice(0, 1)
+    splits = [([j for j in range(n) if j != i], [i]) for i in range(max(0, n - folds), n)] if n > 1 else [([0], [0])]
     with torch.no_grad():
-        target = model(x[score]).float()
-        before = (model(x2[score]).float() - target).norm(dim=-1).mean()
+        before = sum(float((model(x2[held]).float() - model(x[held]).float()).norm(dim=-1).sum()) for _, held in splits)
+    stats = collect_key_stats(model, [l.name for l in layers], data, progress=False) if data is not None else None
     ranked = []
     for layer in layers:
-        keys = torch.cat([layer.capture(model, x2).keys, layer.capture(model, x).keys])
-        k_rows = channels_last_rows(keys, layer.key_channel_dim).to(torch.float64)
-        moment = k_rows.T @ k_rows / len(k_rows)
-        moment = moment + 1e-2 * torch.trace(moment) / moment.shape[0] * torch.eye(
-            moment.shape[0], dtype=moment.dtype, device=moment.device
-        )
-        edit = rewrite(model, layer, x, x2, masks, stats=moment, loss="l2", steps=10, ntrain=ntrain)
-        with torch.no_grad(), edited(model, edit):
-            after = (model(x2[score]).float() - target).norm(dim=-1).mean()
-        ranked.append((layer, float(after / before.clamp_min(1e-30))))
+        moment = stats[layer.name] if stats is not None else _own_moment(model, layer, x)
+        after = 0.0
+        for fit, held in splits:
+            edit = rewrite(model, layer, x[fit], x2[fit], None if masks is None else masks[fit], stats=moment)
+            with torch.no_grad(), edited(model, edit):
+                after += float((model(x2[held]).float() - model(x[held]).float()).norm(dim=-1).sum())
+        ranked.append((layer, after / max(before, 1e-30)))
     return sorted(ranked, key=lambda t: t[1])
+
+
+def _own_moment(model: nn.Module, layer: EditableLayer, images: torch.Tensor) -> torch.Tensor:
+    """The second moment of ``layer``'s keys on ``images`` (clean ones) plus a ridge of 1% of its mean
+    eigenvalue: key statistics for a quick edit where no clean data is given."""
+    rows = channels_last_rows(layer.capture(model, images).keys, layer.key_channel_dim).to(torch.float64)
+    moment = rows.T @ rows / len(rows)
+    ridge = 1e-2 * torch.trace(moment) / moment.shape[0]
+    return moment + ridge * torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from surgery.adapters import get_adapter
+from surgery.evaluation import rank_layers
 
 from benchmarks import breadth
-from benchmarks.breadth.driver import run_model
+from benchmarks.breadth.driver import model_specs, prepare_run, run_model
 from benchmarks.breadth.rank import markdown as rank_markdown
 from benchmarks.breadth.report import figure
 
@@ -89,3 +91,27 @@ def test_span_rows_beside_the_site_and_their_report():
     assert f"| vit_tiny_patch16_224 | {rows['site']['heldout_ratio']:.3f} (" in md and "`blocks.11.mlp.fc2`" in md
     diff = rows["deepest K=3"]["heldout_ratio"] - rows["site"]["heldout_ratio"]
     assert f"deepest K=3: median {diff:+.3f}, lower on {int(diff < 0)} of 1" in md
+
+
+def test_measured_ranking_follows_the_real_edit_on_a_vit():
+    """timm ``vit_tiny_reg4_gap`` (random weights, the breadth data): the default edit at an MLP output moves
+    held-out images' logits to 0.48-0.52 of their distance, at an attention output to 0.94-0.97 (breadth
+    run). ``rank_layers`` with the clean images' statistics ranks every MLP output first; the former quick
+    proxy (L2, 10 iterations, the transformed keys in the moment) put the attention outputs first."""
+    images = dict(exemplars=4, held_out=2, clean=2, calibration=16)
+    data, model, _ = prepare_run(model_specs(["vit_tiny_reg4_gap"])["vit_tiny_reg4_gap"], images=images)
+    pool = get_adapter(model).candidates(model)[:6]
+    ranked = rank_layers(model, data.x, data.x2, data.masks, layers=pool, data=data.calibration)
+    kinds = ["mlp" if layer.name.endswith("mlp.fc2") else "attn" for layer, _ in ranked]
+    assert sorted(kinds) == ["attn"] * 3 + ["mlp"] * 3 and kinds == ["mlp"] * 3 + ["attn"] * 3, ranked
+    assert ranked[2][1] < ranked[3][1] - 0.3  # measured 0.49 against 0.95
+
+
+def test_measured_mode_edits_the_layer_ranked_first_on_the_exemplars():
+    images = dict(exemplars=2, held_out=2, clean=2, calibration=8)
+    res = breadth.run(["tv_mobilenet_v3_small"], mode="measured", k=1, images=images)
+    (row,) = res["models"][0]["rows"]
+    data, model, _ = prepare_run(model_specs(["tv_mobilenet_v3_small"])["tv_mobilenet_v3_small"], images=images)
+    pool = get_adapter(model).candidates(model)[:12]
+    best = rank_layers(model, data.x, data.x2, data.masks, layers=pool, data=data.calibration)[0][0]
+    assert res["mode"] == "measured" and row["layer"] == best.name
