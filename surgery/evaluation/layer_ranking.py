@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from surgery.adapters import get_adapter
 from surgery.editable import EditableLayer
@@ -36,6 +37,7 @@ def recommended_layers(
     masks: torch.Tensor | None = None,
     pool: int = 12,
     data: Any = None,
+    progress: bool = False,
 ) -> list[EditableLayer]:
     """Where to edit ``model``: its ``k`` best candidate layers, best first.
 
@@ -51,6 +53,7 @@ def recommended_layers(
     keeps those that move a left-out exemplar's logits furthest toward its original's (a warning says
     when even the best barely moves them). ``data`` (clean images, as for ``collect_key_stats``) gives
     those edits the key statistics the real edit will use; it is worth passing (see :func:`rank_layers`).
+    ``progress`` shows a bar over the measured layers.
     """
     if k < 1:
         raise LayerNotFoundError(f"k must be at least 1, got {k}")
@@ -59,10 +62,10 @@ def recommended_layers(
         return candidates[:k]
     if originals is None or transformed is None:
         raise LayerNotFoundError("measured recommendations need both originals and transformed exemplars")
-    ranked = rank_layers(model, originals, transformed, masks, layers=candidates[:pool], data=data)
+    ranked = rank_layers(model, originals, transformed, masks, layers=candidates[:pool], data=data, progress=progress)
     if ranked and ranked[0][1] > _BARELY:
         logger.warning(
-            "no candidate layer of the %d measured moves the left-out exemplar's logits by more than %.0f%% "
+            "no candidate layer of the %d measured moves the left-out exemplars' logits by more than %.0f%% "
             "toward its original's (best: %s, %.3f of the distance left); more exemplars, or a larger pool, "
             "may find one",
             len(ranked), 100 * (1 - _BARELY), ranked[0][0].name, ranked[0][1],
@@ -79,6 +82,7 @@ def rank_layers(
     layers: Sequence[EditableLayer | str] | None = None,
     data: Any = None,
     folds: int = 4,
+    progress: bool = False,
 ) -> list[tuple[EditableLayer, float]]:
     """Edit each of ``layers`` on the exemplars and rank them by the logit distance they leave.
 
@@ -93,7 +97,7 @@ def rank_layers(
     real edit will have; without, the second moment of the originals' own keys plus a ridge of 1% of
     its mean eigenvalue. Measured on the breadth benchmark's random-weight models in docs/method.md
     ("Where to edit"): an earlier quick proxy (L2 loss, 10 iterations, transformed keys in the
-    moment, one left-out exemplar) ranked a ViT's layers backwards.
+    moment, one left-out exemplar) ranked a ViT's layers backwards. ``progress`` shows a bar over the layers.
 
     This is a measurement on the user's model, not an attribution proxy: in the breadth benchmark
     the exemplars' logit ratio ranked layers like the held-out ratio better than the two scores
@@ -107,9 +111,9 @@ def rank_layers(
     splits = [([j for j in range(n) if j != i], [i]) for i in range(max(0, n - folds), n)] if n > 1 else [([0], [0])]
     with torch.no_grad():
         before = sum(float((model(x2[held]).float() - model(x[held]).float()).norm(dim=-1).sum()) for _, held in splits)
-    stats = collect_key_stats(model, [l.name for l in layers], data, progress=False) if data is not None else None
+    stats = collect_key_stats(model, [l.name for l in layers], data, progress=progress) if data is not None else None
     ranked = []
-    for layer in layers:
+    for layer in tqdm(layers, desc="rank layers", unit="layer", disable=not progress):
         moment = stats[layer.name] if stats is not None else _own_moment(model, layer, x)
         after = 0.0
         for fit, held in splits:
