@@ -50,7 +50,7 @@ def recommended_layers(
 
     With exemplars (``originals`` and ``transformed`` image tensors, optionally ``masks``), the first
     ``pool`` candidates are measured instead on this model: :func:`rank_layers` edits each one and
-    keeps those that move a left-out exemplar's logits furthest toward its original's (a warning says
+    keeps those that move the left-out exemplars' logits furthest toward their originals' (a warning says
     when even the best barely moves them). ``data`` (clean images, as for ``collect_key_stats``) gives
     those edits the key statistics the real edit will use; it is worth passing (see :func:`rank_layers`).
     ``progress`` shows a bar over the measured layers.
