@@ -309,6 +309,9 @@ def test_recommended_layers():
     assert ratios == sorted(ratios) and all(r >= 0 for r in ratios)
     measured = recommended_layers(model, k=2, originals=x, transformed=x2, pool=3)
     assert [l.name for l in measured] == [l.name for l, _ in ranked[:2]]
+    # one exemplar: fitted and scored on it, so the edit moves it toward its original
+    ((_, alone),) = surgery.evaluation.rank_layers(model, x[:1], x2[:1], layers=rec[:1], data=x)
+    assert 0 <= alone < 1
 
 
 # (family, a skip-free layer: a stage transition, the projection of a block without a residual add, or
