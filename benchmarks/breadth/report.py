@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from .concept import IMAGES
 from .measure import ok_rows
 from .sweep import summarize_sweep
@@ -67,8 +69,8 @@ def _acceptance(res: dict[str, Any]) -> list[str]:
         "",
         f"At the first recommended layer the edit reduces the exemplars' logit distance in {ok_ex}/{total} models "
         f"and the held-out images' in {ok_ho}/{total}; median held-out ratio "
-        f"{fmt(sorted(r['heldout_ratio'] for m in res['models'] for r in ok_rows(m)[:1])[len(best) // 2] if best else float('nan'))}"
-        f" (best of the {res.get('k', 3)} recommended layers: median {fmt(sorted(best)[len(best) // 2] if best else float('nan'))}).",
+        f"{fmt(float(np.median([r['heldout_ratio'] for m in res['models'] for r in ok_rows(m)[:1]])) if best else float('nan'))}"
+        f" (best of the {res.get('k', 3)} recommended layers: median {fmt(float(np.median(best)) if best else float('nan'))}).",
         "",
     ]
     if weak:
@@ -126,7 +128,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"({fmt(r['heldout_before'])}) | {fmt(r['heldout_improved_frac'], 2)} | {fmt(r['clean_change'])} | "
                 f"{r['solver']} |"
             )
-    if res["mode"] == "recommended":
+    if res["mode"] in ("recommended", "measured"):
         lines += _acceptance(res)
     if res["mode"] == "sweep":
         s = summarize_sweep(res)
