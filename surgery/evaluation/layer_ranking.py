@@ -88,8 +88,8 @@ def rank_layers(
 
     Each layer gets the library's default edit (:func:`rewrite`: fast solver, L1), fitted on all
     exemplars but one and scored on the one left out, in turn for each of the last ``folds`` exemplars
-    (cross-validation): the left-out exemplars' mean logit distance to their originals after the edit,
-    divided by the distance before (lower is better; with one exemplar it is fitted and scored on the
+    (cross-validation): the left-out exemplars' mean logit distance, with the edit, to their originals'
+    logits without it, divided by the distance before (lower is better; with one exemplar it is fitted and scored on the
     same one). Returns ``(layer, ratio)`` best first.
 
     Key statistics: with ``data`` (clean images: a tensor, dataset or loader, as for
@@ -109,17 +109,19 @@ def rank_layers(
         raise LayerNotFoundError("originals and transformed must be image batches (N, 3, H, W) of one shape")
     n = x.shape[0]
     splits = [([j for j in range(n) if j != i], [i]) for i in range(max(0, n - folds), n)] if n > 1 else [([0], [0])]
+    left_out = [i for _, held in splits for i in held]
     with torch.no_grad():
-        before = sum(float((model(x2[held]).float() - model(x[held]).float()).norm(dim=-1).sum()) for _, held in splits)
+        target = model(x[left_out]).float()  # the unedited model's logits of the left-out originals
+        before = float((model(x2[left_out]).float() - target).norm(dim=-1).sum())
     stats = collect_key_stats(model, [l.name for l in layers], data, progress=progress) if data is not None else None
     ranked = []
     for layer in tqdm(layers, desc="rank layers", unit="layer", disable=not progress):
         moment = stats[layer.name] if stats is not None else _own_moment(model, layer, x)
         after = 0.0
-        for fit, held in splits:
+        for f, (fit, held) in enumerate(splits):
             edit = rewrite(model, layer, x[fit], x2[fit], None if masks is None else masks[fit], stats=moment)
             with torch.no_grad(), edited(model, edit):
-                after += float((model(x2[held]).float() - model(x[held]).float()).norm(dim=-1).sum())
+                after += float((model(x2[held]).float() - target[f : f + 1]).norm(dim=-1).sum())
         ranked.append((layer, after / max(before, 1e-30)))
     return sorted(ranked, key=lambda t: t[1])
 

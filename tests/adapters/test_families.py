@@ -312,6 +312,20 @@ def test_recommended_layers():
     # one exemplar: fitted and scored on it, so the edit moves it toward its original
     ((_, alone),) = surgery.evaluation.rank_layers(model, x[:1], x2[:1], layers=rec[:1], data=x)
     assert 0 <= alone < 1
+    # the score, by hand: each of the last 2 exemplars left out in turn, its transformed copy's logits with
+    # the edit made from the others against its original's logits without the edit
+    stats = surgery.collect_key_stats(model, rec[0], x, progress=False)
+    with torch.no_grad():
+        target = model(x).float()
+    after = before = 0.0
+    for i in (len(x) - 2, len(x) - 1):
+        others = [j for j in range(len(x)) if j != i]
+        with torch.no_grad(), edited(model, rewrite(model, rec[0], x[others], x2[others], stats=stats)):
+            after += float((model(x2[i : i + 1]).float() - target[i]).norm())
+        with torch.no_grad():
+            before += float((model(x2[i : i + 1]).float() - target[i]).norm())
+    ((_, score),) = surgery.evaluation.rank_layers(model, x, x2, layers=rec[:1], data=x, folds=2)
+    assert abs(score - after / before) < 1e-6 * max(1.0, score), (score, after / before)
 
 
 # (family, a skip-free layer: a stage transition, the projection of a block without a residual add, or
