@@ -31,7 +31,7 @@ import torch
 from surgery.adapters import get_adapter
 from surgery.edits.apply import edited
 from surgery.evaluation import rank_layers
-from surgery.layout import channels_last_rows
+from surgery.stats.keystats import ridged_moment
 
 import surgery
 
@@ -59,9 +59,7 @@ def former_scores(model: torch.nn.Module, layers: list, x: torch.Tensor, x2: tor
     out = {}
     for layer in layers:
         keys = torch.cat([layer.capture(model, x2).keys, layer.capture(model, x).keys])
-        rows = channels_last_rows(keys, layer.key_channel_dim).to(torch.float64)
-        moment = rows.T @ rows / len(rows)
-        moment = moment + 1e-2 * torch.trace(moment) / moment.shape[0] * torch.eye(moment.shape[0], dtype=moment.dtype)
+        moment = ridged_moment(keys, layer.key_channel_dim)
         edit = surgery.rewrite(model, layer, x, x2, masks, stats=moment, loss="l2", steps=10, ntrain=n - 1)
         with torch.no_grad(), edited(model, edit):
             out[layer.name] = float((model(x2[scored]).float() - target).norm(dim=-1).mean() / before)

@@ -16,9 +16,9 @@ from surgery.editable import EditableLayer
 from surgery.edits.apply import edited
 from surgery.errors import LayerNotFoundError
 from surgery.layers import get_layer
-from surgery.layout import channels_last_rows
 from surgery.rewrite import rewrite
 from surgery.stats.collect import collect_key_stats
+from surgery.stats.keystats import ridged_moment
 
 __all__ = ["recommended_layers", "rank_layers"]
 
@@ -66,7 +66,7 @@ def recommended_layers(
     if ranked and ranked[0][1] > _BARELY:
         logger.warning(
             "no candidate layer of the %d measured moves the left-out exemplars' logits by more than %.0f%% "
-            "toward its original's (best: %s, %.3f of the distance left); more exemplars, or a larger pool, "
+            "toward their originals' (best: %s, %.3f of the distance left); more exemplars, or a larger pool, "
             "may find one",
             len(ranked), 100 * (1 - _BARELY), ranked[0][0].name, ranked[0][1],
         )
@@ -89,8 +89,8 @@ def rank_layers(
     Each layer gets the library's default edit (:func:`rewrite`: fast solver, L1), fitted on all
     exemplars but one and scored on the one left out, in turn for each of the last ``folds`` exemplars
     (cross-validation): the left-out exemplars' mean logit distance, with the edit, to their originals'
-    logits without it, divided by the distance before (lower is better; with one exemplar it is fitted and scored on the
-    same one). Returns ``(layer, ratio)`` best first.
+    logits without it, divided by the distance before (lower is better; with one exemplar it is fitted
+    and scored on the same one). Returns ``(layer, ratio)`` best first.
 
     Key statistics: with ``data`` (clean images: a tensor, dataset or loader, as for
     :func:`~surgery.collect_key_stats`; a few dozen do), every layer's from one pass over them, as the
@@ -108,28 +108,22 @@ def rank_layers(
     if x.shape != x2.shape or x.ndim != 4:
         raise LayerNotFoundError("originals and transformed must be image batches (N, 3, H, W) of one shape")
     n = x.shape[0]
-    splits = [([j for j in range(n) if j != i], [i]) for i in range(max(0, n - folds), n)] if n > 1 else [([0], [0])]
-    left_out = [i for _, held in splits for i in held]
+    left_out = list(range(max(0, n - folds), n)) if n > 1 else [0]
     with torch.no_grad():
         target = model(x[left_out]).float()  # the unedited model's logits of the left-out originals
         before = float((model(x2[left_out]).float() - target).norm(dim=-1).sum())
     stats = collect_key_stats(model, [l.name for l in layers], data, progress=progress) if data is not None else None
     ranked = []
     for layer in tqdm(layers, desc="rank layers", unit="layer", disable=not progress):
-        moment = stats[layer.name] if stats is not None else _own_moment(model, layer, x)
+        if stats is not None:
+            moment = stats[layer.name]
+        else:  # the originals' own keys: clean images
+            moment = ridged_moment(layer.capture(model, x).keys, layer.key_channel_dim)
         after = 0.0
-        for f, (fit, held) in enumerate(splits):
+        for f, i in enumerate(left_out):
+            fit = [j for j in range(n) if j != i] or [i]
             edit = rewrite(model, layer, x[fit], x2[fit], None if masks is None else masks[fit], stats=moment)
             with torch.no_grad(), edited(model, edit):
-                after += float((model(x2[held]).float() - target[f : f + 1]).norm(dim=-1).sum())
+                after += float((model(x2[i : i + 1]).float() - target[f : f + 1]).norm(dim=-1).sum())
         ranked.append((layer, after / max(before, 1e-30)))
     return sorted(ranked, key=lambda t: t[1])
-
-
-def _own_moment(model: nn.Module, layer: EditableLayer, images: torch.Tensor) -> torch.Tensor:
-    """The second moment of ``layer``'s keys on ``images`` (clean ones) plus a ridge of 1% of its mean
-    eigenvalue: key statistics for a quick edit where no clean data is given."""
-    rows = channels_last_rows(layer.capture(model, images).keys, layer.key_channel_dim).to(torch.float64)
-    moment = rows.T @ rows / len(rows)
-    ridge = 1e-2 * torch.trace(moment) / moment.shape[0]
-    return moment + ridge * torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)

@@ -19,7 +19,7 @@ from surgery.inputs.images import ImageFolder
 from surgery.layers import get_layer
 from surgery.stats.collect import collect_key_stats
 from surgery.stats.fingerprint import weights_fingerprint
-from surgery.stats.keystats import KeyStats, key_sums
+from surgery.stats.keystats import KeyStats, key_sums, ridged_moment
 from tests.tiny_models import randomize_batchnorm
 
 LAYER = "layer3.0.conv3"  # a Bottleneck's editable 1x1 conv, as in the paper's ResNet-50 layers
@@ -113,6 +113,15 @@ def test_key_sums_moves_channels_last() -> None:
     assert c == 40 and torch.allclose(s, flat.T @ flat, rtol=1e-12)
     s_last, c_last = key_sums(k.permute(0, 2, 3, 1), -1)
     assert c_last == 40 and torch.equal(s_last, s)
+
+
+def test_ridged_moment_adds_a_share_of_the_mean_eigenvalue() -> None:
+    k = torch.randn(2, 3, 4, 5)
+    s, c = key_sums(k, 1)
+    moment = ridged_moment(k, 1, share=0.5)
+    mean_eigenvalue = float(torch.linalg.eigvalsh(s / c).mean())
+    assert torch.allclose(moment - s / c, 0.5 * mean_eigenvalue * torch.eye(3, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.equal(ridged_moment(k, 1), s / c + 1e-2 * torch.trace(s / c) / 3 * torch.eye(3, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------ the stopped forward
