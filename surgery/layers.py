@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ __all__ = [
     "LayerInfo",
     "describe_layers",
     "format_layer_table",
+    "format_table",
     "site_kind",
 ]
 
@@ -114,6 +116,11 @@ def format_layer_table(infos: Sequence[LayerInfo]) -> str:
         )
         for i in infos
     ]
+    return format_table(header, rows)
+
+
+def format_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: left-aligned columns two spaces apart, a dashed line under ``header``."""
     widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in (header, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -34,6 +34,8 @@ __all__ = [
     "add_image_args",
     "add_folder_args",
     "add_stats_args",
+    "add_exemplar_args",
+    "check_exemplars",
     "model_from_args",
     "model_transform",
     "model_class_names",
@@ -127,6 +129,33 @@ def add_folder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-class", type=positive_int, help="read at most this many photos per class and folder")
     _add_device_and_size(p, "crop size in pixels (default: the model's input size)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default 64)")
+
+
+def add_exemplar_args(p: argparse.ArgumentParser | Any, *, required: bool = True) -> None:
+    """``--original``, ``--transformed``, ``--mask``: exemplar images (checked by :func:`check_exemplars`)."""
+    p.add_argument("--original", nargs="+", required=required, metavar="IMAGE", help="original exemplar images")
+    p.add_argument(
+        "--transformed", nargs="+", required=required, metavar="IMAGE",
+        help="the same images with the concept transformed, one per original, in the same order",
+    )
+    p.add_argument("--mask", nargs="+", metavar="IMAGE", help="concept masks (grayscale), one per exemplar")
+
+
+def check_exemplars(args: argparse.Namespace) -> None:
+    """One ``--transformed`` copy and, when masks are given, one ``--mask`` per ``--original``; every file exists."""
+    originals, transformed, masks = args.original, args.transformed, args.mask
+    if originals is None or transformed is None:
+        raise SurgeryError("exemplars need both --original and --transformed images, one transformed copy per original")
+    if len(originals) != len(transformed):
+        raise SurgeryError(
+            f"{len(originals)} --original image(s) but {len(transformed)} --transformed image(s); "
+            "give one transformed copy per original, in the same order"
+        )
+    if masks is not None and len(masks) != len(originals):
+        raise SurgeryError(f"{len(masks)} --mask file(s) for {len(originals)} exemplar(s); give one mask per exemplar")
+    check_files(originals, "--original image")
+    check_files(transformed, "--transformed image")
+    check_files(masks or (), "--mask")
 
 
 def add_stats_args(p: argparse.ArgumentParser | Any) -> None:

@@ -12,9 +12,11 @@ from PIL import Image
 
 from surgery._files import refuse_overwrite
 from surgery.cli.args import (
+    add_exemplar_args,
     add_image_args,
     add_model_args,
     add_stats_args,
+    check_exemplars,
     check_files,
     inputs_of,
     model_from_args,
@@ -76,18 +78,9 @@ def _check_stats_weights(model: Any, layer: EditableLayer, stats: KeyStats, path
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     originals, transformed, masks = args.original, args.transformed, args.mask
-    if len(originals) != len(transformed):
-        raise SurgeryError(
-            f"{len(originals)} --original image(s) but {len(transformed)} --transformed image(s); "
-            "give one transformed copy per original, in the same order"
-        )
-    if masks is not None and len(masks) != len(originals):
-        raise SurgeryError(f"{len(masks)} --mask file(s) for {len(originals)} exemplar(s); give one mask per exemplar")
+    check_exemplars(args)
     if args.use_mask and masks is None:
         raise SurgeryError("--use-mask needs masks: pass --mask with one mask per exemplar")
-    check_files(originals, "--original image")
-    check_files(transformed, "--transformed image")
-    check_files(masks or (), "--mask")
     if args.stats is not None:
         if len(args.stats) != len(args.layer):
             raise SurgeryError(
@@ -163,12 +156,7 @@ def add_command(subparsers: Any) -> None:
     )
     add_model_args(p)
     add_image_args(p, span=True)
-    p.add_argument("--original", nargs="+", required=True, metavar="IMAGE", help="original exemplar images")
-    p.add_argument(
-        "--transformed", nargs="+", required=True, metavar="IMAGE",
-        help="the same images with the concept transformed, one per original, in the same order",
-    )
-    p.add_argument("--mask", nargs="+", metavar="IMAGE", help="concept masks (grayscale), one per exemplar")
+    add_exemplar_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--stats", nargs="+", metavar="FILE", help="key statistics written by `surgery stats`, one per --layer, in order"

@@ -63,13 +63,6 @@ def recommended_layers(
     if originals is None or transformed is None:
         raise LayerNotFoundError("measured recommendations need both originals and transformed exemplars")
     ranked = rank_layers(model, originals, transformed, masks, layers=candidates[:pool], data=data, progress=progress)
-    if ranked and ranked[0][1] > _BARELY:
-        logger.warning(
-            "no candidate layer of the %d measured moves the left-out exemplars' logits by more than %.0f%% "
-            "toward their originals' (best: %s, %.3f of the distance left); more exemplars, or a larger pool, "
-            "may find one",
-            len(ranked), 100 * (1 - _BARELY), ranked[0][0].name, ranked[0][1],
-        )
     return [layer for layer, _ in ranked[:k]]
 
 
@@ -90,7 +83,8 @@ def rank_layers(
     exemplars but one and scored on the one left out, in turn for each of the last ``folds`` exemplars
     (cross-validation): the left-out exemplars' mean logit distance, with the edit, to their originals'
     logits without it, divided by the distance before (lower is better; with one exemplar it is fitted
-    and scored on the same one). Returns ``(layer, ratio)`` best first.
+    and scored on the same one). Returns ``(layer, ratio)`` best first, and logs a warning when even the
+    best leaves more than 95% of the distance.
 
     Key statistics: with ``data`` (clean images: a tensor, dataset or loader, as for
     :func:`~surgery.collect_key_stats`; a few dozen do), every layer's from one pass over them, as the
@@ -126,4 +120,12 @@ def rank_layers(
             with torch.no_grad(), edited(model, edit):
                 after += float((model(x2[i : i + 1]).float() - target[f : f + 1]).norm(dim=-1).sum())
         ranked.append((layer, after / max(before, 1e-30)))
-    return sorted(ranked, key=lambda t: t[1])
+    ranked.sort(key=lambda t: t[1])
+    if ranked and ranked[0][1] > _BARELY:
+        logger.warning(
+            "no candidate layer of the %d measured moves the left-out exemplars' logits by more than %.0f%% "
+            "toward their originals' (best: %s, %.3f of the distance left); more exemplars, or more candidates, "
+            "may find one",
+            len(ranked), 100 * (1 - _BARELY), ranked[0][0].name, ranked[0][1],
+        )
+    return ranked

@@ -352,3 +352,49 @@ def test_a_span_needs_one_stats_file_per_layer(files, tmp_path, capsys):
         "-o", str(tmp_path / "e.safetensors"),
     )
     assert code == 2 and "1 --stats file(s) for 2 --layer(s)" in err
+
+
+# ------------------------------------------------------------------------------ layers, measured
+
+
+def test_layers_ranks_candidates_on_exemplars(files, capsys):
+    """``surgery layers`` with exemplars prints the measured ranking: the same ratios as ``rank_layers`` on
+    the same images (the command's crop, the folder's key statistics), best first."""
+    from torch.utils.data import Subset
+
+    from surgery.cli.args import model_transform
+    from surgery.evaluation.layer_ranking import rank_layers
+    from surgery.inputs.images import ImageFolder, load_images
+    from surgery.models.loading import load_model
+
+    code, out, err = run(
+        capsys, "layers", MODEL, "--checkpoint", files["ckpt"], "--input-size", SIZE, "--original", *files["x"],
+        "--transformed", *files["y"], "--data", files["data"], "--max-images", "6",
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "6 candidate layers measured on 2 exemplar(s); key statistics from 6 images" in lines[0]  # all of them
+    assert lines[1].split()[:3] == ["rank", "layer", "site"]
+    printed = [(l.split()[1], float(l.split()[3])) for l in lines[3:9]]
+    model = load_model(MODEL, checkpoint=files["ckpt"])
+    transform = model_transform(model, int(SIZE))
+    data = Subset(ImageFolder(files["data"], transform), range(6))
+    expected = rank_layers(model, load_images(files["x"], transform), load_images(files["y"], transform), data=data,
+                           layers=[name for name, _ in printed])
+    assert printed == [(layer.name, round(ratio, 3)) for layer, ratio in expected]
+    assert [r for _, r in printed] == sorted(r for _, r in printed) and printed[0][1] < 1.0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--original", "X"], "both --original and --transformed"),
+        (["--original", "X", "--transformed", "Y", "Y"], "1 --original image(s) but 2 --transformed"),
+        (["--data", "D"], "--mask and --data rank layers on exemplars"),
+        (["--original", "X", "--transformed", "Y", "--blocks-only"], "--blocks-only"),
+    ],
+)
+def test_layers_ranking_errors(files, capsys, extra, message):
+    extra = [{"X": files["x"][0], "Y": files["y"][0], "D": files["data"]}.get(a, a) for a in extra]
+    code, _, err = run(capsys, "layers", MODEL, "--checkpoint", files["ckpt"], *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
