@@ -1,6 +1,6 @@
 """A walkthrough on real weights, offline: EfficientNet-Lite0 and the bundled photos.
 
-``python -m benchmarks.walkthrough`` (about a minute on 2 CPU cores) writes
+``python -m benchmarks.walkthrough`` (about two and a half minutes on 2 CPU cores) writes
 ``benchmarks/results/walkthrough.{md,json,png}``:
 
 (a) **Transforming a concept.** Every bundled photo has a hand-made mask of one background concept
@@ -14,7 +14,8 @@
     report says, photo by photo, what the edit changed (textured photos whose prediction came back)
     and what it left alone (the clean photos' predictions and probabilities).
 (c) **Several exemplars, a photo never seen** (:mod:`benchmarks.walkthrough.held_out`): for each photo
-    the texture changes, an edit from the other photos, at the recommended layers and the layer of (b).
+    the texture changes, an edit from the other photos, at the recommended layers, the layer of (b) and
+    the layer ``recommended_layers`` measures on the other photos alone.
 
 Everything is in the same 224x224 geometry as the model's preprocessing (resize 256, center crop):
 the texture is pasted at the photo's own resolution, then photo, textured photo and mask go through
@@ -40,9 +41,10 @@ from surgery.inputs.masks import load_masks
 from surgery.inputs.photos import sample_photos, sample_textures
 from surgery.inputs.preprocess import Preprocess, default_input_size
 from surgery.models.loading import load_model
+from surgery.stats.keystats import ridged
 
 from . import held_out
-from .held_out import held_out_edits, predict, shrunk_moment
+from .held_out import MEASURED, held_out_edits, held_out_photos, measured_choices, predict
 from .make_masks import MASKS, mask_path
 
 __all__ = ["DEFAULTS", "RESULTS_DIR", "main", "run_walkthrough"]
@@ -107,6 +109,7 @@ def run_walkthrough(
     model: torch.nn.Module | None = None,
     threads: int | None = 1,
     held_out_layers: Sequence[str] | None = None,
+    measured_pool: int = 12,
 ) -> dict[str, Any]:
     """Run the walkthrough and return its results (also written to ``out_dir/name.{json,md,png}``).
 
@@ -123,6 +126,8 @@ def run_walkthrough(
         model: the model (default: the pretrained EfficientNet-Lite0).
         held_out_layers: the layers of part (c) (default: the model's three recommended layers and
             ``layer``; empty: no part (c)).
+        measured_pool: part (c) also edits, for each held-out photo, the layer ``recommended_layers``
+            measures best of the model's first ``measured_pool`` candidates on the other photos (0: not).
         threads: torch threads for the run (restored afterwards; ``None``: leave as is). One thread
             is the default: on a loaded 2-core machine, two threads spin-wait for each other (the
             whole run took 4x longer, and ``torch.linalg.eigvalsh`` of the 1152 x 1152 key moment
@@ -133,7 +138,7 @@ def run_walkthrough(
         torch.set_num_threads(threads)
     try:
         return _run(photos, texture, scale, exemplar, layer, crops_per_photo, shrink, alpha, seed, out_dir,
-                    name, figure, model, held_out_layers)
+                    name, figure, model, held_out_layers, measured_pool)
     finally:
         torch.set_num_threads(saved)
 
@@ -153,6 +158,7 @@ def _run(
     figure: bool,
     model: torch.nn.Module | None,
     held_out_layers: Sequence[str] | None,
+    measured_pool: int,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     times: dict[str, float] = {}
@@ -191,12 +197,20 @@ def _run(
     stats_images = _stats_images(images, transform, crops_per_photo, seed)
     if held_out_layers is None:
         held_out_layers = [one.name for one in surgery.recommended_layers(model, k=3)] + [layer]
-    edited_layers = list(dict.fromkeys([layer, *held_out_layers]))
+    held = held_out_photos(model, x, x2)
+    choices = {name: dict.fromkeys(held, name) for name in held_out_layers}
+    measured = {}
+    if held_out_layers and measured_pool:
+        t_measure = time.perf_counter()
+        measured = measured_choices(model, x, x2, masks, stats_images, pool=measured_pool)
+        choices[MEASURED] = {h: name for h, (name, _) in measured.items()}
+        times["measured_choice"] = time.perf_counter() - t_measure
+    edited_layers = list(dict.fromkeys([layer, *(name for one in choices.values() for name in one.values())]))
     all_stats = surgery.collect_key_stats(model, edited_layers, stats_images, progress=False)  # one pass
     stats = all_stats[layer]
-    moments = {name: shrunk_moment(one, shrink) for name, one in all_stats.items()}
+    moments = {name: ridged(one.moment(), shrink) for name, one in all_stats.items()}
     moment, n_keys = moments[layer], stats.n
-    times["key_stats"] = time.perf_counter() - t
+    times["key_stats"] = time.perf_counter() - t - times.get("measured_choice", 0.0)
     t = time.perf_counter()
     i = names.index(exemplar)
     edit = surgery.rewrite(model, layer, x[i : i + 1], x2[i : i + 1], masks[i : i + 1], stats=moment)
@@ -242,7 +256,7 @@ def _run(
         "clean_max_abs_prob_change": max(r["clean_max_abs_prob_change"] for r in rows),
     }
     t = time.perf_counter()
-    held = held_out_edits(model, names, x, x2, masks, {name: moments[name] for name in held_out_layers})
+    held_rows = held_out_edits(model, names, x, x2, masks, choices, moments)
     times["held_out_edits"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_start
     result: dict[str, Any] = {
@@ -250,6 +264,7 @@ def _run(
         "settings": {
             "photos": names, "texture": texture, "scale": scale, "exemplar": exemplar, "layer": layer,
             "crops_per_photo": crops_per_photo, "shrink": shrink, "alpha": alpha, "seed": seed, "solver": "fast", "loss": "l1", "use_mask": False,
+            "measured_pool": measured_pool,
         },
         "stats": {"images": len(stats_images), "keys": stats.count, "key_dim": n_keys},
         "edit": {
@@ -259,7 +274,8 @@ def _run(
         },
         "summary": summary,
         "rows": rows,
-        "held_out": held,
+        "held_out": held_rows,
+        "measured_choice": {names[h]: {"layer": name, "score": score} for h, (name, score) in measured.items()},
         "seconds": times,
     }
     if out_dir is not None:
@@ -360,7 +376,7 @@ def _markdown(res: dict[str, Any], png: str | None) -> str:
             "choice restored more than one photo besides the exemplar, and none changed a clean top-1.",
             "",
         ]
-    lines += held_out.markdown(res.get("held_out", []), sm["photos"])
+    lines += held_out.markdown(res.get("held_out", []), sm["photos"], res.get("measured_choice", {}))
     t = res["seconds"]
     lines += [
         "Timing (this run): " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + ".",

@@ -22,7 +22,7 @@ from surgery.errors import SurgeryError
 from surgery.identity import digest, dtype_name, tensor_sha256
 from surgery.stats.whitening import inverse_sqrt
 
-__all__ = ["KeyStats", "key_sums", "ridged_moment", "FORMAT", "FORMAT_VERSION", "READ_VERSIONS"]
+__all__ = ["KeyStats", "key_sums", "ridged", "ridged_moment", "FORMAT", "FORMAT_VERSION", "READ_VERSIONS"]
 
 
 FORMAT = "surgery.keystats"
@@ -50,13 +50,17 @@ def key_sums(keys: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, int]:
     return k.T @ k, int(k.shape[0])
 
 
-def ridged_moment(keys: torch.Tensor, channel_dim: int, share: float = 1e-2) -> torch.Tensor:
-    """The second moment of the key vectors of ``keys`` (float64) plus ``share`` times its mean eigenvalue
-    on the diagonal: statistics from a handful of images, which leave the moment nearly singular."""
-    s, count = key_sums(keys, channel_dim)
-    moment = s / count
+def ridged(moment: torch.Tensor, share: float = 1e-2) -> torch.Tensor:
+    """``moment`` plus ``share`` times its mean eigenvalue on the diagonal: statistics from a handful of
+    images leave the second moment nearly singular, and ``C^-1 k`` then points into unused directions."""
     ridge = share * torch.trace(moment) / moment.shape[0]
     return moment + ridge * torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
+
+
+def ridged_moment(keys: torch.Tensor, channel_dim: int, share: float = 1e-2) -> torch.Tensor:
+    """The second moment of the key vectors of ``keys`` (float64), :func:`ridged` by ``share``."""
+    s, count = key_sums(keys, channel_dim)
+    return ridged(s / count, share)
 
 
 @dataclass(eq=False)
