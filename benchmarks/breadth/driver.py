@@ -4,6 +4,7 @@ exemplars) or sweep layers, measured; the command line, and where results are wr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -44,9 +45,17 @@ def prepare_run(
 
 
 def run_model(
-    spec: ModelSpec, *, mode: str, k: int, period: int = 2, images: dict[str, int] | None = None, ranks: Sequence[int] = (1,)
+    spec: ModelSpec,
+    *,
+    mode: str,
+    k: int,
+    period: int = 2,
+    images: dict[str, int] | None = None,
+    ranks: Sequence[int] = (1,),
+    loss_masks: Sequence[bool] = (False,),
 ) -> dict[str, Any]:
-    """One model's rows: each of its recommended (or sweep) layers edited with each rank of ``ranks``."""
+    """One model's rows: each of its recommended (or sweep) layers edited with each rank of ``ranks``, and
+    each of ``loss_masks`` (``rewrite(..., use_mask=)``)."""
 
     t0 = time.perf_counter()
     data, model, base = prepare_run(spec, period=period, images=images)
@@ -78,9 +87,10 @@ def run_model(
             has_prefix = layer.value_layout.kind == "tokens" and (layer.value_layout.prefix or 0) > 0
             # the sweep compares prefix weight 1 with the default ("auto") where there are prefix tokens
             settings = [1.0, "auto"] if (mode == "sweep" and has_prefix) else ["auto"]
-            for i, (pw, rank) in enumerate((pw, rank) for pw in settings for rank in ranks):
+            for i, (pw, rank, masked) in enumerate(itertools.product(settings, ranks, loss_masks)):
                 row = measure_layer(
-                    model, layer, data, base, stats=stats, prefix_weight=pw, scores=(mode == "sweep" and i == 0), rank=rank
+                    model, layer, data, base, stats=stats, prefix_weight=pw, scores=(mode == "sweep" and i == 0), rank=rank,
+                    use_mask=masked,
                 )
                 row["branch"] = layer_branch(layer)
                 row["depth"] = _relative_depth(layers_all, layer)
@@ -136,11 +146,13 @@ def run(
     period: int = 2,
     images: dict[str, int] | None = None,
     ranks: Sequence[int] = (1,),
+    loss_masks: Sequence[bool] = (False,),
 ) -> dict[str, Any]:
     """Run the benchmark on ``model_ids`` (default: all, or the quick set) and return the results.
 
     ``images`` overrides how many images ``make_data`` draws (``exemplars``, ``held_out``, ``clean``,
-    ``calibration``); ``ranks``: each layer is edited once per rank (:mod:`.rank`).
+    ``calibration``); ``ranks`` and ``loss_masks``: each layer is edited once per rank and loss weighting
+    (:mod:`.rank`).
     """
     ids = list(model_ids) if model_ids else list(QUICK if quick else (s.id for s in MODELS))
     specs = model_specs(ids)
@@ -150,7 +162,9 @@ def run(
     for i in ids:
         print(f"[{len(results) + 1}/{len(ids)}] {i}", file=sys.stderr, flush=True)
         try:
-            results.append(run_model(specs[i], mode=mode, k=k, period=period, images=images, ranks=ranks))
+            results.append(
+                run_model(specs[i], mode=mode, k=k, period=period, images=images, ranks=ranks, loss_masks=loss_masks)
+            )
         except Exception as e:  # noqa: BLE001
             results.append({"model": i, "error": f"{type(e).__name__}: {e}"})
             print(f"  {i}: {results[-1]['error']}", file=sys.stderr, flush=True)

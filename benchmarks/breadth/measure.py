@@ -13,6 +13,7 @@ from torch import nn
 from surgery import collect_key_stats, rewrite
 from surgery.edits.apply import edited
 from surgery.layers import site_kind
+from surgery.solvers.problem import value_weights
 
 from .concept import Data
 
@@ -94,8 +95,10 @@ def measure_layer(
     scores: bool = False,
     rank: int = 1,
     schedule: str = "memit",
+    use_mask: bool = False,
 ) -> dict[str, Any]:
-    """Edit ``layer`` with the library's default rewrite (of ``rank`` directions) and measure (a)-(d).
+    """Edit ``layer`` with the library's default rewrite (of ``rank`` directions; ``use_mask``: the loss
+    weighted by the concept masks) and measure (a)-(d).
 
     ``layer`` may be a span (a list of layers in forward order, edited with ``schedule``); the value is
     then the stream after its last layer. ``stats`` (the layer's ``KeyStats``, a span's ``{layer:
@@ -125,9 +128,11 @@ def measure_layer(
     if stats is None:
         stats = collect_key_stats(model, target, data.calibration, batch_size=16, progress=False)
     edit = rewrite(
-        model, target, data.x, data.x2, data.masks, stats=stats, prefix_weight=prefix_weight, rank=rank, schedule=schedule
+        model, target, data.x, data.x2, data.masks, stats=stats, prefix_weight=prefix_weight, rank=rank, schedule=schedule,
+        use_mask=use_mask,
     )
     row["rank"] = rank
+    row["use_mask"] = use_mask
     row["solver"] = edit.info.get("solver", "fast")
     row["prefix_weight"] = float(edit.hparams.get("prefix_weight", 1.0))
     row["prefix_weight_setting"] = prefix_weight
@@ -140,6 +145,10 @@ def measure_layer(
         v_after = layer.capture(model, data.x2).values
         after = {k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}
     row["value_before"] = mean_distance(io_t.values, v_orig)
+    if data.masks is not None:  # the share of the exemplars' value change that a masked loss discounts
+        change = (io_t.values - v_orig).abs()
+        seen = value_weights(data.masks, v_orig, layer.value_layout, prefix_weight=row["prefix_weight"]).clamp(max=1.0)
+        row["value_change_off_mask"] = 1.0 - float((seen * change).sum() / change.sum().clamp_min(1e-30))
     row["value_ratio"] = mean_distance(v_after, v_orig) / max(row["value_before"], 1e-30)
     row["exemplar_before"] = mean_distance(base["x2"], base["x"])
     row["exemplar_ratio"] = mean_distance(after["x2"], base["x"]) / max(row["exemplar_before"], 1e-30)

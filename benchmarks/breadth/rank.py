@@ -8,9 +8,10 @@ what keeps the held-out logit ratio above 0.7, more directions (``rewrite(..., r
 directions of the whitened exemplar keys) would lower it. Here, for the models the issue names, the same
 data, weights and site as the breadth run, with ranks 1, 4 and 16: the value ratio (exemplars), the
 exemplars' and held-out images' logit ratios and the clean change, as the breadth table defines them.
-``--exemplars`` draws more exemplars (the held-out, clean and calibration images stay the same).
+``--exemplars`` draws more exemplars (the held-out, clean and calibration images stay the same);
+``--loss-mask`` also makes each edit with its loss counted on the concept masks only (``use_mask=True``).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank [--models a,b] [--ranks 1 4 16] [--exemplars 4]
+    OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank [--models a,b] [--ranks 1 4 16] [--exemplars 4] [--loss-mask]
 
 Writes ``benchmarks/results/breadth-rank.{md,json}`` (``--name``).
 """
@@ -18,6 +19,7 @@ Writes ``benchmarks/results/breadth-rank.{md,json}`` (``--name``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,38 +39,54 @@ MODELS_NAMED = (
 RANKS = (1, 4, 16)
 
 
+def _setting(rank: int, masked: bool) -> str:
+    return f"r={rank}" + (", masked loss" if masked else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
-    ranks = result["ranks"]
+    settings = list(itertools.product(result["ranks"], result.get("loss_masks", [False])))
+    labels = [_setting(*one) for one in settings]
     lines = [
         "# Breadth: more directions at the recommended site",
         "",
         f"Command: `{result['command']}`.",
         "",
         f"The breadth benchmark's data ({result.get('exemplars', 4)} exemplars), weights and first recommended layer per model, edited with the default "
-        "rewrite of rank r (`rewrite(..., rank=r)`). Ratios after/before as in breadth.md: **value** (the "
+        "rewrite of rank r (`rewrite(..., rank=r)`"
+        + ("; **masked loss**: `use_mask=True`, the loss counted on the concept masks only" if any(m for _, m in settings) else "")
+        + "). Ratios after/before as in breadth.md: **value** (the "
         "transformed exemplars' value distance to the originals'), **exemplars** and **held-out** (logit "
         "distances), **clean** (the clean images' logit change over the held-out distance before).",
         "",
-        "| model | layer | site | " + " | ".join(f"value r={r} | exemplars r={r} | held-out r={r} | clean r={r}" for r in ranks) + " |",
-        "|---|---|---|" + "---|" * (4 * len(ranks)),
+        "| model | layer | site | " + " | ".join(f"value {l} | exemplars {l} | held-out {l} | clean {l}" for l in labels) + " |",
+        "|---|---|---|" + "---|" * (4 * len(settings)),
     ]
-    held: dict[int, list[float]] = {r: [] for r in ranks}
+    held: dict[str, list[float]] = {l: [] for l in labels}
     for m in result["models"]:
-        rows = {row["rank"]: row for row in m.get("rows", []) if "error" not in row}
+        rows = {_setting(row["rank"], row.get("use_mask", False)): row for row in m.get("rows", []) if "error" not in row}
         if not rows:
             lines.append(f"| {m['model']} | {m.get('error', 'no row')} |")
             continue
         first = next(iter(rows.values()))
         cells = []
-        for r in ranks:
-            row = rows.get(r)
+        for label in labels:
+            row = rows.get(label)
             if row is None:
                 cells += ["-"] * 4
                 continue
-            held[r].append(row["heldout_ratio"])
+            held[label].append(row["heldout_ratio"])
             cells += [f"{row['value_ratio']:.3f}", f"{row['exemplar_ratio']:.3f}", f"{row['heldout_ratio']:.3f}", f"{row['clean_change']:.3f}"]
         lines.append(f"| {m['model']} | `{first['layer']}` | {first['site']} | " + " | ".join(cells) + " |")
-    lines += ["", "Median held-out ratio: " + ", ".join(f"rank {r} {np.median(v):.3f}" for r, v in held.items() if v) + "."]
+    off = [(m["model"], row["value_change_off_mask"]) for m in result["models"] for row in m.get("rows", [])[:1]
+           if "value_change_off_mask" in row]
+    if any(masked for _, masked in settings) and off:
+        lines += [
+            "",
+            "Share of the exemplars' value change (L1, at the site) that the masked loss discounts, i.e. that lies "
+            "at positions outside the concept mask (positions weighted by the area-pooled mask, as the loss "
+            "weighs them): " + ", ".join(f"{name} {share:.2f}" for name, share in off) + ".",
+        ]
+    lines += ["", "Median held-out ratio: " + ", ".join(f"{l.replace('r=', 'rank ')} {np.median(v):.3f}" for l, v in held.items() if v) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -77,16 +95,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     p.add_argument("--exemplars", type=int, default=4)
+    p.add_argument("--loss-mask", action="store_true", help="also edit each rank with the loss on the concept masks only")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="breadth-rank")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cli = sys.argv[1:] if argv is None else argv
-    models = run([i for i in args.models.split(",") if i], k=1, images={"exemplars": args.exemplars}, ranks=args.ranks)["models"]
+    loss_masks = [False, True] if args.loss_mask else [False]
+    models = run(
+        [i for i in args.models.split(",") if i], k=1, images={"exemplars": args.exemplars}, ranks=args.ranks,
+        loss_masks=loss_masks,
+    )["models"]
     result: dict[str, Any] = {
         "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank", *cli]),
         "ranks": args.ranks,
         "exemplars": args.exemplars,
+        "loss_masks": loss_masks,
         "models": models,
     }
     write_study(args.out, args.name, result, markdown)

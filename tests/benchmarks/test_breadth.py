@@ -63,13 +63,17 @@ def test_along_and_off_split_a_change_into_its_share_toward_the_target_and_the_r
 def test_rank_rows_per_model_and_their_report():
     images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
     spec = next(s for s in breadth.MODELS if s.id == "tv_mobilenet_v3_small")
-    m = run_model(spec, mode="recommended", k=1, images=images, ranks=(1, 2))
-    assert [row["rank"] for row in m["rows"]] == [1, 2]
-    assert len({row["layer"] for row in m["rows"]}) == 1  # one site, two edits of it
-    assert m["rows"][0]["exemplar_ratio"] != m["rows"][1]["exemplar_ratio"]  # the second direction changes the edit
-    md = rank_markdown({"command": "test", "ranks": [1, 2], "models": [m]})
-    assert "| tv_mobilenet_v3_small | `" in md and "held-out r=2" in md
-    assert f"rank 2 {m['rows'][1]['heldout_ratio']:.3f}" in md
+    m = run_model(spec, mode="recommended", k=1, images=images, ranks=(1, 2), loss_masks=(False, True))
+    assert [(row["rank"], row["use_mask"]) for row in m["rows"]] == [(1, False), (1, True), (2, False), (2, True)]
+    assert len({row["layer"] for row in m["rows"]}) == 1  # one site, four edits of it
+    ratios = [row["exemplar_ratio"] for row in m["rows"]]
+    assert ratios[0] != ratios[2] and ratios[0] != ratios[1]  # the second direction, and the masked loss, change the edit
+    md = rank_markdown({"command": "test", "ranks": [1, 2], "loss_masks": [False, True], "models": [m]})
+    assert "| tv_mobilenet_v3_small | `" in md and "held-out r=2 |" in md and "held-out r=2, masked loss |" in md
+    assert f"rank 2 {m['rows'][2]['heldout_ratio']:.3f}" in md
+    assert f"rank 2, masked loss {m['rows'][3]['heldout_ratio']:.3f}" in md
+    off = m["rows"][0]["value_change_off_mask"]
+    assert 0.0 <= off <= 1.0 and f"tv_mobilenet_v3_small {off:.2f}" in md
 
 
 def test_span_rows_beside_the_site_and_their_report():
