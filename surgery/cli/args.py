@@ -32,6 +32,7 @@ __all__ = [
     "finite_float",
     "add_model_args",
     "add_image_args",
+    "add_device_arg",
     "add_folder_args",
     "add_stats_args",
     "add_exemplar_args",
@@ -100,8 +101,13 @@ def add_model_args(p: argparse.ArgumentParser, *, optional: bool = False) -> Non
     p.add_argument("--pretrained", action="store_true", help="download pretrained weights (needs network)")
 
 
-def _add_device_and_size(p: argparse.ArgumentParser, size_help: str) -> None:
+def add_device_arg(p: argparse.ArgumentParser | Any) -> None:
+    """``--device``, read by :func:`model_from_args`."""
     p.add_argument("--device", help="where to run, e.g. cpu, cuda or cuda:1 (default: cpu)")
+
+
+def _add_device_and_size(p: argparse.ArgumentParser, size_help: str) -> None:
+    add_device_arg(p)
     p.add_argument("--size", type=positive_int, help=size_help)
 
 

@@ -16,10 +16,12 @@ from torch.utils.data import Subset
 
 from surgery.adapters import get_adapter
 from surgery.cli.args import (
+    add_device_arg,
     add_exemplar_args,
     add_model_args,
     check_exemplars,
     format_shape,
+    model_from_args,
     model_transform,
     positive_int,
 )
@@ -30,13 +32,12 @@ from surgery.inputs.batches import count_images
 from surgery.inputs.images import ImageFolder, load_images
 from surgery.inputs.preprocess import Preprocess, default_input_size
 from surgery.layers import describe_layers, format_layer_table, format_table, site_kind
-from surgery.models.loading import load_model
 
 __all__ = ["add_command"]
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+    model = model_from_args(args)
     if args.original is not None or args.transformed is not None:
         return _rank(model, args)
     if args.mask is not None or args.data is not None:
@@ -98,6 +99,7 @@ def add_command(subparsers: Any) -> None:
         help="square input size for the shape columns (with exemplars: the size the images are cropped to)",
     )
     p.add_argument("--blocks-only", action="store_true", help="only layers valued at a block's end")
+    add_device_arg(p)
     ranking = p.add_argument_group("ranking the candidate layers on exemplars")
     add_exemplar_args(ranking, required=False)
     ranking.add_argument("--data", metavar="DIR", help="a folder of clean images for the edits' key statistics")

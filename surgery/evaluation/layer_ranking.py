@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from surgery._guards import model_device
 from surgery.adapters import get_adapter
 from surgery.editable import EditableLayer
 from surgery.edits.apply import edited
@@ -98,7 +99,8 @@ def rank_layers(
     computed before editing (gradient x activation at the value site, a masked value patch).
     """
     layers = [get_layer(model, l) for l in (layers if layers is not None else recommended_layers(model, k=12))]
-    x, x2 = originals, transformed
+    device = model_device(model)
+    x, x2 = originals.to(device), transformed.to(device)  # images may be on the CPU, the model on a GPU
     if x.shape != x2.shape or x.ndim != 4:
         raise LayerNotFoundError("originals and transformed must be image batches (N, 3, H, W) of one shape")
     n = x.shape[0]

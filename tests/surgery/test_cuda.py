@@ -107,6 +107,20 @@ def test_evaluation_from_cached_keys_matches_full_forwards(setup, device):
     assert on_gpu.clean_acc_after == on_cpu.clean_acc_after
 
 
+def test_measured_layer_ranking_matches_the_cpu(setup, device):
+    """CPU exemplars and clean images, a GPU model: the same ranking and scores as on the CPU."""
+    cpu, gpu, clean, x, x2 = setup
+    layers = ["layer4.1.conv2", LAYER, "layer2.1.conv2"]
+    on_cpu = surgery.evaluation.rank_layers(cpu, x, x2, layers=layers, data=clean)
+    on_gpu = surgery.evaluation.rank_layers(gpu, x, x2, layers=layers, data=clean)
+    assert [l.name for l, _ in on_gpu] == [l.name for l, _ in on_cpu]
+    for (_, a), (_, b) in zip(on_gpu, on_cpu):
+        assert a == pytest.approx(b, rel=1e-3)
+    assert [l.name for l, _ in surgery.evaluation.rank_layers(gpu, x, x2, layers=layers)] == [
+        l.name for l, _ in surgery.evaluation.rank_layers(cpu, x, x2, layers=layers)
+    ]
+
+
 @pytest.mark.parametrize("use_suffix", [True, False])
 def test_finetune_on_the_gpu_matches_the_cpu(setup, device, use_suffix):
     cpu, gpu, clean, x, x2 = setup

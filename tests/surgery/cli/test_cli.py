@@ -63,6 +63,7 @@ def test_layers_with_checkpoint(tmp_path, capsys):
     [
         (["layers", "nosuch:resnet"], "torchvision:NAME"),
         (["layers", "timm:resnet50", "--checkpoint", "/nonexistent.pth"], "nonexistent"),
+        (["layers", "timm:resnet18", "--device", "nosuchdevice"], "unknown device 'nosuchdevice'"),
     ],
 )
 def test_layers_errors_are_one_line(capsys, argv, message):
