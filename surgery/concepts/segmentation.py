@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from surgery._guards import model_device
 from surgery.concepts._weights import imagenet_normalize, load_torchvision_model, torchvision_weights
 from surgery.errors import SurgeryError
 from surgery.inputs.images import pixels_to_float
@@ -107,6 +108,7 @@ def masks_from_segmentation(
     ids = _class_ids(classes, categories)
     if model is None:
         model = segmentation_model(download=download)
+    x = x.to(model_device(model))  # the model may sit on a GPU; the masks come back on the CPU
     with torch.no_grad():
         out = model(imagenet_normalize(x) if normalize else x)
     if isinstance(out, dict):

@@ -121,6 +121,19 @@ def test_measured_layer_ranking_matches_the_cpu(setup, device):
     ]
 
 
+def test_segmentation_masks_with_a_gpu_model(device):
+    """A segmentation model on the GPU, CPU images: the masks of the same model on the CPU, on the CPU."""
+    from surgery.concepts.segmentation import VOC_CLASSES, masks_from_segmentation
+
+    torch.manual_seed(0)
+    seg = torch.nn.Conv2d(3, len(VOC_CLASSES), 3, padding=1)
+    x = torch.rand(2, 3, 16, 20)
+    on_cpu = masks_from_segmentation(x, ["person", "cat"], model=seg)
+    on_gpu = masks_from_segmentation(x, ["person", "cat"], model=seg.to(device))
+    assert on_gpu.device.type == "cpu" and 0 < int(on_cpu.sum()) < on_cpu.numel()
+    assert int((on_gpu != on_cpu).sum()) <= 2  # argmax ties may round either way
+
+
 @pytest.mark.parametrize("use_suffix", [True, False])
 def test_finetune_on_the_gpu_matches_the_cpu(setup, device, use_suffix):
     cpu, gpu, clean, x, x2 = setup
