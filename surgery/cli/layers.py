@@ -14,7 +14,6 @@ from typing import Any
 
 from torch.utils.data import Subset
 
-from surgery.adapters import get_adapter
 from surgery.cli.args import (
     add_device_arg,
     add_exemplar_args,
@@ -27,7 +26,7 @@ from surgery.cli.args import (
 )
 from surgery.cli.edit import masks_for_inputs
 from surgery.errors import SurgeryError
-from surgery.evaluation.layer_ranking import rank_layers
+from surgery.evaluation.layer_ranking import rank_layers, recommended_layers
 from surgery.inputs.batches import count_images
 from surgery.inputs.images import ImageFolder, load_images
 from surgery.inputs.preprocess import Preprocess, default_input_size
@@ -69,7 +68,7 @@ def _rank(model: Any, args: argparse.Namespace) -> int:
         images = count_images(data, args.max_images)
         if args.max_images is not None:
             data = Subset(data, range(images))
-    candidates = get_adapter(model).candidates(model)[: args.pool]
+    candidates = recommended_layers(model, k=args.pool)  # the family's order: the first --pool candidates
     ranked = rank_layers(model, x, x2, masks, layers=candidates, data=data, progress=True)
     stats = f"key statistics from {images} images of {args.data}" if data is not None else (
         "key statistics: the originals' own keys plus a 1% ridge (pass --data DIR of clean images for real ones)"
