@@ -250,7 +250,7 @@ def run_archs(module: str, archs: Sequence[str], measure: Callable[[str], dict],
     logging.getLogger("surgery").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     cli = sys.argv[1:] if argv is None else argv
-    result: dict[str, Any] = {"command": f"OMP_NUM_THREADS=1 python -m {module} " + shlex.join(cli), "archs": {}}
+    result: dict[str, Any] = {"command": " ".join(["OMP_NUM_THREADS=1 python -m", module, *([shlex.join(cli)] if cli else [])]), "archs": {}}
     for arch in archs:
         start = time.perf_counter()
         result["archs"][arch] = measure(arch)
