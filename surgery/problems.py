@@ -25,14 +25,16 @@ from surgery.solvers import EditProblem, value_weights
 from surgery.solvers.direction import key_weights, rank_one_direction
 from surgery.stats.keystats import KeyStats
 
-__all__ = ["prepare_problem", "load_exemplars", "auto_prefix_weight", "Images", "PrefixWeight"]
+__all__ = ["prepare_problem", "load_exemplars", "auto_prefix_weight", "key_moment", "Images", "PrefixWeight"]
 
 logger = logging.getLogger(__name__)
 
 Images = ImageLike | Sequence[ImageLike]
 
 
-def _moment(stats: KeyStats | torch.Tensor, layer: EditableLayer) -> torch.Tensor:
+def key_moment(stats: KeyStats | torch.Tensor, layer: EditableLayer) -> torch.Tensor:
+    """The second moment ``C`` of ``layer``'s keys from ``stats`` (a KeyStats of that layer, or the matrix),
+    checked against the layer's input channels."""
     if isinstance(stats, KeyStats):
         if stats.layer != layer.name:
             raise SurgeryError(
@@ -157,7 +159,7 @@ def prepare_problem(
         ntrain = n_ex
     if not 1 <= ntrain <= n_ex:
         raise SurgeryError(f"ntrain must be between 1 and the number of exemplars ({n_ex}), got {ntrain}")
-    moment = _moment(stats, layer)
+    moment = key_moment(stats, layer)
 
     device = model_device(model)
     dtype = layer.weight.dtype

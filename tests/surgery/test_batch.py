@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from surgery import SurgeryError, apply_edit, collect_key_stats, edited, revert_edit, rewrite
-from surgery.batch import Rule, rewrite_rules
+from surgery.batch import Rule, rewrite_rules, separate_directions
 from surgery.problems import prepare_problem
 from surgery.solvers import EditProblem
 from surgery.testbed.models import build_model
@@ -77,6 +77,25 @@ def test_protected_images_move_less(vgg):
     kept = rewrite_rules(model, LAYER, rules, stats=stats, protect=clean[:16], protect_weight=4.0)
     assert kept.hparams["protected_images"] == 16
     assert clean_change(kept) < clean_change(free)
+
+
+def test_orthogonal_directions_leave_the_other_rules_keys_alone(vgg):
+    """orthogonal=True: each rule's new direction is C-orthogonal to the other's own (u_b'^T C u_a = 0), so
+    rule b's update does nothing to the key C u_a that rule a was whitened from."""
+    model, rules, _, stats = vgg
+    free = rewrite_rules(model, LAYER, rules, stats=stats)
+    apart = rewrite_rules(model, LAYER, rules, stats=stats, orthogonal=True)
+    c = stats.moment()
+    u0, u1 = free.u.double(), apart.u.double()
+    cos0 = float(u0[0] @ c @ u0[1]) / float((u0[0] @ c @ u0[0]) * (u0[1] @ c @ u0[1])) ** 0.5
+    assert abs(cos0) > 0.1  # the fixture's rules overlap (0.13)
+    for i, j in ((0, 1), (1, 0)):  # the new direction of one rule against the key the other was whitened from
+        assert abs(float(u1[i] @ c @ u0[j])) < 1e-5 * float(u1[i] @ c @ u1[i]) ** 0.5 * float(u0[j] @ c @ u0[j]) ** 0.5
+    assert torch.allclose(u1.norm(dim=1), torch.ones(2, dtype=torch.float64)) and ((u1 * u0).sum(1) > 0).all()
+    assert apart.hparams["orthogonal"] is True and free.hparams["orthogonal"] is False
+    # one direction twice: nothing is left of either
+    with pytest.raises(SurgeryError, match="span of the other rules"):
+        separate_directions(torch.cat([u0[:1], u0[:1]]), c)
 
 
 def test_a_batch_edit_reverts_bit_exactly_through_its_handle(vgg, tmp_path):
