@@ -25,11 +25,11 @@ from surgery.errors import SurgeryError
 from surgery.identity import architecture_id
 from surgery.inputs.images import Transform
 from surgery.layers import get_layer
-from surgery.problems import Images, PrefixWeight, key_moment, prepare_problem
+from surgery.problems import Images, PrefixWeight, prepare_problem
 from surgery.solvers import EditProblem, SolverConfig, solver_config
 from surgery.stats.keystats import KeyStats
 
-__all__ = ["Rule", "rewrite_rules", "separate_directions"]
+__all__ = ["Rule", "rewrite_rules"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,31 +50,6 @@ def _weights(problem: EditProblem, scale: float) -> torch.Tensor:
     return w * scale
 
 
-def separate_directions(directions: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """Each row of ``directions`` (unit ``u_i``, shape ``(R, n)``) projected off the other rows in the
-    metric of ``moment`` (``C``), i.e. in the whitened key space (``s = C^1/2 u``): afterwards
-    ``u_j'^T C u_i = 0`` for ``i != j`` (``u_i`` as given), so rule ``j``'s update does nothing to the key
-    ``C u_i`` that rule ``i`` was whitened from. Rows are renormalized and keep their side."""
-    if directions.shape[0] < 2:
-        return directions
-    u = directions.to(torch.float64)
-    c = moment.to(torch.float64)
-    out = []
-    for i in range(u.shape[0]):
-        others = torch.cat([u[:i], u[i + 1 :]])
-        gram = others @ c @ others.T
-        along = others.T @ torch.linalg.pinv(gram) @ (others @ c @ u[i])
-        rest = u[i] - along
-        norm = rest.norm()
-        if not norm > 1e-12 * u[i].norm():
-            raise SurgeryError(
-                f"rule {i}'s direction lies in the span of the other rules' (in the whitened key space), so "
-                "orthogonal=True leaves it nothing: drop the rule or pass orthogonal=False"
-            )
-        out.append(rest / norm)
-    return torch.stack(out).to(directions.dtype)
-
-
 def rewrite_rules(
     model: nn.Module,
     layer: str,
@@ -88,7 +63,6 @@ def rewrite_rules(
     use_mask: bool = False,
     transform: Transform | None = None,
     prefix_weight: PrefixWeight = "auto",
-    orthogonal: bool = False,
 ) -> Edit:
     """One edit of ``layer`` that makes every rule of ``rules`` at once (see the module docstring).
 
@@ -102,9 +76,6 @@ def rewrite_rules(
         protect_weight: the weight of each protected position in the loss, against 1 for an exemplar's.
         solver, loss, use_mask, transform, prefix_weight: as :func:`surgery.rewrite` (``"fast"`` or a
             :class:`~surgery.solvers.FastConfig`; the reference solver is not offered for batches).
-        orthogonal: project each rule's direction, in the whitened key space, off the span of the other
-            rules' (:func:`separate_directions`), so that one rule's update leaves the keys the others were
-            whitened from as they were; measured in docs/method.md 6c.
 
     Returns:
         An :class:`Edit` with ``lam`` of rank ``len(rules)`` and ``u`` one row per rule, in order.
@@ -134,15 +105,12 @@ def rewrite_rules(
         scales = [1.0] * len(problems) + ([protect_weight] if protect is not None else [])
         weights = torch.cat([_weights(p, s) for p, s in zip(parts, scales)])
     context = {name: torch.cat([p.context[name] for p in parts]) for name in parts[0].context}
-    directions = torch.cat([p.u for p in problems])
-    if orthogonal:
-        directions = separate_directions(directions, key_moment(stats, lay).to(directions))
     joint = EditProblem(
         layer=lay,
         keys=torch.cat([p.keys for p in parts]),
         values=torch.cat([p.values for p in parts]),
         context=context,
-        u=directions,  # one direction per rule; protected images add none
+        u=torch.cat([p.u for p in problems]),  # one direction per rule; protected images add none
         weights=weights,
         loss=loss,
         ridge=config.problem_ridge,
@@ -156,7 +124,7 @@ def rewrite_rules(
     hparams: dict[str, Any] = {
         "solver": info["solver"], "loss": loss, "use_mask": use_mask, "rules": len(rules),
         "protected_images": 0 if protect is None else int(parts[-1].keys.shape[0]),
-        "protect_weight": protect_weight, "orthogonal": orthogonal, **config.hparams(),
+        "protect_weight": protect_weight, **config.hparams(),
     }
     description = "; ".join(r.description for r in rules if r.description)
     edit = Edit(

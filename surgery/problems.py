@@ -25,16 +25,14 @@ from surgery.solvers import EditProblem, value_weights
 from surgery.solvers.direction import key_weights, rank_one_direction
 from surgery.stats.keystats import KeyStats
 
-__all__ = ["prepare_problem", "load_exemplars", "auto_prefix_weight", "key_moment", "Images", "PrefixWeight"]
+__all__ = ["prepare_problem", "load_exemplars", "auto_prefix_weight", "Images", "PrefixWeight"]
 
 logger = logging.getLogger(__name__)
 
 Images = ImageLike | Sequence[ImageLike]
 
 
-def key_moment(stats: KeyStats | torch.Tensor, layer: EditableLayer) -> torch.Tensor:
-    """The second moment ``C`` of ``layer``'s keys from ``stats`` (a KeyStats of that layer, or the matrix),
-    checked against the layer's input channels."""
+def _moment(stats: KeyStats | torch.Tensor, layer: EditableLayer) -> torch.Tensor:
     if isinstance(stats, KeyStats):
         if stats.layer != layer.name:
             raise SurgeryError(
@@ -159,7 +157,7 @@ def prepare_problem(
         ntrain = n_ex
     if not 1 <= ntrain <= n_ex:
         raise SurgeryError(f"ntrain must be between 1 and the number of exemplars ({n_ex}), got {ntrain}")
-    moment = key_moment(stats, layer)
+    moment = _moment(stats, layer)
 
     device = model_device(model)
     dtype = layer.weight.dtype

@@ -12,9 +12,6 @@ batch:
   per rule): the joint rewrite with each direction whitened within the near-null space of the clean keys'
   second moment ``C`` (the eigen-directions holding 1% of their energy, :func:`null_space_moment`), so
   that clean keys barely reach it;
-- **joint, rules' null space** (the design issue 28 names): the joint rewrite with each rule's direction
-  projected, in the whitened key space, off the other rules' (``rewrite_rules(..., orthogonal=True)``), so
-  that no rule's update acts on the keys the others were whitened from;
 - **joint, 0.5-point budget**: the joint rewrite with its strength chosen within the acceptance's 0.5-point
   cost (issue 28) instead of the protocol's 0.25, from a grid extended to 4 (as the ViT efficacy run's);
 - **joint per layer**: one joint rewrite per layer the solo edits chose, each rule at its own layer;
@@ -68,7 +65,7 @@ logger = logging.getLogger("benchmarks.multi_edit.variants")
 
 VARIANTS = (
     "stacked", "joint", "joint, protected", "joint per layer", "joint, solo strengths", "stacked, one strength",
-    "stacked, budget/k", "joint, clean-key null space", "joint, 0.5-point budget", "joint, rules' null space",
+    "stacked, budget/k", "joint, clean-key null space", "joint, 0.5-point budget",
 )
 N_PROTECT = 64  # clean training images protected by the "joint, protected" variant
 WIDE_BUDGET = "joint, 0.5-point budget"
@@ -156,9 +153,6 @@ def variant_edits(
         "joint, solo strengths": solo_strengths,
         "stacked, one strength": lambda: factored_edit(model, [(c.edit.layer, c.edit.lam * c.alpha, c.edit.u) for c in solos]),
         "joint, clean-key null space": null_space,
-        "joint, rules' null space": lambda: rewrite_rules(
-            model, main_layer, batch, stats=stats[main_layer], solver=config, orthogonal=True
-        ),
         WIDE_BUDGET: joint,
     }
     return {name: make() for name, make in makers.items() if name in names}, notes
