@@ -1,13 +1,14 @@
-"""How much the rules' directions share: would projecting each away from the others' keys help?
+"""How much the rules' directions share in the whitened key space: what one rule does to another's concept.
 
 Issue 28 names one batch design the variants did not measure: each rule's rank-one direction projected onto
-the null space of the other rules' keys, in the whitened key space. What that projection does is decided by
-how much the rules' whitened directions share in the first place. A rule's direction is ``u = C^-1/2 s``
+the null space of the other rules' keys, in the whitened key space. For the joint solve that changes nothing
+(the projected directions span the same space; docs/method.md 6c); for rules solved one at a time it would,
+as much as the rules' directions share. A rule's direction is ``u = C^-1/2 s``
 (:func:`surgery.solvers.direction.rank_one_direction`: ``s`` the top direction of its whitened transformed
 keys), so in the whitened space it is ``s = C^1/2 u``. For each pair of rules, the **cosine** of their ``s``
 (``u_i^T C u_j`` over the norms): what rule ``j``'s update does to rule ``i``'s concept, per unit of what it
 does to its own. For each rule, **kept**: the norm of its ``s`` left after projecting out the span of the
-other rules' (1: the projection changes nothing, so it cannot help; near 0: it takes the direction away).
+other rules' (1: the projection changes nothing; near 0: it takes the direction away).
 
 On the variants' draws (10 and up; the main run uses 0-2), for each model's deep candidate layers:
 
