@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from surgery.adapters import get_adapter
 from surgery.edits.apply import edited
 from surgery.evaluation import rank_layers
 from surgery.stats.keystats import ridged_moment
@@ -74,7 +73,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def run_model(model_id: str) -> dict[str, Any]:
     data, model, base = prepare_run(model_specs([model_id])[model_id])
-    pool = get_adapter(model).candidates(model)[:POOL]
+    pool = surgery.recommended_layers(model, k=POOL)
     stats = surgery.collect_key_stats(model, [l.name for l in pool], data.calibration, batch_size=16, progress=False)
     real = {l.name: measure_layer(model, l, data, base, stats=stats[l.name])["heldout_ratio"] for l in pool}
     scores = {

@@ -197,12 +197,12 @@ def _run(
     stats_images = _stats_images(images, transform, crops_per_photo, seed)
     if held_out_layers is None:
         held_out_layers = [one.name for one in surgery.recommended_layers(model, k=3)] + [layer]
-    held = held_out_photos(model, x, x2)
+    held = held_out_photos(p_clean, p_tex)
     choices = {name: dict.fromkeys(held, name) for name in held_out_layers}
     measured = {}
     if held_out_layers and measured_pool:
         t_measure = time.perf_counter()
-        measured = measured_choices(model, x, x2, masks, stats_images, pool=measured_pool)
+        measured = measured_choices(model, x, x2, masks, stats_images, held, pool=measured_pool)
         choices[MEASURED] = {h: name for h, (name, _) in measured.items()}
         times["measured_choice"] = time.perf_counter() - t_measure
     edited_layers = list(dict.fromkeys([layer, *(name for one in choices.values() for name in one.values())]))

@@ -30,10 +30,10 @@ def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).softmax(-1)
 
 
-def held_out_photos(model: torch.nn.Module, x: torch.Tensor, x2: torch.Tensor) -> list[int]:
-    """The photos whose top-1 the texture changes: each is held out of one edit in turn."""
-    changed = predict(model, x).argmax(1) != predict(model, x2).argmax(1)
-    return [int(i) for i in changed.nonzero().flatten()]
+def held_out_photos(p_clean: torch.Tensor, p_textured: torch.Tensor) -> list[int]:
+    """The photos whose top-1 the texture changes (from their class probabilities, clean and textured): each
+    is held out of one edit in turn."""
+    return [int(i) for i in (p_clean.argmax(1) != p_textured.argmax(1)).nonzero().flatten()]
 
 
 def measured_choices(
@@ -42,16 +42,17 @@ def measured_choices(
     x2: torch.Tensor,
     masks: torch.Tensor,
     data: torch.Tensor,
+    held: Sequence[int],
     *,
     pool: int = 12,
 ) -> dict[int, tuple[str, float]]:
-    """For each held-out photo, the layer ``recommended_layers`` measures on the *other* photos (their
-    originals, textured copies and masks, and ``data`` for the key statistics), with its score: the
+    """For each held-out photo of ``held``, the layer ``recommended_layers`` measures on the *other* photos
+    (their originals, textured copies and masks, and ``data`` for the key statistics), with its score: the
     left-out exemplars' logit distance left (:func:`surgery.evaluation.layer_ranking.rank_layers`)."""
+    candidates = surgery.recommended_layers(model, k=pool)
     out = {}
-    for h in held_out_photos(model, x, x2):
+    for h in held:
         others = [i for i in range(len(x)) if i != h]
-        candidates = surgery.recommended_layers(model, k=pool)
         (layer, score), *_ = surgery.evaluation.rank_layers(
             model, x[others], x2[others], masks[others], layers=candidates, data=data
         )
