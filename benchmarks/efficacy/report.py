@@ -11,7 +11,7 @@ import numpy as np
 
 from surgery._files import save_figure, write_text
 
-from .settings import GROUPS, SCHEDULE_VARIANTS, Settings
+from .settings import GROUPS, RANK_VARIANT, SCHEDULE_VARIANTS, Settings
 
 __all__ = [
     "bootstrap_ci", "summarize", "edit_lead", "chosen_layers", "headline", "markdown", "figure", "write_report",
@@ -52,13 +52,15 @@ def summarize(units: list[dict], s: Settings) -> dict:
     return out
 
 
-def edit_lead(units: list[dict], ns, reps: int, seed: int, group: str = "other/same") -> dict[int, dict]:
-    """Per N: the edit's lead over the better fine-tuning (the one with the higher mean) in ``group``,
+def edit_lead(
+    units: list[dict], ns, reps: int, seed: int, group: str = "other/same", method: str = "edit"
+) -> dict[int, dict]:
+    """Per N: ``method``'s lead over the better fine-tuning (the one with the higher mean) in ``group``,
     paired per unit (units where both have a number), with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed + 11)
     out = {}
     for n in ns:
-        us = [u for u in units if u["n"] == n and "edit" in u["methods"]]
+        us = [u for u in units if u["n"] == n and method in u["methods"]]
         means = {}
         for ft in ("finetune local", "finetune global"):
             v = [u["methods"][ft]["pct"][group] for u in us if ft in u["methods"] and u["methods"][ft]["pct"][group] is not None]
@@ -67,8 +69,8 @@ def edit_lead(units: list[dict], ns, reps: int, seed: int, group: str = "other/s
         if not means:
             continue
         best = max(means, key=means.get)
-        d = [u["methods"]["edit"]["pct"][group] - u["methods"][best]["pct"][group] for u in us
-             if best in u["methods"] and None not in (u["methods"]["edit"]["pct"][group], u["methods"][best]["pct"][group])]
+        d = [u["methods"][method]["pct"][group] - u["methods"][best]["pct"][group] for u in us
+             if best in u["methods"] and None not in (u["methods"][method]["pct"][group], u["methods"][best]["pct"][group])]
         if d:
             out[n] = {"vs": best, "mean": float(np.mean(d)), "ci95": list(bootstrap_ci(d, reps, rng)), "units": len(d)}
     return out
@@ -77,17 +79,17 @@ def edit_lead(units: list[dict], ns, reps: int, seed: int, group: str = "other/s
 HEADLINE_METHODS = ("edit", "edit +mask", "finetune local", "finetune global")
 
 
-def chosen_layers(units: list[dict], method: str) -> dict[int, dict[str, int]]:
+def chosen_layers(units: list[dict], method: str, key: str = "layer") -> dict[int, dict[str, int]]:
     """Per N: how many units' selection took each candidate layer (or span, ``"A+B"``; ``"no edit"`` where
-    none was within the budget), most often first."""
+    none was within the budget), most often first; ``key="rank"``: each rank instead."""
     counts: dict[int, dict[str, int]] = {}
     for u in units:
         res = u["methods"].get(method)
         if res is None:
             continue
         per_n = counts.setdefault(u["n"], {})
-        layer = res.get("layer") or "no edit"
-        per_n[layer] = per_n.get(layer, 0) + 1
+        choice = "no edit" if res.get(key) is None else str(res[key])
+        per_n[choice] = per_n.get(choice, 0) + 1
     return {n: dict(sorted(c.items(), key=lambda kv: -kv[1])) for n, c in sorted(counts.items())}
 
 
@@ -156,17 +158,25 @@ def markdown(result: dict) -> str:
                 f"| {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | " + " | ".join(cells)
                 + f" | {row['clean_acc_change_pp']['mean']:+.2f} | {shift('other-nonprefer')} | {shift('clean-no-concept')} |"
             )
-        for method in ("edit", "edit span", *SCHEDULE_VARIANTS):
+        for method in ("edit", "edit span", *SCHEDULE_VARIANTS, RANK_VARIANT):
             counts = chosen_layers(a["units"], method)
             if counts:
                 lines += ["", f"Candidates the selection took for `{method}` (units per layer, by N): " + "; ".join(
                     f"N={n}: " + ", ".join(f"{layer} {k}" for layer, k in per_n.items()) for n, per_n in counts.items()
                 ) + "."]
-        lead = edit_lead(a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"])
-        if lead:
-            lines += ["", "Edit's lead over the better fine-tuning, other classes / same style, paired per unit: " + "; ".join(
-                f"N={n} {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] points vs {r['vs']} ({r['units']} units)"
-                for n, r in lead.items()) + "."]
+        ranks = chosen_layers(a["units"], RANK_VARIANT, key="rank")
+        if ranks:
+            lines += ["", f"Ranks the selection took for `{RANK_VARIANT}` (units per rank, by N): " + "; ".join(
+                f"N={n}: " + ", ".join(f"rank {r} {k}" for r, k in per_n.items()) for n, per_n in ranks.items()
+            ) + "."]
+        for method, label in (("edit", "Edit"), (RANK_VARIANT, f"`{RANK_VARIANT}`")):
+            lead = edit_lead(
+                a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"], method=method
+            )
+            if lead:
+                lines += ["", f"{label}'s lead over the better fine-tuning, other classes / same style, paired per unit: " + "; ".join(
+                    f"N={n} {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] points vs {r['vs']} ({r['units']} units)"
+                    for n, r in lead.items()) + "."]
         lines.append("")
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from surgery.testbed.protocol import ALPHAS, MIN_DROP, MIN_HURT
 
-__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "SCHEDULE_VARIANTS", "METHODS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
+__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "SCHEDULE_VARIANTS", "RANK_VARIANT", "METHODS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
 
 
 GROUPS = (
@@ -26,9 +26,13 @@ TOKEN_VARIANTS = ("edit prefix=1", "edit mlp only", "edit attn only")
 # A span of four blocks under each share schedule (surgery.span): not in the default run; chosen with
 # --methods (benchmarks/results/span_schedules.md).
 SCHEDULE_VARIANTS = ("edit long span", "edit long span first-last")
+# The edit's candidates and the same layers edited with four directions (``rewrite(..., rank=4)``), one
+# selection among all of them; on every unit, so that its lead over fine-tuning is measured like the
+# edit's. Not in the default run; chosen with --methods (benchmarks/results/efficacy_vit_rank.md).
+RANK_VARIANT = "edit rank 4"
 METHODS = (
     "edit", "edit +mask", "reference", "finetune local", "finetune global", *VARIANTS, *TOKEN_VARIANTS,
-    *SCHEDULE_VARIANTS,
+    *SCHEDULE_VARIANTS, RANK_VARIANT,
 )
 
 

@@ -17,7 +17,7 @@ from surgery.evaluation import CachedImages, Candidate, NoCandidateError, select
 from surgery.testbed import CLASS_NAMES, STYLES
 from surgery.testbed.protocol import SPAN, choose_target, edit_candidates
 
-from .settings import SCHEDULE_VARIANTS, TOKEN_VARIANTS, VARIANTS, Settings
+from .settings import RANK_VARIANT, SCHEDULE_VARIANTS, TOKEN_VARIANTS, VARIANTS, Settings
 
 __all__ = ["PairData", "prepare_pair", "draw_unit", "run_unit", "evaluate_on_test", "errors_by_group", "group_masks"]
 
@@ -155,6 +155,13 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps,
                 schedule="first_last" if method.endswith("first-last") else "memit",
             )
+        elif method == RANK_VARIANT:
+            cands = cache_cands.get("edit") or edit_candidates(
+                model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps
+            )
+            cands = cands + edit_candidates(
+                model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=4
+            )
         elif method == "edit prefix=1":
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, prefix_weight=1.0
@@ -190,6 +197,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
         res["chosen"] = None if chosen_c is None else chosen_c.name
         res["layer"] = None if chosen_c is None else SPAN.join(chosen_c.edit.layers)
         res["alpha"] = None if chosen_c is None else chosen_c.alpha
+        res["rank"] = None if chosen_c is None else chosen_c.edit.hparams.get("rank", 1)
         res["n_candidates"] = len(cands)
         res["selection_table"] = table
         res["seconds"] = round(time.perf_counter() - t0, 2)

@@ -124,17 +124,19 @@ def edit_candidates(
     steps: int | None = None,
     prefix_weight: float | str = "auto",
     schedule: str = "memit",
+    rank: int = 1,
 ) -> list[Candidate]:
     """One fast-solver rewrite per layer (L1, the paper's ``-mask`` unless ``use_mask``), each at every
     strength of ``alphas``; a layer ``"A+B"`` is one span edit of A and B (:func:`span_parts`) with
-    ``schedule``. ``prefix_weight``: the class token's weight on token layers (``rewrite``)."""
+    ``schedule``. ``prefix_weight``: the class token's weight on token layers; ``rank``: the number of
+    directions (``rewrite``)."""
     out: list[Candidate] = []
     for layer in layers:
         parts = span_parts(layer)
         edit = rewrite(
             model, parts if len(parts) > 1 else layer, x, x2, masks,
             stats={p: stats[p] for p in parts} if len(parts) > 1 else stats[layer], solver="fast",
-            use_mask=use_mask, steps=steps, prefix_weight=prefix_weight,
+            use_mask=use_mask, steps=steps, prefix_weight=prefix_weight, rank=rank,
             **({"schedule": schedule} if len(parts) > 1 else {}),
         )
         out += strength_grid(edit, alphas)

@@ -202,3 +202,35 @@ def test_edit_lead_is_paired_against_the_better_fine_tuning():
     assert lead[3]["vs"] == "finetune global" and lead[3]["mean"] == 15.0 and lead[3]["units"] == 2
     assert 10.0 <= lead[3]["ci95"][0] <= lead[3]["ci95"][1] <= 20.0
     assert lead[10] == {"vs": "finetune global", "mean": 5.0, "ci95": [5.0, 5.0], "units": 1}
+
+
+def test_the_rank_variant_is_led_and_counted_on_its_own_choices():
+    from benchmarks.efficacy.report import chosen_layers, edit_lead
+    from benchmarks.efficacy.settings import RANK_VARIANT
+
+    def unit(n, edit, ranked, rank, local):
+        return {"n": n, "methods": {
+            "edit": {"pct": {"other/same": edit}, "layer": "fc", "rank": 1},
+            RANK_VARIANT: {"pct": {"other/same": ranked}, "layer": None if rank is None else "fc", "rank": rank},
+            "finetune local": {"pct": {"other/same": local}},
+        }}
+
+    units = [unit(3, 10.0, 14.0, 4, 2.0), unit(3, 10.0, 10.0, 1, 0.0), unit(3, 6.0, 0.0, None, 0.0)]
+    assert edit_lead(units, (3,), reps=100, seed=0)[3]["mean"] == pytest.approx(8.0)
+    assert edit_lead(units, (3,), reps=100, seed=0, method=RANK_VARIANT)[3]["mean"] == pytest.approx(22.0 / 3)
+    assert chosen_layers(units, RANK_VARIANT, key="rank") == {3: {"4": 1, "1": 1, "no edit": 1}}
+    assert chosen_layers(units, RANK_VARIANT) == {3: {"fc": 2, "no edit": 1}}
+
+
+def test_edit_candidates_make_each_layer_at_the_rank_asked():
+    from surgery import collect_key_stats
+    from surgery.testbed.protocol import edit_candidates
+    from tests.tiny_models import tiny_vit
+
+    model, layer = tiny_vit(), "blocks.1.mlp.fc2"
+    x, x2 = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    stats = {layer: collect_key_stats(model, layer, torch.rand(16, 3, 32, 32), progress=False)}
+    for rank in (1, 2):
+        cands = edit_candidates(model, [layer], stats, x, x2, None, alphas=(0.5, 1.0), rank=rank)
+        assert [c.alpha for c in cands] == [0.5, 1.0]
+        assert all(c.edit.hparams["rank"] == rank and c.edit.u.shape[0] == rank for c in cands)
