@@ -76,6 +76,26 @@ def test_rank_rows_per_model_and_their_report():
     assert 0.0 <= off <= 1.0 and f"tv_mobilenet_v3_small {off:.2f}" in md
 
 
+def test_strength_rows_match_the_breadth_edit_and_the_choice_ignores_the_held_out_images():
+    from benchmarks.breadth.strength import markdown as strength_markdown
+    from benchmarks.breadth.strength import measure_strengths
+
+    images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
+    spec = next(s for s in breadth.MODELS if s.id == "tv_mobilenet_v3_small")
+    m = measure_strengths(spec, (0.5, 1.0, 2.0), images=images)
+    (site,) = run_model(spec, mode="recommended", k=1, images=images)["rows"]
+    one = next(r for r in m["rows"] if r["alpha"] == 1.0)
+    assert m["layer"] == site["layer"]
+    for key in ("exemplar_ratio", "heldout_ratio", "clean_change"):  # strength 1 is the breadth run's edit
+        assert abs(one[key] - site[key]) < 1e-6
+    assert [r["clean_change"] for r in m["rows"]] == sorted(r["clean_change"] for r in m["rows"])
+    chosen = min(m["rows"], key=lambda r: r["exemplar_ratio"])
+    assert m["chosen_alpha"] == chosen["alpha"]
+    md = strength_markdown({"command": "test", "alphas": [0.5, 1.0, 2.0], "models": [m]})
+    assert f"| {m['chosen_alpha']:g} | {chosen['heldout_ratio']:.3f} |" in md
+    assert f"strength 1 {one['heldout_ratio']:.3f}" in md
+
+
 def test_span_rows_beside_the_site_and_their_report():
     from benchmarks.breadth.span import markdown as span_markdown
     from benchmarks.breadth.span import run_model as span_run_model

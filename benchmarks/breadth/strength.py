@@ -1,0 +1,120 @@
+"""Is strength what the breadth targets lack? The default edit at the first recommended site, applied at
+several strengths.
+
+The breadth run applies each edit at strength 1, the least-squares fit to the exemplars. If the held-out
+images carried the texture more weakly along the edit's direction than the exemplars do, a stronger edit
+would move their logits further. Here, for the models the targets name, the same data, weights, site and
+edit as the breadth run, applied with ``alpha`` in a grid: the exemplars' and held-out images' logit ratios
+and the clean change, as breadth.md defines them. **chosen**: the strength whose exemplars' ratio is lowest,
+chosen without the held-out images.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.breadth.strength [--models a,b] [--alphas 0.5 1 1.5 2 3 4]
+
+Writes ``benchmarks/results/breadth-strength.{md,json}`` (``--name``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import surgery
+from surgery.edits.apply import edited
+
+from .driver import RESULTS, model_specs, prepare_run, write_study
+from .measure import batch_logits, mean_distance
+from .models import ModelSpec
+from .rank import MODELS_NAMED
+
+__all__ = ["main", "markdown", "measure_strengths", "ALPHAS"]
+
+ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def measure_strengths(spec: ModelSpec, alphas: tuple[float, ...], images: dict[str, int] | None = None) -> dict[str, Any]:
+    """One model: its first recommended layer's default edit at each strength of ``alphas`` (``images``:
+    the image counts, as ``prepare_run`` takes them)."""
+    data, model, base = prepare_run(spec, images=images)
+    layer = surgery.recommended_layers(model, k=1)[0]
+    stats = surgery.collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
+    edit = surgery.rewrite(model, layer, data.x, data.x2, data.masks, stats=stats)
+    before = {"x2": mean_distance(base["x2"], base["x"]), "h2": mean_distance(base["h2"], base["h"])}
+    rows = []
+    for alpha in alphas:
+        with edited(model, edit, alpha=alpha):
+            after = {k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}
+        rows.append({
+            "alpha": alpha,
+            "exemplar_ratio": mean_distance(after["x2"], base["x"]) / max(before["x2"], 1e-30),
+            "heldout_ratio": mean_distance(after["h2"], base["h"]) / max(before["h2"], 1e-30),
+            "clean_change": mean_distance(after["clean"], base["clean"]) / max(before["h2"], 1e-30),
+        })
+    chosen = min(rows, key=lambda r: r["exemplar_ratio"])
+    return {"model": spec.id, "layer": layer.name, "rows": rows, "chosen_alpha": chosen["alpha"]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    alphas = result["alphas"]
+    lines = [
+        "# Breadth: the edit's strength",
+        "",
+        f"Command: `{result['command']}`.",
+        "",
+        "The breadth benchmark's data, weights, first recommended layer and default edit per model, applied at "
+        "strength `alpha`. Ratios after/before as in breadth.md: **exemplars** / **held-out** (logit distances "
+        "to the originals'), **clean** (the clean images' logit change over the held-out distance before). "
+        "**chosen**: the strength with the lowest exemplars' ratio (no held-out image used), and its held-out "
+        "ratio.",
+        "",
+        "| model | layer | " + " | ".join(f"exemplars / held-out / clean at {a:g}" for a in alphas) + " | chosen | held-out at chosen |",
+        "|---|---|" + "---|" * (len(alphas) + 2),
+    ]
+    at_one, at_chosen, best = [], [], []
+    for m in result["models"]:
+        rows = {r["alpha"]: r for r in m["rows"]}
+        cells = [f"{r['exemplar_ratio']:.3f} / {r['heldout_ratio']:.3f} / {r['clean_change']:.3f}" for r in m["rows"]]
+        chosen = rows[m["chosen_alpha"]]
+        lines.append(
+            f"| {m['model']} | `{m['layer']}` | " + " | ".join(cells) + f" | {m['chosen_alpha']:g} | {chosen['heldout_ratio']:.3f} |"
+        )
+        if 1.0 in rows:
+            at_one.append(rows[1.0]["heldout_ratio"])
+        at_chosen.append(chosen["heldout_ratio"])
+        best.append(min(r["heldout_ratio"] for r in m["rows"]))
+    lines += [
+        "",
+        "Median held-out ratio: "
+        + (f"strength 1 {np.median(at_one):.3f}, " if at_one else "")
+        + f"chosen strength {np.median(at_chosen):.3f}, best strength per model by the held-out images "
+        f"themselves (not a choice a user can make) {np.median(best):.3f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.strength", description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="breadth-strength")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cli = sys.argv[1:] if argv is None else argv
+    alphas = tuple(sorted(args.alphas))
+    specs = model_specs([i for i in args.models.split(",") if i])
+    result: dict[str, Any] = {
+        "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.strength", *cli]),
+        "alphas": list(alphas),
+        "models": [measure_strengths(spec, alphas) for spec in specs.values()],
+    }
+    write_study(args.out, args.name, result, markdown)
+    return result
+
+
+if __name__ == "__main__":
+    main()
