@@ -28,8 +28,9 @@ The package, by job: :mod:`.weights` (random weights that exercise every block),
 synthetic concept and the images), :mod:`.models` (the model zoo), :mod:`.measure` (editing one layer
 and measuring it), :mod:`.sweep` (candidate layers, what the sweep says), :mod:`.branch` (values after
 the residual add vs the branch alone), :mod:`.report` (Markdown), :mod:`.driver` (the run and the
-command line); two studies of issue 26: :mod:`.clip_prefix` (why open_clip's edit moved away) and
-:mod:`.rank` (more directions at the recommended site), :mod:`.span` (span edits beside it).
+command line); studies of issue 26: :mod:`.clip_prefix` (why open_clip's edit moved away),
+:mod:`.rank` (more directions at the recommended site, or the loss on the mask), :mod:`.strength` (the
+edit at other strengths), :mod:`.span` (span edits beside it), :mod:`.ranking` (the measured ranking).
 """
 
 from __future__ import annotations
