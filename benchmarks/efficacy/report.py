@@ -53,19 +53,20 @@ def summarize(units: list[dict], s: Settings) -> dict:
 
 
 def edit_lead(
-    units: list[dict], ns, reps: int, seed: int, group: str = "other/same", method: str = "edit"
+    units: list[dict], ns, reps: int, seed: int, group: str = "other/same", method: str = "edit",
+    over: str | None = None,
 ) -> dict[int, dict]:
-    """Per N: ``method``'s lead over the better fine-tuning (the one with the higher mean) in ``group``,
-    paired per unit (units where both have a number), with a bootstrap 95% interval."""
+    """Per N: ``method``'s lead over ``over``, by default the better fine-tuning (the one with the higher
+    mean), in ``group``, paired per unit (units where both have a number), with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed + 11)
     out = {}
     for n in ns:
         us = [u for u in units if u["n"] == n and method in u["methods"]]
         means = {}
-        for ft in ("finetune local", "finetune global"):
-            v = [u["methods"][ft]["pct"][group] for u in us if ft in u["methods"] and u["methods"][ft]["pct"][group] is not None]
+        for other in (over,) if over is not None else ("finetune local", "finetune global"):
+            v = [u["methods"][other]["pct"][group] for u in us if other in u["methods"] and u["methods"][other]["pct"][group] is not None]
             if v:
-                means[ft] = float(np.mean(v))
+                means[other] = float(np.mean(v))
         if not means:
             continue
         best = max(means, key=means.get)
@@ -169,12 +170,17 @@ def markdown(result: dict) -> str:
             lines += ["", f"Ranks the selection took for `{RANK_VARIANT}` (units per rank, by N): " + "; ".join(
                 f"N={n}: " + ", ".join(f"rank {r} {k}" for r, k in per_n.items()) for n, per_n in ranks.items()
             ) + "."]
-        for method, label in (("edit", "Edit"), (RANK_VARIANT, f"`{RANK_VARIANT}`")):
+        for method, label, over in (
+            ("edit", "Edit's lead over the better fine-tuning", None),
+            (RANK_VARIANT, f"`{RANK_VARIANT}`'s lead over the better fine-tuning", None),
+            (RANK_VARIANT, f"`{RANK_VARIANT}`'s lead over `edit` (its rank-one candidates alone)", "edit"),
+        ):
             lead = edit_lead(
-                a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"], method=method
+                a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"],
+                method=method, over=over,
             )
             if lead:
-                lines += ["", f"{label}'s lead over the better fine-tuning, other classes / same style, paired per unit: " + "; ".join(
+                lines += ["", f"{label}, other classes / same style, paired per unit: " + "; ".join(
                     f"N={n} {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] points vs {r['vs']} ({r['units']} units)"
                     for n, r in lead.items()) + "."]
         lines.append("")

@@ -218,6 +218,8 @@ def test_the_rank_variant_is_led_and_counted_on_its_own_choices():
     units = [unit(3, 10.0, 14.0, 4, 2.0), unit(3, 10.0, 10.0, 1, 0.0), unit(3, 6.0, 0.0, None, 0.0)]
     assert edit_lead(units, (3,), reps=100, seed=0)[3]["mean"] == pytest.approx(8.0)
     assert edit_lead(units, (3,), reps=100, seed=0, method=RANK_VARIANT)[3]["mean"] == pytest.approx(22.0 / 3)
+    over_edit = edit_lead(units, (3,), reps=100, seed=0, method=RANK_VARIANT, over="edit")[3]
+    assert over_edit["vs"] == "edit" and over_edit["mean"] == pytest.approx(-2.0 / 3) and over_edit["units"] == 3
     assert chosen_layers(units, RANK_VARIANT, key="rank") == {3: {"4": 1, "1": 1, "no edit": 1}}
     assert chosen_layers(units, RANK_VARIANT) == {3: {"fc": 2, "no edit": 1}}
 
