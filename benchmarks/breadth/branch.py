@@ -17,7 +17,7 @@ from surgery.problems import prepare_problem
 from surgery.solvers import solve_fast
 
 from .concept import Data, make_data
-from .measure import batch_logits, mean_distance, measure_layer
+from .measure import batch_logits, logit_ratios, measure_layer
 from .models import MODELS
 from .report import fmt
 from .weights import prepare_model
@@ -63,9 +63,7 @@ def branch_only_row(model: nn.Module, layer, data: Data, base: dict[str, torch.T
         with torch.no_grad():
             w.copy_(saved)
     return {
-        "exemplar_ratio": mean_distance(after["x2"], base["x"]) / max(mean_distance(base["x2"], base["x"]), 1e-30),
-        "heldout_ratio": mean_distance(after["h2"], base["h"]) / max(mean_distance(base["h2"], base["h"]), 1e-30),
-        "clean_change": mean_distance(after["clean"], base["clean"]) / max(mean_distance(base["h2"], base["h"]), 1e-30),
+        **logit_ratios(after, base),
         "branch_objective_ratio": info["objective"] / max(info["objective_before"], 1e-30),
     }
 

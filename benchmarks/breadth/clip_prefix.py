@@ -30,7 +30,7 @@ from surgery.adapters import ZeroShotClassifier
 from surgery.layers import get_layer
 
 from .concept import make_data
-from .measure import batch_logits, mean_distance
+from .measure import batch_logits, logit_ratios, mean_distance
 from .models import _clip
 from .weights import prepare_model
 
@@ -77,8 +77,7 @@ def measure(weights: str) -> list[dict[str, Any]]:
             rows.append({
                 "weights": weights, "layer": name, "prefix_weight": float(edit.hparams.get("prefix_weight", 1.0)),
                 "exemplar_before": mean_distance(base["x2"], base["x"]),
-                "exemplar_ratio": mean_distance(after["x2"], base["x"]) / mean_distance(base["x2"], base["x"]),
-                "heldout_ratio": mean_distance(after["h2"], base["h"]) / mean_distance(base["h2"], base["h"]),
+                **logit_ratios(after, base),
                 "along": along, "off": off, "cls_along": cls_along, "cls_off": cls_off,
             })
             print(rows[-1], flush=True)

@@ -17,7 +17,7 @@ from surgery.solvers.problem import value_weights
 
 from .concept import Data
 
-__all__ = ["batch_logits", "mean_distance", "attribution_scores", "measure_layer", "ok_rows"]
+__all__ = ["batch_logits", "mean_distance", "logit_ratios", "attribution_scores", "measure_layer", "ok_rows"]
 
 
 def batch_logits(model: nn.Module, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -28,6 +28,21 @@ def batch_logits(model: nn.Module, images: torch.Tensor, batch: int = 16) -> tor
 def mean_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of the L2 distance between rows (logits) or flattened maps (values)."""
     return float((a.flatten(1) - b.flatten(1)).norm(dim=1).mean())
+
+
+def logit_ratios(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The breadth table's logit ratios, from the edited model's logits ``after`` and the unedited ``base``
+    (keyed by image set): the transformed exemplars' (``x2``) and held-out images' (``h2``) distance to their
+    originals' after/before, and, where ``after`` has the clean images, their change over the held-out
+    distance before."""
+    heldout_before = mean_distance(base["h2"], base["h"])
+    out = {
+        "exemplar_ratio": mean_distance(after["x2"], base["x"]) / max(mean_distance(base["x2"], base["x"]), 1e-30),
+        "heldout_ratio": mean_distance(after["h2"], base["h"]) / max(heldout_before, 1e-30),
+    }
+    if "clean" in after:
+        out["clean_change"] = mean_distance(after["clean"], base["clean"]) / max(heldout_before, 1e-30)
+    return out
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,13 +166,11 @@ def measure_layer(
         row["value_change_off_mask"] = 1.0 - float((seen * change).sum() / change.sum().clamp_min(1e-30))
     row["value_ratio"] = mean_distance(v_after, v_orig) / max(row["value_before"], 1e-30)
     row["exemplar_before"] = mean_distance(base["x2"], base["x"])
-    row["exemplar_ratio"] = mean_distance(after["x2"], base["x"]) / max(row["exemplar_before"], 1e-30)
     row["heldout_before"] = mean_distance(base["h2"], base["h"])
-    row["heldout_ratio"] = mean_distance(after["h2"], base["h"]) / max(row["heldout_before"], 1e-30)
+    row.update(logit_ratios(after, base))
     # per held-out image: does the edit move each one toward its original?
     per = (after["h2"] - base["h"]).norm(dim=1) / (base["h2"] - base["h"]).norm(dim=1).clamp_min(1e-30)
     row["heldout_improved_frac"] = float((per < 1).float().mean())
-    row["clean_change"] = mean_distance(after["clean"], base["clean"]) / max(row["heldout_before"], 1e-30)
     row["seconds"] = time.perf_counter() - t0
     return row
 

@@ -27,7 +27,7 @@ import surgery
 from surgery.edits.apply import edited
 
 from .driver import RESULTS, model_specs, prepare_run, write_study
-from .measure import batch_logits, mean_distance
+from .measure import batch_logits, logit_ratios
 from .models import ModelSpec
 from .rank import MODELS_NAMED
 
@@ -43,17 +43,11 @@ def measure_strengths(spec: ModelSpec, alphas: tuple[float, ...], images: dict[s
     layer = surgery.recommended_layers(model, k=1)[0]
     stats = surgery.collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
     edit = surgery.rewrite(model, layer, data.x, data.x2, data.masks, stats=stats)
-    before = {"x2": mean_distance(base["x2"], base["x"]), "h2": mean_distance(base["h2"], base["h"])}
     rows = []
     for alpha in alphas:
         with edited(model, edit, alpha=alpha):
             after = {k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}
-        rows.append({
-            "alpha": alpha,
-            "exemplar_ratio": mean_distance(after["x2"], base["x"]) / max(before["x2"], 1e-30),
-            "heldout_ratio": mean_distance(after["h2"], base["h"]) / max(before["h2"], 1e-30),
-            "clean_change": mean_distance(after["clean"], base["clean"]) / max(before["h2"], 1e-30),
-        })
+        rows.append({"alpha": alpha, **logit_ratios(after, base)})
     chosen = min(rows, key=lambda r: r["exemplar_ratio"])
     return {"model": spec.id, "layer": layer.name, "rows": rows, "chosen_alpha": chosen["alpha"]}
 
