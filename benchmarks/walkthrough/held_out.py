@@ -50,11 +50,12 @@ def measured_choices(
     (their originals, textured copies and masks, and ``data`` for the key statistics), with its score: the
     left-out exemplars' logit distance left (:func:`surgery.evaluation.layer_ranking.rank_layers`)."""
     candidates = surgery.recommended_layers(model, k=pool)
+    stats = surgery.collect_key_stats(model, [l.name for l in candidates], data, progress=False)  # one pass, every ranking
     out = {}
     for h in held:
         others = [i for i in range(len(x)) if i != h]
         (layer, score), *_ = surgery.evaluation.rank_layers(
-            model, x[others], x2[others], masks[others], layers=candidates, data=data
+            model, x[others], x2[others], masks[others], layers=candidates, stats=stats
         )
         out[h] = (layer.name, score)
     return out

@@ -4,7 +4,7 @@ editing each one on the user's own exemplars."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,11 +15,11 @@ from surgery._guards import model_device
 from surgery.adapters import get_adapter
 from surgery.editable import EditableLayer
 from surgery.edits.apply import edited
-from surgery.errors import LayerNotFoundError
+from surgery.errors import LayerNotFoundError, SurgeryError
 from surgery.layers import get_layer
 from surgery.rewrite import rewrite
 from surgery.stats.collect import collect_key_stats
-from surgery.stats.keystats import ridged_moment
+from surgery.stats.keystats import KeyStats, ridged_moment
 
 __all__ = ["recommended_layers", "rank_layers"]
 
@@ -75,6 +75,7 @@ def rank_layers(
     *,
     layers: Sequence[EditableLayer | str] | None = None,
     data: Any = None,
+    stats: Mapping[str, KeyStats] | None = None,
     folds: int = 4,
     progress: bool = False,
 ) -> list[tuple[EditableLayer, float]]:
@@ -92,7 +93,9 @@ def rank_layers(
     real edit will have; without, the second moment of the originals' own keys plus a ridge of 1% of
     its mean eigenvalue. Measured on the breadth benchmark's random-weight models in docs/method.md
     ("Where to edit"): an earlier quick proxy (L2 loss, 10 iterations, transformed keys in the
-    moment, one left-out exemplar) ranked a ViT's layers backwards. ``progress`` shows a bar over the layers.
+    moment, one left-out exemplar) ranked a ViT's layers backwards. ``stats`` (``{layer name: KeyStats}``,
+    as ``collect_key_stats`` returns for several layers) gives statistics already collected instead of
+    ``data``, for callers that rank several times on one model. ``progress`` shows a bar over the layers.
 
     This is a measurement on the user's model, not an attribution proxy: in the breadth benchmark
     the exemplars' logit ratio ranked layers like the held-out ratio better than the two scores
@@ -103,12 +106,22 @@ def rank_layers(
     x, x2 = originals.to(device), transformed.to(device)  # images may be on the CPU, the model on a GPU
     if x.shape != x2.shape or x.ndim != 4:
         raise LayerNotFoundError("originals and transformed must be image batches (N, 3, H, W) of one shape")
+    if stats is not None:
+        if data is not None:
+            raise SurgeryError("pass either data (clean images to collect key statistics from) or stats, not both")
+        missing = [l.name for l in layers if l.name not in stats]
+        if missing:
+            raise LayerNotFoundError(
+                f"stats has no key statistics for {missing}; collect them with "
+                "surgery.collect_key_stats(model, layers, data) over every layer ranked"
+            )
     n = x.shape[0]
     left_out = list(range(max(0, n - folds), n)) if n > 1 else [0]
     with torch.no_grad():
         target = model(x[left_out]).float()  # the unedited model's logits of the left-out originals
         before = float((model(x2[left_out]).float() - target).norm(dim=-1).sum())
-    stats = collect_key_stats(model, [l.name for l in layers], data, progress=progress) if data is not None else None
+    if data is not None:
+        stats = collect_key_stats(model, [l.name for l in layers], data, progress=progress)
     ranked = []
     for layer in tqdm(layers, desc="rank layers", unit="layer", disable=not progress):
         if stats is not None:

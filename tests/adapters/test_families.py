@@ -326,6 +326,16 @@ def test_recommended_layers():
             before += float((model(x2[i : i + 1]).float() - target[i]).norm())
     ((_, score),) = surgery.evaluation.rank_layers(model, x, x2, layers=rec[:1], data=x, folds=2)
     assert abs(score - after / before) < 1e-6 * max(1.0, score), (score, after / before)
+    # statistics collected once and passed in rank exactly as data does; a layer missing from them, or
+    # both data and stats, is a clear error
+    all_stats = surgery.collect_key_stats(model, [l.name for l in rec], x, progress=False)
+    assert surgery.evaluation.rank_layers(model, x, x2, layers=rec, stats=all_stats) == surgery.evaluation.rank_layers(
+        model, x, x2, layers=rec, data=x
+    )
+    with pytest.raises(surgery.LayerNotFoundError, match="no key statistics"):
+        surgery.evaluation.rank_layers(model, x, x2, layers=rec, stats={rec[0].name: all_stats[rec[0].name]})
+    with pytest.raises(surgery.SurgeryError, match="not both"):
+        surgery.evaluation.rank_layers(model, x, x2, layers=rec, data=x, stats=all_stats)
 
 
 # (family, a skip-free layer: a stage transition, the projection of a block without a residual add, or
