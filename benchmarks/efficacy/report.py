@@ -11,7 +11,7 @@ import numpy as np
 
 from surgery._files import save_figure, write_text
 
-from .settings import GROUPS, RANK_VARIANT, SCHEDULE_VARIANTS, Settings
+from .settings import GROUPS, RANK_VARIANTS, SCHEDULE_VARIANTS, Settings
 
 __all__ = [
     "bootstrap_ci", "summarize", "edit_lead", "chosen_layers", "headline", "markdown", "figure", "write_report",
@@ -159,22 +159,30 @@ def markdown(result: dict) -> str:
                 f"| {n[2:]} | {method} | {row['units']} ({row['no_edit']}) | " + " | ".join(cells)
                 + f" | {row['clean_acc_change_pp']['mean']:+.2f} | {shift('other-nonprefer')} | {shift('clean-no-concept')} |"
             )
-        for method in ("edit", "edit span", *SCHEDULE_VARIANTS, RANK_VARIANT):
+        for method in ("edit", "edit span", *SCHEDULE_VARIANTS, *RANK_VARIANTS):
             counts = chosen_layers(a["units"], method)
             if counts:
                 lines += ["", f"Candidates the selection took for `{method}` (units per layer, by N): " + "; ".join(
                     f"N={n}: " + ", ".join(f"{layer} {k}" for layer, k in per_n.items()) for n, per_n in counts.items()
                 ) + "."]
-        ranks = chosen_layers(a["units"], RANK_VARIANT, key="rank")
-        if ranks:
-            lines += ["", f"Ranks the selection took for `{RANK_VARIANT}` (units per rank, by N): " + "; ".join(
-                f"N={n}: " + ", ".join(f"rank {r} {k}" for r, k in per_n.items()) for n, per_n in ranks.items()
-            ) + "."]
-        for method, label, over in (
-            ("edit", "Edit's lead over the better fine-tuning", None),
-            (RANK_VARIANT, f"`{RANK_VARIANT}`'s lead over the better fine-tuning", None),
-            (RANK_VARIANT, f"`{RANK_VARIANT}`'s lead over `edit` (its rank-one candidates alone)", "edit"),
-        ):
+        for method in RANK_VARIANTS:
+            ranks = chosen_layers(a["units"], method, key="rank")
+            if ranks:
+                lines += ["", f"Ranks the selection took for `{method}` (units per rank, by N): " + "; ".join(
+                    f"N={n}: " + ", ".join(f"rank {r} {k}" for r, k in per_n.items()) for n, per_n in ranks.items()
+                ) + "."]
+        leads = [("edit", "Edit's lead over the better fine-tuning", None)]
+        previous = "edit"  # each rank variant run against the one below it, whose candidates it extends
+        for method in (m for m in RANK_VARIANTS if any(m in u["methods"] for u in a["units"])):
+            below = "its rank-one candidates alone" if previous == "edit" else (
+                f"what its rank-{RANK_VARIANTS[method][-1]} candidates add"
+            )
+            leads += [
+                (method, f"`{method}`'s lead over the better fine-tuning", None),
+                (method, f"`{method}`'s lead over `{previous}` ({below})", previous),
+            ]
+            previous = method
+        for method, label, over in leads:
             lead = edit_lead(
                 a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"],
                 method=method, over=over,

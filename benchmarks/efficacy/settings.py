@@ -8,7 +8,7 @@ from typing import Any
 
 from surgery.testbed.protocol import ALPHAS, MIN_DROP, MIN_HURT
 
-__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "SCHEDULE_VARIANTS", "RANK_VARIANT", "METHODS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
+__all__ = ["GROUPS", "VARIANTS", "TOKEN_VARIANTS", "SCHEDULE_VARIANTS", "RANK_VARIANTS", "METHODS", "PAPER_FT_GRID", "FT_GRID", "Settings", "settings_for"]
 
 
 GROUPS = (
@@ -26,13 +26,15 @@ TOKEN_VARIANTS = ("edit prefix=1", "edit mlp only", "edit attn only")
 # A span of four blocks under each share schedule (surgery.span): not in the default run; chosen with
 # --methods (benchmarks/results/span_schedules.md).
 SCHEDULE_VARIANTS = ("edit long span", "edit long span first-last")
-# The edit's candidates and the same layers edited with four directions (``rewrite(..., rank=4)``), one
-# selection among all of them; on every unit, so that its lead over fine-tuning is measured like the
-# edit's. Not in the default run; chosen with --methods (benchmarks/results/efficacy_vit_rank.md).
-RANK_VARIANT = "edit rank 4"
+# The edit's candidates and the same layers edited with more directions (``rewrite(..., rank=r)``) for
+# each rank r listed, one selection among all of them; on every unit, so that the lead over fine-tuning
+# is measured like the edit's. Each variant's ranks contain the one before it, so its paired gain over
+# that one is what the added rank brings. Not in the default run; chosen with --methods
+# (benchmarks/results/efficacy_vit_rank.md, efficacy_vit_rank8.md).
+RANK_VARIANTS: dict[str, tuple[int, ...]] = {"edit rank 4": (4,), "edit rank 8": (4, 8)}
 METHODS = (
     "edit", "edit +mask", "reference", "finetune local", "finetune global", *VARIANTS, *TOKEN_VARIANTS,
-    *SCHEDULE_VARIANTS, RANK_VARIANT,
+    *SCHEDULE_VARIANTS, *RANK_VARIANTS,
 )
 
 

@@ -17,7 +17,7 @@ from surgery.evaluation import CachedImages, Candidate, NoCandidateError, select
 from surgery.testbed import CLASS_NAMES, STYLES
 from surgery.testbed.protocol import SPAN, choose_target, edit_candidates
 
-from .settings import RANK_VARIANT, SCHEDULE_VARIANTS, TOKEN_VARIANTS, VARIANTS, Settings
+from .settings import RANK_VARIANTS, SCHEDULE_VARIANTS, TOKEN_VARIANTS, VARIANTS, Settings
 
 __all__ = ["PairData", "prepare_pair", "draw_unit", "run_unit", "evaluate_on_test", "errors_by_group", "group_masks"]
 
@@ -155,13 +155,19 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps,
                 schedule="first_last" if method.endswith("first-last") else "memit",
             )
-        elif method == RANK_VARIANT:
-            cands = cache_cands.get("edit") or edit_candidates(
-                model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps
-            )
-            cands = cands + edit_candidates(
-                model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=4
-            )
+        elif method in RANK_VARIANTS:
+            # the candidates of each rank once per unit: those an earlier method of the unit made are reused
+            by_rank = {1: cache_cands.get("edit")}
+            for v, ranks in RANK_VARIANTS.items():
+                if v in cache_cands:
+                    for r in ranks:
+                        by_rank[r] = [c for c in cache_cands[v] if c.edit.hparams.get("rank", 1) == r]
+            cands = []
+            for r in (1, *RANK_VARIANTS[method]):
+                by_rank[r] = by_rank.get(r) or edit_candidates(
+                    model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=r
+                )
+                cands += by_rank[r]
         elif method == "edit prefix=1":
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, prefix_weight=1.0

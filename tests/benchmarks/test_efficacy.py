@@ -206,7 +206,9 @@ def test_edit_lead_is_paired_against_the_better_fine_tuning():
 
 def test_the_rank_variant_is_led_and_counted_on_its_own_choices():
     from benchmarks.efficacy.report import chosen_layers, edit_lead
-    from benchmarks.efficacy.settings import RANK_VARIANT
+    from benchmarks.efficacy.settings import RANK_VARIANTS
+
+    RANK_VARIANT = next(iter(RANK_VARIANTS))
 
     def unit(n, edit, ranked, rank, local):
         return {"n": n, "methods": {
@@ -236,3 +238,39 @@ def test_edit_candidates_make_each_layer_at_the_rank_asked():
         cands = edit_candidates(model, [layer], stats, x, x2, None, alphas=(0.5, 1.0), rank=rank)
         assert [c.alpha for c in cands] == [0.5, 1.0]
         assert all(c.edit.hparams["rank"] == rank and c.edit.u.shape[0] == rank for c in cands)
+
+
+def test_rank_variants_make_each_rank_once_per_unit_and_extend_the_one_below(tmp_path):
+    """`edit rank 8` selects among the rank-1, rank-4 and rank-8 candidates, reusing those `edit` and
+    `edit rank 4` made in the same unit; the report leads each variant over the one below it."""
+    calls = []
+    make = efficacy.units.edit_candidates
+
+    def spy(*a, rank=1, **kw):
+        calls.append(rank)
+        return make(*a, rank=rank, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(efficacy.units, "edit_candidates", spy)
+    try:
+        result = efficacy.main([
+            "--tiny", "--methods", "edit", "edit rank 4", "edit rank 8", "finetune local",
+            "--out", str(tmp_path), "--name", "ranks",
+        ])
+    finally:
+        mp.undo()
+    units = result["archs"]["tiny"]["units"]
+    assert units and sorted(calls) == sorted([1, 4, 8] * len(units))
+    for u in units:
+        one, four, eight = (u["methods"][m]["n_candidates"] for m in ("edit", "edit rank 4", "edit rank 8"))
+        assert four == 2 * one and eight == 3 * one
+        assert u["methods"]["edit rank 8"]["rank"] in (None, 1, 4, 8)
+    md = (tmp_path / "ranks.md").read_text()
+    assert "Ranks the selection took for `edit rank 4`" in md and "Ranks the selection took for `edit rank 8`" in md
+    # the tiny model has no other classes' errors to lead on: give every method a number to see the leads
+    for u in units:
+        for i, res in enumerate(u["methods"].values()):
+            res["pct"]["other/same"] = float(i)
+    md = efficacy.report.markdown(result)
+    assert "`edit rank 8`'s lead over `edit rank 4` (what its rank-8 candidates add), other classes" in md
+    assert "`edit rank 4`'s lead over `edit` (its rank-one candidates alone), other classes" in md
