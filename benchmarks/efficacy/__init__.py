@@ -48,6 +48,7 @@ Usage::
     python -m benchmarks.efficacy --arch all              # the full run (hours on 2 cores)
     python -m benchmarks.efficacy --arch vgg --quick      # smoke run: 3 pairs, N=3, 2 draws
     python -m benchmarks.efficacy --tiny --out DIR        # seconds, a tiny classifier trained here
+    python -m benchmarks.efficacy --pool A.json B.json --name NAME   # leads pooled over runs of other seeds
 """
 
 from .driver import main, run_arch

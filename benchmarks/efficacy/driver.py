@@ -28,7 +28,7 @@ from surgery.testbed.train import weights_path
 from surgery.testbed.protocol import select_pairs, span_parts
 
 from .models import load_model, preprocessor, tiny_classifier
-from .report import summarize, write_report
+from .report import pooled_markdown, summarize, write_report
 from .settings import METHODS, PAPER_FT_GRID, Settings, settings_for
 from .units import prepare_pair, run_unit
 
@@ -150,7 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="only merge earlier runs with the same settings (e.g. one per model, run side by side) into "
         "one result (--out, --name) and render it; the inputs are not overwritten",
     )
+    p.add_argument(
+        "--pool", type=Path, nargs="+", metavar="JSON",
+        help="only report the leads of earlier runs that differ only in --seed (and --methods), pooled over "
+        "all their units, as one markdown file (--out, --name); the inputs are not overwritten",
+    )
     args = p.parse_args(argv)
+    if args.pool is not None:
+        command = "python -m benchmarks.efficacy " + shlex.join(sys.argv[1:] if argv is None else argv)
+        return pool_results(args.pool, args.out, args.name or "efficacy_pooled", command)
     if args.render is not None:
         result = json.loads(args.render.read_text())
         write_report(result, args.render.parent, args.render.stem)
@@ -232,6 +240,24 @@ def _stored_settings(s) -> dict:
 def _comparable_settings(result: dict) -> dict:
     """Settings two runs must share to be reported together (methods differ per model)."""
     return {k: v for k, v in result["settings"].items() if k != "methods"}
+
+
+def pool_results(paths: list[Path], out: Path, stem: str, command: str) -> dict:
+    """Write the leads of the runs at ``paths``, pooled over their units (:func:`report.pooled_markdown`),
+    to ``out/stem.md``; runs must share every setting but the seed and the methods."""
+    results = [json.loads(path.read_text()) for path in paths]
+    for path, r in zip(paths, results):
+        if r.get("mode") != results[0].get("mode") or _seedless(r) != _seedless(results[0]):
+            raise SystemExit(f"{path} was run with other settings than {paths[0]} (not only another seed); rerun it")
+    refuse_overwrite(out / f"{stem}.md", paths, what="the pooled report")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{stem}.md", pooled_markdown(results, [p.stem for p in paths], command))
+    return {"runs": [str(p) for p in paths], "archs": sorted({a for r in results for a in r["archs"]})}
+
+
+def _seedless(result: dict) -> dict:
+    """Settings runs must share to be pooled: all but the seed and the methods."""
+    return {k: v for k, v in _comparable_settings(result).items() if k != "seed"}
 
 
 def merge_results(results: list[dict], names: list[Path] | None = None) -> dict:

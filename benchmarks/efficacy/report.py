@@ -15,7 +15,7 @@ from .settings import GROUPS, RANK_VARIANTS, SCHEDULE_VARIANTS, Settings
 
 __all__ = [
     "bootstrap_ci", "summarize", "edit_lead", "chosen_layers", "headline", "markdown", "figure", "write_report",
-    "HEADLINE_METHODS",
+    "lead_lines", "pooled_markdown", "HEADLINE_METHODS",
 ]
 
 
@@ -75,6 +75,55 @@ def edit_lead(
         if d:
             out[n] = {"vs": best, "mean": float(np.mean(d)), "ci95": list(bootstrap_ci(d, reps, rng)), "units": len(d)}
     return out
+
+
+def lead_lines(units: list[dict], ns, reps: int, seed: int) -> list[str]:
+    """The report's paired leads, one paragraph each: the edit's over the better fine-tuning, and each rank
+    variant run, over the better fine-tuning and over the variant below it (whose candidates it extends)."""
+    leads = [("edit", "Edit's lead over the better fine-tuning", None)]
+    previous = "edit"
+    for method in (m for m in RANK_VARIANTS if any(m in u["methods"] for u in units)):
+        below = "its rank-one candidates alone" if previous == "edit" else (
+            f"what its rank-{RANK_VARIANTS[method][-1]} candidates add"
+        )
+        leads += [
+            (method, f"`{method}`'s lead over the better fine-tuning", None),
+            (method, f"`{method}`'s lead over `{previous}` ({below})", previous),
+        ]
+        previous = method
+    lines = []
+    for method, label, over in leads:
+        lead = edit_lead(units, ns, reps, seed, method=method, over=over)
+        if lead:
+            lines += ["", f"{label}, other classes / same style, paired per unit: " + "; ".join(
+                f"N={n} {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] points vs {r['vs']} ({r['units']} units)"
+                for n, r in lead.items()) + "."]
+    return lines
+
+
+def pooled_markdown(results: list[dict], names: list[str], command: str) -> str:
+    """The leads of several runs of one protocol that differ only in seed (other pairs and draws), pooled
+    over all their units, per model; each run's own leads follow for comparison."""
+    first = results[0]["settings"]
+    lines = [
+        "# Efficacy leads pooled over seeds", "",
+        f"Command: `{command}`", "",
+        "Runs: " + "; ".join(f"`{n}` (seed {r['settings']['seed']})" for n, r in zip(names, results)) + ".", "",
+        "Their commands: " + " ; ".join(f"`{r['command']}`" for r in results) + ".", "",
+        "Each run draws its own concept-style pairs, targets and exemplars; the units of all runs are pooled "
+        "(a pair drawn by two seeds counts once per draw) and bootstrapped as in each run's report. A method "
+        "counts only in the runs that measured it.", "",
+    ]
+    for arch in dict.fromkeys(a for r in results for a in r["archs"]):
+        units = [u for r in results if arch in r["archs"] for u in r["archs"][arch]["units"]]
+        lines += [f"## {arch}, pooled ({len(units)} (pair, N, draw) units)"]
+        lines += lead_lines(units, first["ns"], first["bootstrap"], first["seed"])
+        for n, r in zip(names, results):
+            if arch in r["archs"]:
+                lines += ["", f"### `{n}` (seed {r['settings']['seed']})"]
+                lines += lead_lines(r["archs"][arch]["units"], first["ns"], first["bootstrap"], r["settings"]["seed"])
+        lines.append("")
+    return "\n".join(lines)
 
 
 HEADLINE_METHODS = ("edit", "edit +mask", "finetune local", "finetune global")
@@ -171,26 +220,7 @@ def markdown(result: dict) -> str:
                 lines += ["", f"Ranks the selection took for `{method}` (units per rank, by N): " + "; ".join(
                     f"N={n}: " + ", ".join(f"rank {r} {k}" for r, k in per_n.items()) for n, per_n in ranks.items()
                 ) + "."]
-        leads = [("edit", "Edit's lead over the better fine-tuning", None)]
-        previous = "edit"  # each rank variant run against the one below it, whose candidates it extends
-        for method in (m for m in RANK_VARIANTS if any(m in u["methods"] for u in a["units"])):
-            below = "its rank-one candidates alone" if previous == "edit" else (
-                f"what its rank-{RANK_VARIANTS[method][-1]} candidates add"
-            )
-            leads += [
-                (method, f"`{method}`'s lead over the better fine-tuning", None),
-                (method, f"`{method}`'s lead over `{previous}` ({below})", previous),
-            ]
-            previous = method
-        for method, label, over in leads:
-            lead = edit_lead(
-                a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"],
-                method=method, over=over,
-            )
-            if lead:
-                lines += ["", f"{label}, other classes / same style, paired per unit: " + "; ".join(
-                    f"N={n} {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] points vs {r['vs']} ({r['units']} units)"
-                    for n, r in lead.items()) + "."]
+        lines += lead_lines(a["units"], result["settings"]["ns"], result["settings"]["bootstrap"], result["settings"]["seed"])
         lines.append("")
     return "\n".join(lines)
 

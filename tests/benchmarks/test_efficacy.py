@@ -274,3 +274,34 @@ def test_rank_variants_make_each_rank_once_per_unit_and_extend_the_one_below(tmp
     md = efficacy.report.markdown(result)
     assert "`edit rank 8`'s lead over `edit rank 4` (what its rank-8 candidates add), other classes" in md
     assert "`edit rank 4`'s lead over `edit` (its rank-one candidates alone), other classes" in md
+
+
+def test_pool_reports_leads_over_the_units_of_runs_that_differ_only_in_seed(tiny_run, tmp_path):
+    from benchmarks.efficacy.report import edit_lead
+
+    out, _result, _ = tiny_run
+    runs = []
+    for seed in (0, 1):
+        run = json.loads((out / "efficacy_tiny.json").read_text())
+        run["settings"]["seed"] = seed
+        for i, u in enumerate(run["archs"]["tiny"]["units"]):
+            u["methods"]["edit"]["pct"]["other/same"] = 10.0 + 5 * seed + i
+            for m in ("finetune local", "finetune global"):
+                u["methods"][m]["pct"]["other/same"] = float(seed)
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(json.dumps(run))
+        runs.append((path, run))
+    efficacy.main(["--pool", *(str(p) for p, _ in runs), "--out", str(tmp_path), "--name", "pooled"])
+    md = (tmp_path / "pooled.md").read_text()
+    units = [u for _, r in runs for u in r["archs"]["tiny"]["units"]]
+    lead = edit_lead(units, runs[0][1]["settings"]["ns"], 200, 0)
+    n = runs[0][1]["settings"]["ns"][0]
+    assert f"N={n} {lead[n]['mean']:+.1f} [" in md and f"({lead[n]['units']} units)" in md
+    assert "### `seed0` (seed 0)" in md and "### `seed1` (seed 1)" in md and "--pool" in md
+    # another setting than the seed: refused, nothing written
+    other = json.loads(runs[1][0].read_text())
+    other["settings"]["alphas"] = [0.5]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="not only another seed"):
+        efficacy.main(["--pool", str(runs[0][0]), str(tmp_path / "other.json"), "--out", str(tmp_path), "--name", "refused"])
+    assert not (tmp_path / "refused.md").exists()
