@@ -160,7 +160,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
             by_rank = {1: cache_cands.get("edit")}
             for v, ranks in RANK_VARIANTS.items():
                 if v in cache_cands:
-                    for r in ranks:
+                    for r in (1, *ranks):
                         by_rank[r] = [c for c in cache_cands[v] if c.edit.hparams.get("rank", 1) == r]
             cands = []
             for r in (1, *RANK_VARIANTS[method]):

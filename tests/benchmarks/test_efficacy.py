@@ -305,3 +305,20 @@ def test_pool_reports_leads_over_the_units_of_runs_that_differ_only_in_seed(tiny
     with pytest.raises(SystemExit, match="not only another seed"):
         efficacy.main(["--pool", str(runs[0][0]), str(tmp_path / "other.json"), "--out", str(tmp_path), "--name", "refused"])
     assert not (tmp_path / "refused.md").exists()
+
+
+def test_a_rank_variant_without_edit_before_it_still_makes_each_rank_once(tmp_path):
+    calls = []
+    make = efficacy.units.edit_candidates
+
+    def spy(*a, rank=1, **kw):
+        calls.append(rank)
+        return make(*a, rank=rank, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(efficacy.units, "edit_candidates", spy)
+    try:
+        result = efficacy.main(["--tiny", "--methods", "edit rank 4", "edit rank 8", "--out", str(tmp_path), "--name", "r"])
+    finally:
+        mp.undo()
+    assert sorted(calls) == sorted([1, 4, 8] * len(result["archs"]["tiny"]["units"]))
