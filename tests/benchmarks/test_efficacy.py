@@ -240,9 +240,8 @@ def test_edit_candidates_make_each_layer_at_the_rank_asked():
         assert all(c.edit.hparams["rank"] == rank and c.edit.u.shape[0] == rank for c in cands)
 
 
-def test_rank_variants_make_each_rank_once_per_unit_and_extend_the_one_below(tmp_path):
-    """`edit rank 8` selects among the rank-1, rank-4 and rank-8 candidates, reusing those `edit` and
-    `edit rank 4` made in the same unit; the report leads each variant over the one below it."""
+def _run_counting_ranks(argv: list[str]) -> tuple[dict, list[int]]:
+    """An efficacy run, and the rank of every ``edit_candidates`` call it made."""
     calls = []
     make = efficacy.units.edit_candidates
 
@@ -253,12 +252,17 @@ def test_rank_variants_make_each_rank_once_per_unit_and_extend_the_one_below(tmp
     mp = pytest.MonkeyPatch()
     mp.setattr(efficacy.units, "edit_candidates", spy)
     try:
-        result = efficacy.main([
-            "--tiny", "--methods", "edit", "edit rank 4", "edit rank 8", "finetune local",
-            "--out", str(tmp_path), "--name", "ranks",
-        ])
+        return efficacy.main(argv), calls
     finally:
         mp.undo()
+
+
+def test_rank_variants_make_each_rank_once_per_unit_and_extend_the_one_below(tmp_path):
+    """`edit rank 8` selects among the rank-1, rank-4 and rank-8 candidates, reusing those `edit` and
+    `edit rank 4` made in the same unit; the report leads each variant over the one below it."""
+    result, calls = _run_counting_ranks(
+        ["--tiny", "--methods", "edit", "edit rank 4", "edit rank 8", "finetune local", "--out", str(tmp_path), "--name", "ranks"]
+    )
     units = result["archs"]["tiny"]["units"]
     assert units and sorted(calls) == sorted([1, 4, 8] * len(units))
     for u in units:
@@ -308,17 +312,5 @@ def test_pool_reports_leads_over_the_units_of_runs_that_differ_only_in_seed(tiny
 
 
 def test_a_rank_variant_without_edit_before_it_still_makes_each_rank_once(tmp_path):
-    calls = []
-    make = efficacy.units.edit_candidates
-
-    def spy(*a, rank=1, **kw):
-        calls.append(rank)
-        return make(*a, rank=rank, **kw)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(efficacy.units, "edit_candidates", spy)
-    try:
-        result = efficacy.main(["--tiny", "--methods", "edit rank 4", "edit rank 8", "--out", str(tmp_path), "--name", "r"])
-    finally:
-        mp.undo()
+    result, calls = _run_counting_ranks(["--tiny", "--methods", "edit rank 4", "edit rank 8", "--out", str(tmp_path), "--name", "r"])
     assert sorted(calls) == sorted([1, 4, 8] * len(result["archs"]["tiny"]["units"]))
