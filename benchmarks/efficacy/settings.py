@@ -30,7 +30,7 @@ SCHEDULE_VARIANTS = ("edit long span", "edit long span first-last")
 # each rank r listed, one selection among all of them; on every unit, so that the lead over fine-tuning
 # is measured like the edit's. Each variant's ranks contain the one before it, so its paired gain over
 # that one is what the added rank brings. Not in the default run; chosen with --methods
-# (benchmarks/results/efficacy_vit_rank.md, efficacy_vit_rank8.md).
+# (benchmarks/results/efficacy_vit_rank_pooled.md; rank 8: efficacy_vit_rank_seed2.md).
 RANK_VARIANTS: dict[str, tuple[int, ...]] = {"edit rank 4": (4,), "edit rank 8": (4, 8)}
 METHODS = (
     "edit", "edit +mask", "reference", "finetune local", "finetune global", *VARIANTS, *TOKEN_VARIANTS,

@@ -129,6 +129,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
         "val_idx": val_idx.tolist(), "test_idx": test_idx.tolist(), "pool_idx": pd.pool.tolist(), "methods": {},
     }
     cache_cands: dict[str, list[Candidate]] = {}
+    by_rank: dict[int, list[Candidate]] = {}  # the rank variants' candidates, per rank
     for method in s.methods:
         t0 = time.perf_counter()
         if method == "reference" and not (ref_ok and n == (3 if 3 in s.ns else s.ns[0]) and d == 0):
@@ -156,18 +157,13 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
                 schedule="first_last" if method.endswith("first-last") else "memit",
             )
         elif method in RANK_VARIANTS:
-            # the candidates of each rank once per unit: those an earlier method of the unit made are reused
-            by_rank = {1: cache_cands.get("edit")}
-            for v, ranks in RANK_VARIANTS.items():
-                if v in cache_cands:
-                    for r in (1, *ranks):
-                        by_rank[r] = [c for c in cache_cands[v] if c.edit.hparams.get("rank", 1) == r]
-            cands = []
-            for r in (1, *RANK_VARIANTS[method]):
-                by_rank[r] = by_rank.get(r) or edit_candidates(
-                    model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=r
-                )
-                cands += by_rank[r]
+            ranks = (1, *RANK_VARIANTS[method])
+            for r in ranks:  # each rank solved once per unit (rank one: the edit's own candidates, if it ran)
+                if r not in by_rank:
+                    by_rank[r] = (cache_cands.get("edit") if r == 1 else None) or edit_candidates(
+                        model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=r
+                    )
+            cands = [c for r in ranks for c in by_rank[r]]
         elif method == "edit prefix=1":
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, prefix_weight=1.0
