@@ -30,7 +30,8 @@ and measuring it), :mod:`.sweep` (candidate layers, what the sweep says), :mod:`
 the residual add vs the branch alone), :mod:`.report` (Markdown), :mod:`.driver` (the run and the
 command line); studies of issue 26: :mod:`.clip_prefix` (why open_clip's edit moved away),
 :mod:`.rank` (more directions at the recommended site, or the loss on the mask), :mod:`.strength` (the
-edit at other strengths), :mod:`.span` (span edits beside it), :mod:`.ranking` (the measured ranking).
+edit at other strengths), :mod:`.span` (span edits beside it), :mod:`.ranking` (the measured ranking), :mod:`.reach`
+(what a weight edit reaches when fitted on the held-out images themselves, and sites edited in sequence).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from surgery.adapters import ZeroShotClassifier
 from surgery.layers import get_layer
 
 from .concept import make_data
-from .measure import batch_logits, logit_ratios, mean_distance
+from .measure import batch_logits, logit_ratios
 from .models import _clip
 from .weights import prepare_model
 
@@ -76,7 +76,6 @@ def measure(weights: str) -> list[dict[str, Any]]:
             cls_along, cls_off = along_and_off(v_trans[:, :1], v_after[:, :1], v_orig[:, :1])
             rows.append({
                 "weights": weights, "layer": name, "prefix_weight": float(edit.hparams.get("prefix_weight", 1.0)),
-                "exemplar_before": mean_distance(base["x2"], base["x"]),
                 **logit_ratios(after, base),
                 "along": along, "off": off, "cls_along": cls_along, "cls_off": cls_off,
             })

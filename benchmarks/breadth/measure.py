@@ -33,11 +33,13 @@ def mean_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def logit_ratios(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
     """The breadth table's logit ratios, from the edited model's logits ``after`` and the unedited ``base``
     (keyed by image set): the transformed exemplars' (``x2``) and held-out images' (``h2``) distance to their
-    originals' after/before, and, where ``after`` has the clean images, their change over the held-out
+    originals' after/before (and before), and, where ``after`` has the clean images, their change over the held-out
     distance before."""
-    heldout_before = mean_distance(base["h2"], base["h"])
+    exemplar_before, heldout_before = mean_distance(base["x2"], base["x"]), mean_distance(base["h2"], base["h"])
     out = {
-        "exemplar_ratio": mean_distance(after["x2"], base["x"]) / max(mean_distance(base["x2"], base["x"]), 1e-30),
+        "exemplar_before": exemplar_before,
+        "heldout_before": heldout_before,
+        "exemplar_ratio": mean_distance(after["x2"], base["x"]) / max(exemplar_before, 1e-30),
         "heldout_ratio": mean_distance(after["h2"], base["h"]) / max(heldout_before, 1e-30),
     }
     if "clean" in after:
@@ -165,8 +167,6 @@ def measure_layer(
         seen = value_weights(data.masks, v_orig, layer.value_layout, prefix_weight=row["prefix_weight"]).clamp(max=1.0)
         row["value_change_off_mask"] = 1.0 - float((seen * change).sum() / change.sum().clamp_min(1e-30))
     row["value_ratio"] = mean_distance(v_after, v_orig) / max(row["value_before"], 1e-30)
-    row["exemplar_before"] = mean_distance(base["x2"], base["x"])
-    row["heldout_before"] = mean_distance(base["h2"], base["h"])
     row.update(logit_ratios(after, base))
     # per held-out image: does the edit move each one toward its original?
     per = (after["h2"] - base["h"]).norm(dim=1) / (base["h2"] - base["h"]).norm(dim=1).clamp_min(1e-30)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+import surgery
 from surgery.adapters import get_adapter
 from surgery.evaluation import rank_layers
 
@@ -139,3 +141,31 @@ def test_measured_mode_edits_the_layer_ranked_first_on_the_exemplars():
     pool = get_adapter(model).candidates(model)[:12]
     best = rank_layers(model, data.x, data.x2, data.masks, layers=pool, data=data.calibration)[0][0]
     assert res["mode"] == "measured" and row["layer"] == best.name
+
+
+def test_reach_fits_the_held_out_images_and_edits_sites_in_sequence():
+    from benchmarks.breadth.reach import markdown as reach_markdown
+    from benchmarks.breadth.reach import measure_reach
+
+    images = dict(exemplars=2, held_out=4, clean=4, calibration=16)
+    spec = next(s for s in breadth.MODELS if s.id == "tv_mobilenet_v3_small")
+    m = measure_reach(spec.id, layers=3, chain=3, ranks=(1, 4), images=images)
+    (site,) = run_model(spec, mode="recommended", k=1, images=images)["rows"]
+    first = m["rows"][0]
+    assert [row["layer"] for row in m["rows"]][0] == site["layer"] and len(m["rows"]) == 3
+    for key in ("exemplar_ratio", "heldout_ratio", "clean_change"):  # the exemplar-fitted edit is the breadth run's
+        assert abs(first["exemplars"][key] - site[key]) < 1e-6
+    for row in m["rows"]:  # fitted on the held-out images themselves, rank 4 moves them further than rank 1
+        assert row["held-out r=4"]["heldout_ratio"] < min(row["held-out r=1"]["heldout_ratio"], 1)
+        assert row["held-out r=1"]["exemplar_ratio"] != row["exemplars"]["exemplar_ratio"]
+    assert min(r["held-out r=1"]["heldout_ratio"] for r in m["rows"]) < min(r["exemplars"]["heldout_ratio"] for r in m["rows"])
+    order = [l.name for l in surgery.editable_layers(prepare_run(spec, images=images)[1])]
+    assert [len(s["layers"]) for s in m["sequences"]] == [2, 3]
+    for seq in m["sequences"]:
+        assert seq["layers"] == sorted(seq["layers"], key=order.index)
+    alone = {row["layer"]: row["exemplars"]["exemplar_ratio"] for row in m["rows"]}
+    assert all(m["sequences"][-1]["exemplar_ratio"] != r for r in alone.values())  # all three edits applied
+    md = reach_markdown({"command": "test", "layers": 3, "chain": 3, "ranks": [1, 4], "models": [m]})
+    assert f"| tv_mobilenet_v3_small | `{site['layer']}` | {site['heldout_ratio']:.3f} |" in md
+    seq = m["sequences"][0]
+    assert f"| tv_mobilenet_v3_small | {seq['heldout_ratio']:.3f} ({seq['exemplar_ratio']:.3f}; {seq['clean_change']:.3f})" in md
