@@ -27,7 +27,10 @@ from .report import figure, markdown
 from .sweep import layer_branch, sweep_layers
 from .weights import prepare_model
 
-__all__ = ["RESULTS", "prepare_run", "run_model", "model_specs", "write_study", "run", "main"]
+__all__ = [
+    "RESULTS", "prepare_run", "run_model", "model_specs", "study_parser", "study_models", "study_command", "write_study",
+    "run", "main",
+]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -128,6 +131,26 @@ def model_specs(ids: Sequence[str]) -> dict[str, ModelSpec]:
     if unknown:
         raise SystemExit(f"unknown model ids {unknown}; known: {', '.join(specs)}")
     return {i: specs[i] for i in ids}
+
+
+def study_parser(module: str, doc: str | None, *, name: str, models: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A study's command line with the options every study takes: ``--models`` (default ``models``; empty: the
+    whole zoo), ``--out`` and ``--name`` (the results' folder and stem); the study adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
+    p.add_argument("--models", default=",".join(models), help="comma-separated model ids" + ("" if models else " (default: all)"))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default=name)
+    return p
+
+
+def study_models(models: str) -> list[str]:
+    """The model ids of a study's ``--models`` (checked against the zoo), or the whole zoo when empty."""
+    return list(model_specs([i for i in models.split(",") if i] or [s.id for s in MODELS]))
+
+
+def study_command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line a study's results record (one thread, as the studies run)."""
+    return " ".join(["OMP_NUM_THREADS=1 python -m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_study(out: Path, name: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:

@@ -18,16 +18,13 @@ Writes ``benchmarks/results/breadth-rank.{md,json}`` (``--name``).
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .driver import RESULTS, run, write_study
+from .driver import run, study_command, study_models, study_parser, write_study
 
 __all__ = ["main", "markdown", "MODELS_NAMED", "RANKS"]
 
@@ -91,23 +88,19 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.rank", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
+    p = study_parser("benchmarks.breadth.rank", __doc__, name="breadth-rank", models=MODELS_NAMED)
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     p.add_argument("--exemplars", type=int, default=4)
     p.add_argument("--loss-mask", action="store_true", help="also edit each rank with the loss on the concept masks only")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="breadth-rank")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cli = sys.argv[1:] if argv is None else argv
     loss_masks = [False, True] if args.loss_mask else [False]
     models = run(
-        [i for i in args.models.split(",") if i], k=1, images={"exemplars": args.exemplars}, ranks=args.ranks,
+        study_models(args.models), k=1, images={"exemplars": args.exemplars}, ranks=args.ranks,
         loss_masks=loss_masks,
     )["models"]
     result: dict[str, Any] = {
-        "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.rank", *cli]),
+        "command": study_command("benchmarks.breadth.rank", argv),
         "ranks": args.ranks,
         "exemplars": args.exemplars,
         "loss_masks": loss_masks,

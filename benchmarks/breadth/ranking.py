@@ -21,9 +21,7 @@ Writes ``benchmarks/results/breadth-ranking.{md,json}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +32,7 @@ from surgery.stats.keystats import ridged_moment
 
 import surgery
 
-from .driver import RESULTS, model_specs, prepare_run, write_study
+from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
 from .measure import measure_layer
 
 __all__ = ["main", "markdown", "former_scores", "spearman", "MODELS_PROBED", "SCORES"]
@@ -126,21 +124,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.ranking", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--models", default=",".join(MODELS_PROBED), help="comma-separated model ids")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="breadth-ranking")
+    p = study_parser("benchmarks.breadth.ranking", __doc__, name="breadth-ranking", models=MODELS_PROBED)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models = []
-    for i, model_id in enumerate(model_specs([m for m in args.models.split(",") if m])):
+    for i, model_id in enumerate(study_models(args.models)):
         print(f"[{i + 1}] {model_id}", file=sys.stderr, flush=True)
         try:
             models.append(run_model(model_id))
         except Exception as e:  # noqa: BLE001 - report, keep going
             models.append({"model": model_id, "error": f"{type(e).__name__}: {e}"})
-    cli = sys.argv[1:] if argv is None else argv
-    result = {"command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.ranking", *cli]), "models": models}
+    result = {"command": study_command("benchmarks.breadth.ranking", argv), "models": models}
     write_study(args.out, args.name, result, markdown)
     return result
 

@@ -26,12 +26,10 @@ Writes ``benchmarks/results/breadth-reach.{md,json}`` (``--name``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +40,7 @@ import surgery
 from surgery.edits.apply import edited
 
 from .concept import Data
-from .driver import RESULTS, model_specs, prepare_run, write_study
+from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
 from .measure import batch_logits, logit_ratios
 from .rank import MODELS_NAMED
 
@@ -165,22 +163,18 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.reach", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
+    p = study_parser("benchmarks.breadth.reach", __doc__, name="breadth-reach", models=MODELS_NAMED)
     p.add_argument("--layers", type=int, default=3, help="how many recommended layers per model")
     p.add_argument("--chain", type=int, default=3, help="edit the first 2 .. CHAIN layers in sequence")
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="breadth-reach")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cli = sys.argv[1:] if argv is None else argv
     models = []
-    for model_id in model_specs([i for i in args.models.split(",") if i]):
+    for model_id in study_models(args.models):
         models.append(measure_reach(model_id, layers=args.layers, chain=args.chain, ranks=args.ranks))
         print(f"  {model_id}: {models[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
-        "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.reach", *cli]),
+        "command": study_command("benchmarks.breadth.reach", argv),
         "layers": args.layers,
         "chain": args.chain,
         "ranks": list(args.ranks),

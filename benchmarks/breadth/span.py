@@ -20,11 +20,9 @@ Writes ``benchmarks/results/<name>.{md,json}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +31,8 @@ from surgery.adapters import get_adapter, site_branch
 
 import surgery
 
-from .driver import RESULTS, model_specs, prepare_run, write_study
+from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
 from .measure import measure_layer
-from .models import MODELS
 
 __all__ = ["main", "markdown", "residual_spans", "SIZES"]
 
@@ -145,14 +142,11 @@ def _paired(models: list[dict[str, Any]], names: Sequence[str]) -> dict[str, lis
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.span", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--models", default="", help="comma-separated model ids (default: all)")
+    p = study_parser("benchmarks.breadth.span", __doc__, name="breadth-span")
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="breadth-span")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    ids = list(model_specs([i for i in args.models.split(",") if i] or [s.id for s in MODELS]))
+    ids = study_models(args.models)
     models = []
     for i, model_id in enumerate(ids):
         print(f"[{i + 1}/{len(ids)}] {model_id}", file=sys.stderr, flush=True)
@@ -160,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             models.append(run_model(model_id, args.sizes))
         except Exception as e:  # noqa: BLE001
             models.append({"model": model_id, "error": f"{type(e).__name__}: {e}"})
-    cli = sys.argv[1:] if argv is None else argv
-    result = {"command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.span", *cli]), "sizes": args.sizes,
+    result = {"command": study_command("benchmarks.breadth.span", argv), "sizes": args.sizes,
               "models": models}
     write_study(args.out, args.name, result, markdown)
     return result

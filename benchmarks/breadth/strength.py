@@ -15,9 +15,6 @@ Writes ``benchmarks/results/breadth-strength.{md,json}`` (``--name``).
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +23,7 @@ import torch
 import surgery
 from surgery.edits.apply import edited
 
-from .driver import RESULTS, model_specs, prepare_run, write_study
+from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
 from .measure import batch_logits, logit_ratios
 from .models import ModelSpec
 from .rank import MODELS_NAMED
@@ -91,18 +88,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.breadth.strength", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--models", default=",".join(MODELS_NAMED), help="comma-separated model ids")
+    p = study_parser("benchmarks.breadth.strength", __doc__, name="breadth-strength", models=MODELS_NAMED)
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="breadth-strength")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cli = sys.argv[1:] if argv is None else argv
     alphas = tuple(sorted(args.alphas))
-    specs = model_specs([i for i in args.models.split(",") if i])
+    specs = model_specs(study_models(args.models))
     result: dict[str, Any] = {
-        "command": " ".join(["OMP_NUM_THREADS=1 python -m benchmarks.breadth.strength", *cli]),
+        "command": study_command("benchmarks.breadth.strength", argv),
         "alphas": list(alphas),
         "models": [measure_strengths(spec, alphas) for spec in specs.values()],
     }
