@@ -20,16 +20,19 @@ recommended layers (family order, ``recommended_layers(model, k=K)``):
   span (one stage, one shape) cannot go?
 
     OMP_NUM_THREADS=1 python -m benchmarks.breadth.reach [--models a,b] [--layers 3] [--chain 3] [--ranks 1 4 16]
+    python -m benchmarks.breadth.reach --join A.json B.json --name NAME   # runs on other models, as one
 
 Writes ``benchmarks/results/breadth-reach.{md,json}`` (``--name``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,9 +45,10 @@ from surgery.edits.apply import edited
 from .concept import Data
 from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
 from .measure import batch_logits, logit_ratios
+from .models import MODELS
 from .rank import MODELS_NAMED
 
-__all__ = ["main", "markdown", "measure_reach", "RANKS"]
+__all__ = ["main", "markdown", "measure_reach", "join_runs", "RANKS"]
 
 RANKS = (1, 4, 16)
 TARGET = 0.7  # the issue's per-model held-out ratio
@@ -162,12 +166,35 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def join_runs(paths: Sequence[Path], command: str) -> dict[str, Any]:
+    """Runs of this study on different models (one setting) as one result, the models in the zoo's order;
+    ``command`` is the join's own, recorded after the runs'."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    settings = {(r["layers"], r["chain"], tuple(r["ranks"])) for r in runs}
+    if len(settings) != 1:
+        raise SystemExit(f"the runs differ in --layers, --chain or --ranks ({sorted(settings)}): join runs of one setting")
+    by_id = {m["model"]: m for r in runs for m in r["models"]}
+    if len(by_id) != sum(len(r["models"]) for r in runs):
+        raise SystemExit("a model is in more than one run: join runs of different models")
+    order = {spec.id: i for i, spec in enumerate(MODELS)}
+    return {
+        "command": " ; ".join([*(r["command"] for r in runs), command]),
+        **{k: runs[0][k] for k in ("layers", "chain", "ranks")},
+        "models": sorted(by_id.values(), key=lambda m: order.get(m["model"], len(order))),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = study_parser("benchmarks.breadth.reach", __doc__, name="breadth-reach", models=MODELS_NAMED)
     p.add_argument("--layers", type=int, default=3, help="how many recommended layers per model")
     p.add_argument("--chain", type=int, default=3, help="edit the first 2 .. CHAIN layers in sequence")
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    p.add_argument("--join", type=Path, nargs="+", metavar="JSON", help="only join earlier runs (other models) into --name")
     args = p.parse_args(argv)
+    if args.join:
+        result = join_runs(args.join, study_command("benchmarks.breadth.reach", argv))
+        write_study(args.out, args.name, result, markdown)
+        return result
     torch.set_num_threads(1)
     models = []
     for model_id in study_models(args.models):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
 import surgery
@@ -169,3 +172,24 @@ def test_reach_fits_the_held_out_images_and_edits_sites_in_sequence():
     assert f"| tv_mobilenet_v3_small | `{site['layer']}` | {site['heldout_ratio']:.3f} |" in md
     seq = m["sequences"][0]
     assert f"| tv_mobilenet_v3_small | {seq['heldout_ratio']:.3f} ({seq['exemplar_ratio']:.3f}; {seq['clean_change']:.3f})" in md
+
+
+def test_reach_join_keeps_the_zoo_order_and_refuses_runs_that_do_not_fit(tmp_path):
+    from benchmarks.breadth.reach import join_runs
+
+    def run(name: str, models: list[str], layers: int = 12) -> Path:
+        path = tmp_path / f"{name}.json"
+        result = {"command": f"run {name}", "layers": layers, "chain": 3, "ranks": [1, 4],
+                  "models": [{"model": m, "rows": [], "sequences": []} for m in models]}
+        path.write_text(json.dumps(result))
+        return path
+
+    zoo = [s.id for s in breadth.MODELS]
+    a, b = run("a", [zoo[5], zoo[1]]), run("b", [zoo[3]])
+    joined = join_runs([a, b], "join")
+    assert [m["model"] for m in joined["models"]] == [zoo[1], zoo[3], zoo[5]]
+    assert joined["command"] == "run a ; run b ; join" and joined["layers"] == 12
+    with pytest.raises(SystemExit, match="differ in --layers"):
+        join_runs([a, run("c", [zoo[7]], layers=3)], "join")
+    with pytest.raises(SystemExit, match="more than one run"):
+        join_runs([a, run("d", [zoo[1]])], "join")
