@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from surgery.adapters import get_adapter
 from surgery.evaluation import rank_layers
 
 from benchmarks import breadth
-from benchmarks.breadth.driver import model_specs, prepare_run, run_model
+from benchmarks.breadth.driver import model_specs, prepare_run, run_model, study_command, study_models
 from benchmarks.breadth.rank import markdown as rank_markdown
 from benchmarks.breadth.report import figure
 
@@ -193,3 +194,16 @@ def test_reach_join_keeps_the_zoo_order_and_refuses_runs_that_do_not_fit(tmp_pat
         join_runs([a, run("c", [zoo[7]], layers=3)], "join")
     with pytest.raises(SystemExit, match="more than one run"):
         join_runs([a, run("d", [zoo[1]])], "join")
+
+
+@pytest.mark.parametrize("study", ["rank", "ranking", "reach", "span", "strength"])
+def test_every_study_reads_its_models_through_the_shared_command_line(study, tmp_path):
+    main = importlib.import_module(f"benchmarks.breadth.{study}").main
+    with pytest.raises(SystemExit, match=r"unknown model ids \['no_such_model'\]"):
+        main(["--models", "no_such_model", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing written
+    assert study_models("") == [s.id for s in breadth.MODELS]
+    assert study_models("convnext_atto,tv_swin_t") == ["convnext_atto", "tv_swin_t"]
+    assert study_command(f"benchmarks.breadth.{study}", ["--models", "a"]) == (
+        f"OMP_NUM_THREADS=1 python -m benchmarks.breadth.{study} --models a"
+    )
