@@ -149,6 +149,8 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
             lays = [l for l in lays if (".mlp." in l) == (method == "edit mlp only")]
         if method == "edit label-free" and "edit" in cache_cands:
             cands = cache_cands["edit"]  # the same candidates; only the selection differs
+        elif method == "edit" and 1 in by_rank:
+            cands = by_rank[1]  # a rank variant that ran first made the same rank-one candidates
         elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only", "edit span"):
             cands = edit_candidates(model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps)
         elif method in SCHEDULE_VARIANTS:

@@ -311,6 +311,15 @@ def test_pool_reports_leads_over_the_units_of_runs_that_differ_only_in_seed(tiny
     assert not (tmp_path / "refused.md").exists()
 
 
-def test_a_rank_variant_without_edit_before_it_still_makes_each_rank_once(tmp_path):
+def test_rank_variants_before_edit_still_make_each_rank_once(tmp_path):
+    """Whatever the order of --methods, each rank is solved once per unit; `edit` after the rank variants takes
+    their rank-one candidates."""
     result, calls = _run_counting_ranks(["--tiny", "--methods", "edit rank 4", "edit rank 8", "--out", str(tmp_path), "--name", "r"])
     assert sorted(calls) == sorted([1, 4, 8] * len(result["archs"]["tiny"]["units"]))
+    result, calls = _run_counting_ranks(
+        ["--tiny", "--methods", "edit rank 8", "edit", "--out", str(tmp_path), "--name", "r2"]
+    )
+    units = result["archs"]["tiny"]["units"]
+    assert sorted(calls) == sorted([1, 4, 8] * len(units))
+    for u in units:
+        assert 3 * u["methods"]["edit"]["n_candidates"] == u["methods"]["edit rank 8"]["n_candidates"]
