@@ -22,7 +22,8 @@ recommended layers (family order, ``recommended_layers(model, k=K)``):
     OMP_NUM_THREADS=1 python -m benchmarks.breadth.reach [--models a,b] [--layers 3] [--chain 3] [--ranks 1 4 16]
     python -m benchmarks.breadth.reach --join A.json B.json --name NAME   # runs on other models, as one
 
-Writes ``benchmarks/results/breadth-reach.{md,json}`` (``--name``).
+Writes ``benchmarks/results/breadth-reach.{md,json}`` (``--name``); while it runs, ``<name>.partial.json`` holds
+the models measured so far (a run stopped midway keeps them; ``--join`` takes it like a finished run).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 import surgery
+from surgery._files import write_text
 from surgery.edits.apply import edited
 
 from .concept import Data
@@ -196,18 +198,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_study(args.out, args.name, result, markdown)
         return result
     torch.set_num_threads(1)
-    models = []
-    for model_id in study_models(args.models):
-        models.append(measure_reach(model_id, layers=args.layers, chain=args.chain, ranks=args.ranks))
-        print(f"  {model_id}: {models[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "command": study_command("benchmarks.breadth.reach", argv),
         "layers": args.layers,
         "chain": args.chain,
         "ranks": list(args.ranks),
-        "models": models,
+        "models": [],
     }
+    partial = args.out / f"{args.name}.partial.json"  # the models measured so far: a stopped run keeps them
+    for model_id in study_models(args.models):
+        result["models"].append(measure_reach(model_id, layers=args.layers, chain=args.chain, ranks=args.ranks))
+        write_text(partial, json.dumps(result, indent=1))
+        print(f"  {model_id}: {result['models'][-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
     write_study(args.out, args.name, result, markdown)
+    partial.unlink()
     return result
 
 

@@ -207,3 +207,14 @@ def test_every_study_reads_its_models_through_the_shared_command_line(study, tmp
     assert study_command(f"benchmarks.breadth.{study}", ["--models", "a"]) == (
         f"OMP_NUM_THREADS=1 python -m benchmarks.breadth.{study} --models a"
     )
+
+
+def test_reach_command_writes_its_report_and_no_partial_file_once_done(tmp_path):
+    from benchmarks.breadth.reach import main as reach_main
+
+    result = reach_main(["--models", "tv_mobilenet_v3_small", "--layers", "2", "--chain", "2", "--ranks", "1",
+                         "--out", str(tmp_path), "--name", "r"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
+    (m,) = result["models"]
+    assert len(m["rows"]) == 2 and [len(s["layers"]) for s in m["sequences"]] == [2]
