@@ -17,7 +17,7 @@ from surgery.solvers.problem import value_weights
 
 from .concept import Data
 
-__all__ = ["batch_logits", "mean_distance", "logit_ratios", "attribution_scores", "measure_layer", "ok_rows"]
+__all__ = ["batch_logits", "mean_distance", "logit_ratios", "current_ratios", "attribution_scores", "measure_layer", "ok_rows"]
 
 
 def batch_logits(model: nn.Module, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -45,6 +45,12 @@ def logit_ratios(after: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) 
     if "clean" in after:
         out["clean_change"] = mean_distance(after["clean"], base["clean"]) / max(heldout_before, 1e-30)
     return out
+
+
+def current_ratios(model: nn.Module, data: Data, base: dict[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`logit_ratios` of the model as it is now (carrying an edit), on the exemplars, held-out and clean
+    images."""
+    return logit_ratios({k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}, base)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

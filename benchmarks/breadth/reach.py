@@ -46,7 +46,7 @@ from surgery.edits.apply import edited
 
 from .concept import Data
 from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
-from .measure import batch_logits, logit_ratios
+from .measure import current_ratios
 from .models import MODELS
 from .rank import MODELS_NAMED
 
@@ -56,15 +56,15 @@ RANKS = (1, 4, 16)
 TARGET = 0.7  # the issue's per-model held-out ratio
 
 
-def _ratios(model: nn.Module, data: Data, base: dict[str, torch.Tensor]) -> dict[str, float]:
-    after = {k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}
-    return logit_ratios(after, base)
+def _stats(model: nn.Module, layer: str, data: Data) -> surgery.KeyStats:
+    """``layer``'s key statistics in the model as it is now (the breadth run's calibration images)."""
+    return surgery.collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
 
 
-def _edit(model: nn.Module, layer: str, data: Data, *, held_out: bool = False, rank: int = 1) -> surgery.Edit:
-    """The breadth run's default edit of ``layer``, fitted on the exemplars or on the held-out images, with
-    key statistics of the model as it is now."""
-    stats = surgery.collect_key_stats(model, layer, data.calibration, batch_size=16, progress=False)
+def _edit(
+    model: nn.Module, layer: str, data: Data, stats: surgery.KeyStats, *, held_out: bool = False, rank: int = 1
+) -> surgery.Edit:
+    """The breadth run's default edit of ``layer``, fitted on the exemplars or on the held-out images."""
     x, x2, masks = (data.h, data.h2, data.h_masks) if held_out else (data.x, data.x2, data.masks)
     return surgery.rewrite(model, layer, x, x2, masks, stats=stats, rank=rank)
 
@@ -80,20 +80,21 @@ def measure_reach(
     rows = []
     for name in names:
         row: dict[str, Any] = {"layer": name}
-        with edited(model, _edit(model, name, data)):
-            row["exemplars"] = _ratios(model, data, base)
+        stats = _stats(model, name, data)  # the unedited model's, for every edit of this layer
+        with edited(model, _edit(model, name, data, stats)):
+            row["exemplars"] = current_ratios(model, data, base)
         for rank in ranks:
-            with edited(model, _edit(model, name, data, held_out=True, rank=rank)):
-                row[f"held-out r={rank}"] = _ratios(model, data, base)
+            with edited(model, _edit(model, name, data, stats, held_out=True, rank=rank)):
+                row[f"held-out r={rank}"] = current_ratios(model, data, base)
         rows.append(row)
     order = {layer.name: i for i, layer in enumerate(surgery.editable_layers(model))}
     sequences = []
     for n in range(2, min(chain, len(names)) + 1):
         ordered = sorted(names[:n], key=order.__getitem__)
         with ExitStack() as stack:
-            for name in ordered:
-                stack.enter_context(edited(model, _edit(model, name, data)))
-            sequences.append({"layers": ordered, **_ratios(model, data, base)})
+            for name in ordered:  # statistics collected on the model carrying the edits before
+                stack.enter_context(edited(model, _edit(model, name, data, _stats(model, name, data))))
+            sequences.append({"layers": ordered, **current_ratios(model, data, base)})
     return {"model": model_id, "rows": rows, "sequences": sequences, "seconds": time.perf_counter() - t0}
 
 
@@ -151,7 +152,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     gains = []
     for m in result["models"]:
-        single = min(row["exemplars"]["heldout_ratio"] for row in m["rows"][: n_seq + 1])
+        single = min(row["exemplars"]["heldout_ratio"] for row in m["rows"][: result["chain"]])
         cells = [f"{s['heldout_ratio']:.3f} ({s['exemplar_ratio']:.3f}; {s['clean_change']:.3f})" for s in m["sequences"]]
         cells += ["-"] * (n_seq - len(cells))
         chain = m["sequences"][-1]["layers"] if m["sequences"] else []

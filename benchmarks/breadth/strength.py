@@ -24,7 +24,7 @@ import surgery
 from surgery.edits.apply import edited
 
 from .driver import model_specs, prepare_run, study_command, study_models, study_parser, write_study
-from .measure import batch_logits, logit_ratios
+from .measure import current_ratios
 from .models import ModelSpec
 from .rank import MODELS_NAMED
 
@@ -43,8 +43,7 @@ def measure_strengths(spec: ModelSpec, alphas: tuple[float, ...], images: dict[s
     rows = []
     for alpha in alphas:
         with edited(model, edit, alpha=alpha):
-            after = {k: batch_logits(model, getattr(data, k)) for k in ("x2", "h2", "clean")}
-        rows.append({"alpha": alpha, **logit_ratios(after, base)})
+            rows.append({"alpha": alpha, **current_ratios(model, data, base)})
     chosen = min(rows, key=lambda r: r["exemplar_ratio"])
     return {"model": spec.id, "layer": layer.name, "rows": rows, "chosen_alpha": chosen["alpha"]}
 
