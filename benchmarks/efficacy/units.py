@@ -129,7 +129,7 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
         "val_idx": val_idx.tolist(), "test_idx": test_idx.tolist(), "pool_idx": pd.pool.tolist(), "methods": {},
     }
     cache_cands: dict[str, list[Candidate]] = {}
-    by_rank: dict[int, list[Candidate]] = {}  # the rank variants' candidates, per rank
+    by_rank: dict[int, list[Candidate]] = {}  # edit's and the rank variants' candidates, per rank
     for method in s.methods:
         t0 = time.perf_counter()
         if method == "reference" and not (ref_ok and n == (3 if 3 in s.ns else s.ns[0]) and d == 0):
@@ -149,23 +149,21 @@ def run_unit(model, pd: PairData, n: int, d: int, stats, layers, clean_val, clea
             lays = [l for l in lays if (".mlp." in l) == (method == "edit mlp only")]
         if method == "edit label-free" and "edit" in cache_cands:
             cands = cache_cands["edit"]  # the same candidates; only the selection differs
-        elif method == "edit" and 1 in by_rank:
-            cands = by_rank[1]  # a rank variant that ran first made the same rank-one candidates
-        elif method in ("edit", "edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only", "edit span"):
+        elif method == "edit" or method in RANK_VARIANTS:  # each rank solved once per unit; edit's are rank one's
+            ranks = (1, *RANK_VARIANTS.get(method, ()))
+            for r in ranks:
+                if r not in by_rank:
+                    by_rank[r] = edit_candidates(
+                        model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=r
+                    )
+            cands = [c for r in ranks for c in by_rank[r]]
+        elif method in ("edit high-res", "edit multi-class", "edit label-free", "edit mlp only", "edit attn only", "edit span"):
             cands = edit_candidates(model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps)
         elif method in SCHEDULE_VARIANTS:
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps,
                 schedule="first_last" if method.endswith("first-last") else "memit",
             )
-        elif method in RANK_VARIANTS:
-            ranks = (1, *RANK_VARIANTS[method])
-            for r in ranks:  # each rank solved once per unit (rank one: the edit's own candidates, if it ran)
-                if r not in by_rank:
-                    by_rank[r] = (cache_cands.get("edit") if r == 1 else None) or edit_candidates(
-                        model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, rank=r
-                    )
-            cands = [c for r in ranks for c in by_rank[r]]
         elif method == "edit prefix=1":
             cands = edit_candidates(
                 model, lays, stats, mex["x"], mex["x2"], mex["m"], alphas=s.alphas, steps=s.fast_steps, prefix_weight=1.0
